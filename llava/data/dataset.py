@@ -1,0 +1,241 @@
+"""LazySupervisedDataset: LLaVA records -> ``{input_ids, labels, pixel_values}``, images decoded on access.
+
+    ds = LazySupervisedDataset.from_args(data_path, model_args, data_args, training_args, built, template)
+    ds[0]  # {"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": FloatTensor[n_img, 3, H, W] | None}
+
+At construction every record is parsed and its text tokenized once (no image is opened) so that ``lengths`` and
+``modality_lengths`` are exact token counts after templating and image expansion, and samples that can never
+train (image tokens beyond ``model_max_length``, nothing supervised) are dropped and counted up front. Records
+that fail validation stop construction with a report (``--on_bad_sample error``) or are dropped and counted
+(``skip``). Sources: a JSON list, JSONL (one record a line), or a ``datasets`` dataset saved with
+``save_to_disk``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from llava.data.images import ImageLoadError, expand2square, load_image_rgb
+from llava.data.records import Record, RecordError, parse_record
+from llava.data.templates import ConversationTemplate
+from llava.data.tokenize import SampleRejected, tokenize_conversation
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Problems found in the data before training; the message is a per-kind report."""
+
+
+@dataclass
+class ProblemLog:
+    """Counts of dropped records by problem kind, with the first few record ids and messages of each."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < self.max_examples:
+            shown.append(message)
+
+    def report(self) -> str:
+        lines = []
+        for kind, n in self.counts.most_common():
+            lines.append(f"  {kind}: {n} record(s), e.g.")
+            lines += [f"    - {m}" for m in self.examples[kind]]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "examples": self.examples}
+
+
+def load_raw_records(data_path: str | os.PathLike):
+    """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts."""
+    path = Path(data_path)
+    if path.is_dir():
+        import datasets
+
+        return datasets.load_from_disk(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+    if path.suffix == ".jsonl":
+        records = []
+        with path.open() as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})") from err
+        return records
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+class LazySupervisedDataset(Dataset):
+    def __init__(
+        self,
+        data_path: str | os.PathLike,
+        tokenizer,
+        *,
+        template: ConversationTemplate,
+        image_processor,
+        image_folder: str | os.PathLike | None,
+        image_token_id: int,
+        num_image_tokens: int,
+        model_max_length: int,
+        image_aspect_ratio: str = "square",
+        mm_use_im_start_end: bool = False,
+        on_bad_sample: str = "error",
+        show_progress: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_processor = image_processor
+        self.image_folder = image_folder
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.model_max_length = model_max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.mm_use_im_start_end = mm_use_im_start_end
+        self.raw = load_raw_records(data_path)
+        self.problems = ProblemLog()
+        self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
+        self._keep: list[int] = []
+        self._lengths: list[int] = []
+        self._has_image: list[bool] = []
+        for i in tqdm(range(len(self.raw)), desc=f"indexing {Path(data_path).name}", disable=not show_progress):
+            try:
+                record = parse_record(self.raw[i], i)
+                sample = self._tokenize(record)
+            except RecordError as err:
+                self.problems.add(err.kind, str(err))
+                continue
+            except SampleRejected as err:
+                self.dropped.add(err.kind, f"record {_rid(self.raw[i], i)!r}: {err}")
+                continue
+            if record.images and not self.image_folder:
+                self.problems.add("no_image_folder", f"record {record.id!r} has images but --image_folder is not set")
+                continue
+            self._keep.append(i)
+            self._lengths.append(len(sample.input_ids))
+            self._has_image.append(bool(record.images))
+        if self.problems.counts:
+            if on_bad_sample == "error":
+                raise DataError(
+                    f"{data_path}: {sum(self.problems.counts.values())} record(s) cannot be trained on "
+                    f"(pass --on_bad_sample skip to drop them):\n{self.problems.report()}"
+                )
+            logger.warning("dropping %d bad record(s) of %s:\n%s", sum(self.problems.counts.values()), data_path,
+                           self.problems.report())
+        if self.dropped.counts:
+            logger.warning("dropping %d sample(s) that cannot train at --model_max_length %d:\n%s",
+                           sum(self.dropped.counts.values()), model_max_length, self.dropped.report())
+        if not self._keep:
+            raise DataError(f"{data_path}: no trainable record left")
+
+    @classmethod
+    def from_args(cls, data_path, model_args, data_args, training_args, built, template, **overrides) -> LazySupervisedDataset:
+        kwargs = dict(
+            template=template,
+            image_processor=built.image_processor,
+            image_folder=data_args.image_folder,
+            image_token_id=built.image_token_id,
+            num_image_tokens=built.num_image_tokens,
+            model_max_length=training_args.model_max_length,
+            image_aspect_ratio=data_args.image_aspect_ratio,
+            mm_use_im_start_end=model_args.mm_use_im_start_end,
+            on_bad_sample=data_args.on_bad_sample,
+        )
+        kwargs.update(overrides)
+        return cls(data_path, built.tokenizer, **kwargs)
+
+    def _tokenize(self, record: Record):
+        return tokenize_conversation(
+            record.messages,
+            self.template,
+            self.tokenizer,
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            model_max_length=self.model_max_length,
+            mm_use_im_start_end=self.mm_use_im_start_end,
+        )
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of each sample after templating and image expansion."""
+        return list(self._lengths)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
+        return [n if img else -n for n, img in zip(self._lengths, self._has_image)]
+
+    def record(self, i: int) -> Record:
+        return parse_record(self.raw[self._keep[i]], self._keep[i])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
+        record = self.record(i)
+        sample = self._tokenize(record)
+        return {
+            "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
+            "labels": torch.tensor(sample.labels, dtype=torch.long),
+            "pixel_values": self.load_pixel_values(record),
+        }
+
+    def load_pixel_values(self, record: Record) -> torch.Tensor | None:
+        if not record.images:
+            return None
+        images = []
+        for rel in record.images:
+            try:
+                image, _ = load_image_rgb(self.image_folder, rel)
+            except ImageLoadError as err:
+                raise ImageLoadError(err.kind, err.path, f"{err.detail} (record {record.id!r})",
+                                     image_folder=self.image_folder) from err
+            if self.image_aspect_ratio == "pad":
+                image = expand2square(image, tuple(int(x * 255) for x in self.image_processor.image_mean))
+            images.append(image)
+        return process_images(self.image_processor, images, self.image_aspect_ratio)
+
+
+def process_images(image_processor, images: list, image_aspect_ratio: str = "square") -> torch.Tensor:
+    """PIL images -> ``[n, 3, H, W]`` float tensor; ``square`` resizes to the tower's input size directly."""
+    if image_aspect_ratio == "square":
+        size = _input_size(image_processor)
+        images = [im.resize((size, size), resample=3) if im.size != (size, size) else im for im in images]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _input_size(image_processor) -> int:
+    crop = getattr(image_processor, "crop_size", None)
+    size = crop if crop else image_processor.size
+    if isinstance(size, dict):
+        return int(size.get("height") or size.get("shortest_edge"))
+    return int(getattr(size, "height", None) or getattr(size, "shortest_edge", None) or size)
+
+
+def _rid(raw: Any, index: int) -> str:
+    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"

@@ -1,0 +1,144 @@
+"""Parse and validate one LLaVA-format record.
+
+A record is ``{"id": ..., "image": "a.jpg" | ["a.jpg", ...], "images": [...], "conversations": [{"from": "human",
+"value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. ``parse_record`` turns it into a ``Record`` or
+raises ``RecordError`` naming the record id, the field and what is wrong, in words a person can act on.
+
+    >>> parse_record({"id": "1", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+    Record(id='1', images=[], messages=[Message(role='user', content='hi'), Message(role='assistant', content='yo')], extras={})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass
+class Record:
+    id: str
+    images: list[str]
+    messages: list[Message]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_image_placeholders(self) -> int:
+        return sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in self.messages)
+
+
+class RecordError(ValueError):
+    """A record that cannot be trained on. ``kind`` is a stable machine-readable problem name."""
+
+    def __init__(self, kind: str, record_id: str, field_name: str, message: str):
+        self.kind = kind
+        self.record_id = record_id
+        self.field = field_name
+        super().__init__(f"record {record_id!r}, field {field_name!r}: {message}")
+
+
+def _record_id(raw: Any, index: int | None) -> str:
+    if isinstance(raw, dict) and raw.get("id") is not None:
+        return str(raw["id"])
+    return f"#{index}" if index is not None else "<no id>"
+
+
+def parse_record(raw: Any, index: int | None = None) -> Record:
+    """Validate one raw record and normalise roles to system/user/assistant.
+
+    ``index`` is the record's position in its file, used as its name when it has no ``id``.
+    """
+    rid = _record_id(raw, index)
+    if not isinstance(raw, dict):
+        raise RecordError("bad_type", rid, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+
+    images = _parse_images(raw, rid)
+    convs = raw.get("conversations")
+    if convs is None:
+        raise RecordError("missing_conversations", rid, "conversations", "the record has no 'conversations' list")
+    if not isinstance(convs, list) or not convs:
+        raise RecordError("bad_type", rid, "conversations", f"expected a non-empty list, got {_describe(convs)}")
+
+    messages: list[Message] = []
+    for turn_index, turn in enumerate(convs):
+        where = f"conversations[{turn_index}]"
+        if not isinstance(turn, dict):
+            raise RecordError("bad_type", rid, where, f"expected an object with 'from' and 'value', got {_describe(turn)}")
+        role_raw, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(role_raw, str) or role_raw.lower() not in ROLE_ALIASES:
+            raise RecordError(
+                "bad_role", rid, f"{where}.from", f"role {role_raw!r} is not one of human/gpt (or user/assistant/system)"
+            )
+        if not isinstance(value, str):
+            raise RecordError("bad_type", rid, f"{where}.value", f"expected a string, got {_describe(value)}")
+        if not value.strip():
+            raise RecordError("empty_text", rid, f"{where}.value", "the text is empty")
+        messages.append(Message(ROLE_ALIASES[role_raw.lower()], value))
+
+    _check_roles(messages, rid)
+    record = Record(
+        id=rid,
+        images=images,
+        messages=messages,
+        extras={k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations")},
+    )
+    n_placeholders = record.num_image_placeholders
+    if n_placeholders != len(images):
+        raise RecordError(
+            "image_token_mismatch",
+            rid,
+            "conversations",
+            f"the text has {n_placeholders} {DEFAULT_IMAGE_TOKEN} placeholder(s) but the record lists "
+            f"{len(images)} image(s); put exactly one {DEFAULT_IMAGE_TOKEN} per image where it belongs in the text",
+        )
+    return record
+
+
+def _parse_images(raw: dict, rid: str) -> list[str]:
+    if "image" in raw and "images" in raw:
+        raise RecordError("bad_type", rid, "image", "the record has both 'image' and 'images'; use one of them")
+    key = "images" if "images" in raw else "image"
+    value = raw.get(key)
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise RecordError("bad_type", rid, key, f"expected a path or a list of paths, got {_describe(value)}")
+    return list(values)
+
+
+def _check_roles(messages: list[Message], rid: str) -> None:
+    body = messages[1:] if messages[0].role == "system" else messages
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            offset = len(messages) - len(body)
+            raise RecordError(
+                "bad_role_order",
+                rid,
+                f"conversations[{i + offset}].from",
+                f"expected a {'human' if expected == 'user' else 'gpt'} turn here (turns must alternate human, gpt, "
+                f"human, ...), got {m.role}",
+            )
+    if not any(m.role == "assistant" for m in body):
+        raise RecordError("no_assistant_turn", rid, "conversations", "there is no gpt turn to learn from")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"

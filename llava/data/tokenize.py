@@ -1,0 +1,139 @@
+"""Conversation -> ``input_ids`` + ``labels`` with exact masks, image placeholders expanded to feature count.
+
+The template renders supervised/unsupervised text segments; the joined prompt is tokenized once (so the ids are
+exactly what inference sees for the same prompt) and each token is labelled from the character span it covers:
+a token is supervised when it covers non-whitespace characters of a supervised segment. There is no
+re-tokenize-and-count step, so LLaVA's "tokenization mismatch" cannot occur. Each ``<image>`` token is then
+expanded to ``num_image_tokens`` copies (never labelled), and truncation never cuts into an image.
+
+    ids, labels = tokenize_conversation(record.messages, template, tokenizer, image_token_id=32000,
+                                        num_image_tokens=576, model_max_length=2048)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.data.records import Message
+from llava.data.templates import ConversationTemplate, Segment
+
+
+class SampleRejected(ValueError):
+    """A sample that must not reach the loss. ``kind``: image_tokens_exceed_max_length | no_supervised_tokens."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def wrap_image_placeholders(messages: list[Message], mm_use_im_start_end: bool) -> list[Message]:
+    """``<image>`` -> ``<im_start><image><im_end>`` when ``--mm_use_im_start_end`` is on."""
+    if not mm_use_im_start_end:
+        return messages
+    wrapped = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+    return [Message(m.role, m.content.replace(DEFAULT_IMAGE_TOKEN, wrapped)) for m in messages]
+
+
+def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
+    """Tokenize the joined segments once and label each token by the characters it covers."""
+    text = "".join(s.text for s in segments)
+    supervised = bytearray(len(text))  # 1 where the character is a non-whitespace char of a supervised segment
+    pos = 0
+    for seg in segments:
+        if seg.supervised:
+            for j, ch in enumerate(seg.text):
+                if not ch.isspace():
+                    supervised[pos + j] = 1
+        pos += len(seg.text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [tid if any(supervised[start:end]) else IGNORE_INDEX for tid, (start, end) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def tokenize_conversation(
+    messages: list[Message],
+    template: ConversationTemplate,
+    tokenizer,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    model_max_length: int,
+    mm_use_im_start_end: bool = False,
+    system: str | None = None,
+) -> TokenizedSample:
+    """Render, tokenize, label, expand images and truncate one conversation.
+
+    Raises ``SampleRejected`` when the image tokens alone do not fit in ``model_max_length`` or when no
+    supervised token is left after truncation.
+    """
+    segments = template.render_with_tokenizer(wrap_image_placeholders(messages, mm_use_im_start_end), tokenizer, system)
+    ids, labels = label_segments(segments, tokenizer)
+    n_placeholders = sum(s.text.count(DEFAULT_IMAGE_TOKEN) for s in segments)
+    ids, labels = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n_placeholders)
+
+    truncated = False
+    if len(ids) > model_max_length:
+        last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+        if last_image >= model_max_length:
+            raise SampleRejected(
+                "image_tokens_exceed_max_length",
+                f"the image tokens end at position {last_image + 1}, beyond --model_max_length {model_max_length}",
+            )
+        ids, labels, truncated = ids[:model_max_length], labels[:model_max_length], True
+    if all(label == IGNORE_INDEX for label in labels):
+        reason = f"after truncation to --model_max_length {model_max_length}" if truncated else "in the rendered prompt"
+        raise SampleRejected("no_supervised_tokens", f"no assistant token is left to learn from {reason}")
+    return TokenizedSample(ids, labels, truncated)
+
+
+def expand_image_tokens(
+    ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int, expected_images: int
+) -> tuple[list[int], list[int]]:
+    """Replace each single image token by ``num_image_tokens`` copies (labels ``IGNORE_INDEX``)."""
+    found = ids.count(image_token_id)
+    if found != expected_images:
+        raise ValueError(
+            f"tokenizing produced {found} image token(s) for {expected_images} {DEFAULT_IMAGE_TOKEN} placeholder(s); "
+            f"is {DEFAULT_IMAGE_TOKEN} registered as a special token (id {image_token_id}) in this tokenizer?"
+        )
+    if found == 0:
+        return ids, labels
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    for tid, lab in zip(ids, labels):
+        if tid == image_token_id:
+            out_ids.extend([image_token_id] * num_image_tokens)
+            out_labels.extend([IGNORE_INDEX] * num_image_tokens)
+        else:
+            out_ids.append(tid)
+            out_labels.append(lab)
+    return out_ids, out_labels
+
+
+def build_generation_prompt(
+    messages: list[Message],
+    template: ConversationTemplate,
+    tokenizer,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    mm_use_im_start_end: bool = False,
+    system: str | None = None,
+) -> list[int]:
+    """Prompt ids for generation: the conversation ending in a user turn, rendered up to the assistant marker."""
+    if not messages or messages[-1].role != "user":
+        raise ValueError("a generation prompt must end with a user message")
+    segments = template.render_with_tokenizer(wrap_image_placeholders(messages, mm_use_im_start_end), tokenizer, system)
+    ids, labels = label_segments(segments, tokenizer)
+    n = ids.count(image_token_id)
+    ids, _ = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n)
+    return ids

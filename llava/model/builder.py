@@ -1,0 +1,238 @@
+"""Compose a vision tower + LLM + projector into ``transformers.LlavaForConditionalGeneration``.
+
+    built = build_llava_model(model_args)          # from an LLM dir + --vision_tower, or from a Llava checkpoint
+    apply_freezing(built.model, model_args)         # the whole freezing policy, in one place
+
+The vision tower and the LLM are loaded with ``from_pretrained`` exactly as user checkpoints are, then placed into a
+Llava skeleton built on the meta device (no second copy of the weights). The ``<image>`` token is a real added
+token; ``num_image_tokens`` is what the vision tower yields per image under the select strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SiglipVisionModel,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.model.projector import load_projector_state
+
+logger = logging.getLogger(__name__)
+
+VISION_MODELS = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+}
+HAS_CLS_TOKEN = {"clip_vision_model"}
+
+
+@dataclass
+class BuiltModel:
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+    num_image_tokens: int
+    added_tokens: int  # tokens added to the LLM's vocabulary (their embeddings are new)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+
+def select_strategy(vision_config, mm_vision_select_feature: str) -> str:
+    """LLaVA's ``patch`` drops CLIP's CLS token ("default"); SigLIP has no CLS, so every token is a patch ("full")."""
+    if mm_vision_select_feature == "cls_patch" or vision_config.model_type not in HAS_CLS_TOKEN:
+        return "full"
+    return "default"
+
+
+def num_image_tokens(vision_config, strategy: str) -> int:
+    """Features per image: (H/patch)*(W/patch), +1 for CLIP's CLS, -1 under the "default" strategy."""
+    n = (vision_config.image_size // vision_config.patch_size) ** 2
+    n += 1 if vision_config.model_type in HAS_CLS_TOKEN else 0
+    return n - 1 if strategy == "default" else n
+
+
+def add_multimodal_tokens(tokenizer, mm_use_im_start_end: bool) -> int:
+    """Register ``<image>`` (and ``<im_start>``/``<im_end>``) as special tokens and a pad token; return #added."""
+    new = [DEFAULT_IMAGE_TOKEN] + ([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN] if mm_use_im_start_end else [])
+    missing = [t for t in new if t not in tokenizer.get_vocab()]
+    added = tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False) if missing else 0
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return added
+
+
+def load_vision_tower(path: str, *, torch_dtype=torch.float32, trust_remote_code: bool = False):
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = VISION_MODELS.get(config.model_type)
+    if cls is None:
+        raise ValueError(f"--vision_tower {path}: model_type {config.model_type!r} is not one of {sorted(VISION_MODELS)}")
+    tower = cls.from_pretrained(path, dtype=torch_dtype)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    return tower, image_processor
+
+
+def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type == "llava"
+    except (OSError, ValueError):
+        return False
+
+
+def build_llava_model(model_args, *, torch_dtype=torch.float32) -> BuiltModel:
+    """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given."""
+    if _is_llava_checkpoint(model_args.model_name_or_path, model_args.trust_remote_code):
+        built = _load_llava_checkpoint(model_args, torch_dtype)
+    else:
+        built = _compose_llava(model_args, torch_dtype)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector_state(built.model, model_args.pretrain_mm_mlp_adapter)
+    return built
+
+
+def _compose_llava(model_args, torch_dtype) -> BuiltModel:
+    if not model_args.vision_tower:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path} is a language model, so --vision_tower is required"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, use_fast=True, padding_side="right", trust_remote_code=model_args.trust_remote_code
+    )
+    added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)
+    llm = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=torch_dtype,
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    tower, image_processor = load_vision_tower(
+        model_args.vision_tower, torch_dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code
+    )
+    strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
+    n_tokens = num_image_tokens(tower.config, strategy)
+    config = LlavaConfig(
+        vision_config=tower.config.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=model_args.mm_vision_select_layer,
+        image_seq_length=n_tokens,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    )
+    config._attn_implementation = model_args.attn_implementation
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = tower
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch_dtype)
+    model.generation_config = llm.generation_config
+    if added:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    _assert_materialized(model)
+
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=strategy,
+        image_token=DEFAULT_IMAGE_TOKEN,
+        num_additional_image_tokens=1 if tower.config.model_type in HAS_CLS_TOKEN else 0,
+        chat_template=getattr(tokenizer, "chat_template", None),
+    )
+    return BuiltModel(model, processor, n_tokens, added)
+
+
+def _load_llava_checkpoint(model_args, torch_dtype) -> BuiltModel:
+    path = model_args.model_name_or_path
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=model_args.attn_implementation
+    )
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)
+    if added:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if model.config.image_token_id != tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN):
+        raise ValueError(f"{path}: config.image_token_id {model.config.image_token_id} is not the tokenizer's "
+                         f"{DEFAULT_IMAGE_TOKEN} id {tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)}")
+    n_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
+    return BuiltModel(model, processor, n_tokens, added)
+
+
+def _assert_materialized(model: torch.nn.Module) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: tensors left on the meta device after composing the model: {left[:5]}")
+
+
+def apply_freezing(model: LlavaForConditionalGeneration, model_args, *, added_tokens: int = 0) -> dict[str, int]:
+    """The freezing policy. Returns trainable parameter counts per part.
+
+    - default (stage 2): language model + projector train, vision tower frozen;
+    - ``--tune_mm_mlp_adapter`` (stage 1): only the projector (plus input embeddings when
+      ``--mm_use_im_start_end`` added tokens, as LLaVA does);
+    - ``--freeze_backbone``: the language model is frozen; ``--freeze_mm_mlp_adapter``: the projector is frozen;
+    - ``--unfreeze_mm_vision_tower``: the vision tower trains too.
+    """
+    inner = model.model
+    tune_llm = not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone)
+    tune_projector = not model_args.freeze_mm_mlp_adapter
+    tune_vision = model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter
+    inner.vision_tower.requires_grad_(tune_vision)
+    inner.multi_modal_projector.requires_grad_(tune_projector)
+    inner.language_model.requires_grad_(tune_llm)
+    model.lm_head.requires_grad_(tune_llm)
+    if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens:
+        model.get_input_embeddings().requires_grad_(True)
+    return count_trainable_parameters(model)
+
+
+def count_trainable_parameters(model: LlavaForConditionalGeneration) -> dict[str, int]:
+    parts = {
+        "vision_tower": model.model.vision_tower,
+        "projector": model.model.multi_modal_projector,
+        "language_model": model.model.language_model,
+        "lm_head": model.lm_head,
+    }
+    counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in parts.items()}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    counts["total"] = total
+    return counts

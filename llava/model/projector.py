@@ -1,0 +1,74 @@
+"""Stage-1 projector files: write ours (safetensors), read ours and the original LLaVA's ``mm_projector.bin``.
+
+    save_projector_state(state, "out/pretrain/mm_projector.safetensors")
+    load_projector_state(model, "out/pretrain/mm_projector.safetensors")   # or LLaVA's mm_projector.bin
+
+Our file holds ``linear_1.*``/``linear_2.*`` (transformers' ``LlavaMultiModalProjector``) and, when stage 1 trained
+new token embeddings (``--mm_use_im_start_end``), ``embed_tokens.weight``. LLaVA's ``model.mm_projector.0.*`` /
+``.2.*`` keys are mapped; pickles are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LLAVA_KEY_MAP = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias", "2.weight": "linear_2.weight",
+                 "2.bias": "linear_2.bias"}
+
+
+def projector_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
+
+
+def save_projector_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Atomically write a projector state dict (refusing zero-size tensors, e.g. un-gathered ZeRO-3 shards)."""
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ValueError(f"refusing to write zero-size tensors {empty} to {path}: gather ZeRO-3 parameters first")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def read_projector_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read our safetensors file or LLaVA's ``mm_projector.bin`` into our key names."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {path} does not exist")
+    raw = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if "embed_tokens" in key:
+            out["embed_tokens.weight"] = value
+            continue
+        short = key.split("mm_projector.")[-1].split("multi_modal_projector.")[-1]
+        short = LLAVA_KEY_MAP.get(short, short)
+        if short not in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
+            raise ValueError(f"{path}: key {key!r} is not a projector weight of an mlp2x_gelu projector")
+        out[short] = value
+    return out
+
+
+def load_projector_state(model, path: str | os.PathLike) -> None:
+    """Load projector weights (and stage-1 token embeddings, if present) into a Llava model."""
+    state = read_projector_file(path)
+    embed = state.pop("embed_tokens.weight", None)
+    projector = model.model.multi_modal_projector
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        raise ValueError(f"{path}: projector shapes {got} do not match this model's projector {expected} "
+                         "(was it trained for another vision tower or LLM?)")
+    projector.load_state_dict({k: v.to(projector.linear_1.weight.dtype) for k, v in state.items()})
+    if embed is not None:
+        current = model.get_input_embeddings().weight
+        if embed.shape != current.shape:
+            raise ValueError(f"{path}: embed_tokens {tuple(embed.shape)} does not match the model's {tuple(current.shape)}")
+        with torch.no_grad():
+            current.copy_(embed.to(current.dtype))

@@ -1,0 +1,102 @@
+"""Answer questions about images with a trained Llava checkpoint.
+
+    llava predict --model out/finetune --image cat.png --prompt "What colour is the shape?"
+
+The checkpoint directory is enough: the model and processor load with ``from_pretrained`` and the template,
+aspect-ratio mode and image-token count come from its ``llava_args.json`` (``--version`` overrides, for
+checkpoints not written by us). Generation is greedy and batched with left padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from llava.constants import ARGS_FILE, DEFAULT_IMAGE_TOKEN
+from llava.data.dataset import process_images
+from llava.data.images import expand2square
+from llava.data.records import Message
+from llava.data.templates import ConversationTemplate, get_template
+from llava.data.tokenize import build_generation_prompt
+from llava.model.builder import num_image_tokens
+from llava.train.args import read_run_args
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
+
+
+@dataclass
+class Predictor:
+    model: LlavaForConditionalGeneration
+    processor: object
+    template: ConversationTemplate
+    image_aspect_ratio: str = "square"
+    mm_use_im_start_end: bool = False
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, version: str | None = None, dtype=torch.float32) -> Predictor:
+        model_dir = Path(model_dir)
+        run = read_run_args(model_dir) if (model_dir / ARGS_FILE).is_file() else {}
+        model_args, data_args = run.get("model_args", {}), run.get("data_args", {})
+        name = version or model_args.get("version")
+        if name is None:
+            raise ValueError(f"{model_dir} has no {ARGS_FILE}; pass --version to name its conversation template")
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
+        return cls(model, processor, get_template(name), data_args.get("image_aspect_ratio", "square"),
+                   bool(model_args.get("mm_use_im_start_end", False)))
+
+    @property
+    def num_image_tokens(self) -> int:
+        cfg = self.model.config
+        return num_image_tokens(cfg.vision_config, cfg.vision_feature_select_strategy)
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        image_processor = self.processor.image_processor
+        if self.image_aspect_ratio == "pad":
+            images = [expand2square(im, tuple(int(x * 255) for x in image_processor.image_mean)) for im in images]
+        return process_images(image_processor, images, self.image_aspect_ratio)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        return build_generation_prompt(
+            messages,
+            self.template,
+            self.processor.tokenizer,
+            image_token_id=self.model.config.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            mm_use_im_start_end=self.mm_use_im_start_end,
+        )
+
+    @torch.no_grad()
+    def generate(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                 max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers for a batch of conversations (each ending in a user turn) and their images."""
+        tokenizer = self.processor.tokenizer
+        prompts = [self.prompt_ids(m) for m in conversations]
+        width = max(map(len, prompts))
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        flat = [im for ims in images for im in ims]
+        kwargs = {"pixel_values": self.pixel_values(flat).to(self.model.dtype)} if flat else {}
+        stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS
+                                           if t in tokenizer.get_vocab()]
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=pad, eos_token_id=stop, **kwargs)
+        return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+    def answer(self, image: Image.Image | None, prompt: str, max_new_tokens: int = 64) -> str:
+        text = prompt if image is None or DEFAULT_IMAGE_TOKEN in prompt else f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
+        return self.generate([[Message("user", text)]], [[image] if image is not None else []], max_new_tokens)[0]
+
+
+def predict_main(args) -> int:
+    from llava.data.images import open_image_rgb
+
+    predictor = Predictor.load(args.model, version=args.version)
+    image = open_image_rgb(args.image)[0] if args.image else None
+    print(predictor.answer(image, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0

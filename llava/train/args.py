@@ -1,0 +1,155 @@
+"""Training arguments: three dataclasses parsed by ``HfArgumentParser``, flag names as in the original LLaVA.
+
+    python -m llava.train.train --model_name_or_path LLM --vision_tower CLIP --version plain --data_path d.json \
+        --image_folder images --tune_mm_mlp_adapter True --output_dir out/pretrain
+    python -m llava.train.train config.yaml [--flag value ...]      # YAML with the same keys; flags override
+
+Bad combinations fail here, at start-up, with the flag names in the message. ``write_run_args`` stores the resolved
+arguments beside the weights (``llava_args.json``); merge/export/predict read them instead of folder names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from llava.constants import ARGS_FILE
+
+SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "LLM directory (Llama/Qwen2/Mistral...) or a Llava checkpoint"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP or SigLIP directory (full or vision-only)"})
+    version: str = field(default="vicuna_v1", metadata={"help": "conversation template: plain, vicuna_v1, llama_2, "
+                                                                "mistral, chatml, llama3, auto"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "freeze the projector"})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "train the vision tower too"})
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "stage-1 projector: our mm_projector.safetensors or LLaVA's mm_projector.bin"}
+    )
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "only mlp2x_gelu maps to transformers Llava"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "vision hidden layer fed to the projector"})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "wrap each image in <im_start> <im_end>"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "accepted for LLaVA scripts; must be False"})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "accepted for LLaVA scripts; only flat"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code in model directories"})
+    attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+
+    def __post_init__(self):
+        if self.mm_projector_type not in SUPPORTED_PROJECTORS:
+            raise ValueError(
+                f"--mm_projector_type {self.mm_projector_type} cannot be represented by transformers' "
+                f"LlavaForConditionalGeneration (a fixed 2-layer GELU MLP); use one of {SUPPORTED_PROJECTORS}"
+            )
+        if self.mm_vision_select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got {self.mm_vision_select_feature}")
+        if self.mm_use_im_patch_token:
+            raise ValueError("--mm_use_im_patch_token True is not supported (LLaVA-1.5 scripts pass False)")
+        if self.mm_patch_merge_type != "flat":
+            raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type}: only flat is supported")
+        if self.tune_mm_mlp_adapter and self.freeze_mm_mlp_adapter:
+            raise ValueError("--tune_mm_mlp_adapter and --freeze_mm_mlp_adapter together leave nothing to train")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "LLaVA JSON, JSONL, or a `datasets` directory on disk"})
+    image_folder: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
+    image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
+    on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
+    is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
+
+    def __post_init__(self):
+        if self.data_path is None:
+            raise ValueError("--data_path is required")
+        if self.image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio}")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"--on_bad_sample must be error or skip, got {self.on_bad_sample}")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "longer samples are cut after their images"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "separate learning rate for the projector"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
+    optim: str = field(default="adamw_torch")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.remove_unused_columns:
+            raise ValueError("--remove_unused_columns must be False: the collator builds pixel_values itself")
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = transformers.HfArgumentParser(ARG_CLASSES)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
+        argv = _config_file_to_flags(argv[0]) + argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args
+
+
+def _config_file_to_flags(path: str) -> list[str]:
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    flags: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            flags += [f"--{key}", *map(str, value)]
+        elif value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def resolved_args_dict(model_args, data_args, training_args) -> dict[str, Any]:
+    return {
+        "model_args": dataclasses.asdict(model_args),
+        "data_args": dataclasses.asdict(data_args),
+        "training_args": json.loads(training_args.to_json_string()),
+    }
+
+
+def write_run_args(output_dir: str | os.PathLike, args: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write the run's resolved arguments (and facts such as the stage) to ``output_dir/llava_args.json``."""
+    path = Path(output_dir) / ARGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**args, **(extra or {})}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_args(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {ARGS_FILE}: was it written by `llava train`?")
+    return json.loads(path.read_text())

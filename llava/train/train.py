@@ -1,0 +1,102 @@
+"""Train a LLaVA model: parse args -> build model -> data -> trainer -> train -> save.
+
+Stage 1 (projector alignment) and stage 2 (instruction tuning) with the original LLaVA flag names:
+
+    python -m llava.train.train --model_name_or_path LLM_DIR --vision_tower CLIP_DIR --version plain \
+        --data_path blip_558k.json --image_folder images --tune_mm_mlp_adapter True \
+        --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --output_dir out/pretrain
+    python -m llava.train.train --model_name_or_path LLM_DIR --vision_tower CLIP_DIR --version vicuna_v1 \
+        --pretrain_mm_mlp_adapter out/pretrain/mm_projector.safetensors --image_aspect_ratio pad \
+        --group_by_modality_length True --data_path llava_665k.json --image_folder images --output_dir out/finetune
+    python -m llava.train.train config.yaml          # the same keys in YAML
+
+Stage 1 writes ``mm_projector.safetensors``; stage 2 a complete Llava checkpoint + processor. Both write
+``llava_args.json`` (the resolved arguments) beside the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers
+
+from llava.data.collator import DataCollatorForSupervisedDataset
+from llava.data.dataset import LazySupervisedDataset
+from llava.data.templates import get_template
+from llava.model.builder import apply_freezing, build_llava_model
+from llava.train.args import parse_args, resolved_args_dict
+from llava.train.trainer import LLaVATrainer
+
+logger = logging.getLogger("llava.train")
+
+
+def load_dtype(training_args) -> torch.dtype:
+    """Weights load in bf16/fp16 only under DeepSpeed (which keeps fp32 masters); the plain Trainer autocasts."""
+    if training_args.deepspeed and training_args.bf16:
+        return torch.bfloat16
+    if training_args.deepspeed and training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def train(argv: list[str] | None = None) -> LLaVATrainer:
+    # --- setup: arguments, logging, seed
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.set_seed(training_args.seed)
+    run_args = resolved_args_dict(model_args, data_args, training_args)
+
+    # --- model: compose vision tower + LLM + projector, then apply the freezing policy
+    built = build_llava_model(model_args, torch_dtype=load_dtype(training_args))
+    trainable = apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
+    logger.info("trainable parameters: %s", trainable)
+    built.model.config.use_cache = False
+    built.model.config.text_config.use_cache = False
+    if training_args.gradient_checkpointing:
+        built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
+
+    # --- data: templated, tokenized, images expanded to the tower's feature count
+    template = get_template(model_args.version)
+    train_dataset = LazySupervisedDataset.from_args(
+        data_args.data_path, model_args, data_args, training_args, built, template
+    )
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = LazySupervisedDataset.from_args(
+            data_args.eval_data_path, model_args, data_args, training_args, built, template
+        )
+
+    # --- train
+    trainer = LLaVATrainer(
+        model=built.model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForSupervisedDataset(pad_token_id=built.tokenizer.pad_token_id),
+        processing_class=built.processor,
+        projector_only=model_args.tune_mm_mlp_adapter,
+        run_args={**run_args, "num_image_tokens": built.num_image_tokens},
+    )
+    trainer.train(resume_from_checkpoint=_resume_arg(training_args.resume_from_checkpoint))
+
+    # --- save: projector (stage 1) or the full Llava checkpoint + processor (stage 2), with the run's arguments
+    trainer.save_state()
+    built.model.config.use_cache = True
+    built.model.config.text_config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    return trainer
+
+
+def _resume_arg(value: str | None) -> str | bool | None:
+    if value is None or value.lower() in ("false", "none", ""):
+        return None
+    return True if value.lower() == "true" else value
+
+
+def main() -> None:
+    train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""LLaVATrainer: ``transformers.Trainer`` with LLaVA's grouped sampler, projector LR, and stage-1 checkpoints.
+
+    trainer = LLaVATrainer(model=..., args=training_args, train_dataset=ds, data_collator=collate,
+                           processing_class=processor, projector_only=model_args.tune_mm_mlp_adapter,
+                           run_args=resolved_args_dict(...))
+
+Stage 1 (``projector_only``) checkpoints hold ``mm_projector.safetensors`` instead of the frozen model, plus the
+optimizer, scheduler, RNG and trainer state, so they resume; every checkpoint and the final output carry
+``llava_args.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import Trainer
+
+from llava.constants import PROJECTOR_FILE
+from llava.model.projector import load_projector_state, save_projector_state
+from llava.train.args import write_run_args
+from llava.train.checkpoint import gather_named_parameters
+from llava.train.samplers import LengthGroupedSampler
+
+
+class LLaVATrainer(Trainer):
+    def __init__(self, *args, projector_only: bool = False, run_args: dict[str, Any] | None = None, **kwargs):
+        self.projector_only = projector_only
+        self.run_args = run_args or {}
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """LLaVA's modality+length grouping: one megabatch is one optimizer step over all ranks."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.group_by_modality_length:
+            return super()._get_train_sampler(dataset)
+        return LengthGroupedSampler(
+            self.args.per_device_train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps,
+            dataset.modality_lengths,
+            group_by_modality=True,
+            seed=self.args.seed,
+        )
+
+    def create_optimizer(self, model=None):
+        """Adds a projector parameter group at ``--mm_projector_lr``; otherwise the stock optimizer."""
+        if self.args.mm_projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = []
+        for in_projector in (False, True):
+            for with_decay in (True, False):
+                params = [
+                    p
+                    for n, p in opt_model.named_parameters()
+                    if p.requires_grad and ("multi_modal_projector" in n) == in_projector and (n in decay) == with_decay
+                ]
+                if params:
+                    group = {"params": params, "weight_decay": self.args.weight_decay if with_decay else 0.0}
+                    if in_projector:
+                        group["lr"] = self.args.mm_projector_lr
+                    groups.append(group)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Stage 1 saves the projector only (gathered under ZeRO-3); every save writes the run's arguments."""
+        output_dir = output_dir or self.args.output_dir
+        if self.projector_only:
+            model = self.accelerator.unwrap_model(self.model)
+            named = list(model.model.multi_modal_projector.named_parameters())
+            embed = model.get_input_embeddings().weight
+            if embed.requires_grad:
+                named.append(("embed_tokens.weight", embed))
+            state = gather_named_parameters(named)
+            if self.args.should_save:
+                save_projector_state(state, os.path.join(output_dir, PROJECTOR_FILE))
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Stage-1 checkpoints hold only the projector; the frozen rest was rebuilt from the original weights."""
+        if not self.projector_only:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_projector_state(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))

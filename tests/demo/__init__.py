@@ -1,0 +1,1 @@
+"""Tests for llava.demo (shapes dataset, tiny models)."""

@@ -110,9 +110,9 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
 
 
 def _parse_images(raw: dict, rid: str) -> list[str]:
-    if "image" in raw and "images" in raw:
+    if raw.get("image") is not None and raw.get("images") is not None:
         raise RecordError("bad_type", rid, "image", "the record has both 'image' and 'images'; use one of them")
-    key = "images" if "images" in raw else "image"
+    key = "images" if raw.get("images") is not None else "image"
     value = raw.get(key)
     if value is None:
         return []

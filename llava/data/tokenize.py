@@ -2,7 +2,8 @@
 
 The template renders supervised/unsupervised text segments; the joined prompt is tokenized once (so the ids are
 exactly what inference sees for the same prompt) and each token is labelled from the character span it covers:
-a token is supervised when it covers non-whitespace characters of a supervised segment. There is no
+a token is supervised when it covers a character of a supervised segment (leading whitespace excluded,
+so a space-prefixed reply token counts as the reply's). There is no
 re-tokenize-and-count step, so LLaVA's "tokenization mismatch" cannot occur. Each ``<image>`` token is then
 expanded to ``num_image_tokens`` copies (never labelled), and truncation never cuts into an image.
 
@@ -45,13 +46,12 @@ def wrap_image_placeholders(messages: list[Message], mm_use_im_start_end: bool) 
 def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
     """Tokenize the joined segments once and label each token by the characters it covers."""
     text = "".join(s.text for s in segments)
-    supervised = bytearray(len(text))  # 1 where the character is a non-whitespace char of a supervised segment
+    supervised = bytearray(len(text))  # 1 for characters of a supervised segment, from its first non-space on
     pos = 0
     for seg in segments:
         if seg.supervised:
-            for j, ch in enumerate(seg.text):
-                if not ch.isspace():
-                    supervised[pos + j] = 1
+            start = len(seg.text) - len(seg.text.lstrip())
+            supervised[pos + start : pos + len(seg.text)] = b"\x01" * (len(seg.text) - start)
         pos += len(seg.text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]

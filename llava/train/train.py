@@ -85,7 +85,16 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
     built.model.config.use_cache = True
     built.model.config.text_config.use_cache = True
     trainer.save_model(training_args.output_dir)
+    _finish_wandb(training_args)
     return trainer
+
+
+def _finish_wandb(training_args) -> None:
+    """Close the run, so a second ``train()`` in the same process does not log into this one."""
+    if "wandb" in (training_args.report_to or []) and training_args.should_log:
+        import wandb
+
+        wandb.finish()
 
 
 def _resume_arg(value: str | None) -> str | bool | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import Trainer
+from transformers import LlavaForConditionalGeneration, Trainer
 
 from llava.constants import PROJECTOR_FILE
 from llava.model.projector import load_projector_state, save_projector_state
@@ -83,8 +83,15 @@ class LLaVATrainer(Trainer):
             write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Stage-1 checkpoints hold only the projector; the frozen rest was rebuilt from the original weights."""
-        if not self.projector_only:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """Stage 1 holds only the projector (the frozen rest was rebuilt from the original weights). A full Llava
+        checkpoint is saved in transformers' legacy key layout, which the stock non-strict ``load_state_dict``
+        silently skips; ``from_pretrained`` maps the keys, then a strict copy proves every weight arrived."""
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        load_projector_state(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
+        if self.projector_only:
+            load_projector_state(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
+        elif isinstance(model, LlavaForConditionalGeneration):
+            reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+            model.load_state_dict(reloaded.state_dict(), strict=True)
+            del reloaded
+        else:  # e.g. a PEFT-wrapped model: the stock adapter loading path
+            super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -5,6 +5,8 @@
     llava predict --model DIR --image X.png --prompt "..."
     llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images]
     llava convert hf2mcore|mcore2hf ...                     # optional Megatron path (pip install .[megatron])
+    llava merge --adapter RUN_DIR --out DIR [--dtype bfloat16] [--max_shard_size 2GB]   # LoRA -> native Llava
+    llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA checkpoint -> native Llava
 """
 
 from __future__ import annotations
@@ -54,7 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     add_demo_arguments(sub.add_parser("demo", help="run the tiny end-to-end demo"))
     _predict_parser(sub)
     _eval_parser(sub)
+    from llava.export.import_llava import add_import_arguments
+    from llava.export.merge import add_merge_arguments
+
+    add_merge_arguments(sub.add_parser("merge", help="merge a LoRA/QLoRA run into a native Llava checkpoint"))
+    add_import_arguments(sub.add_parser("import-llava", help="convert an original LLaVA checkpoint"))
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        from llava.export.merge import merge_main
+
+        return merge_main(args)
+    if args.command == "import-llava":
+        from llava.export.import_llava import import_main
+
+        return import_main(args)
     if args.command == "demo":
         from llava.demo.run import demo_main
 

@@ -106,18 +106,21 @@ def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
         return False
 
 
-def build_llava_model(model_args, *, torch_dtype=torch.float32) -> BuiltModel:
-    """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given."""
+def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_config=None) -> BuiltModel:
+    """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given.
+
+    ``quantization_config`` (QLoRA, see ``llava.train.lora.quantization_config``) applies to the language model's
+    linear layers only; its ``llm_int8_skip_modules`` must name the tower, projector and lm_head by full prefix."""
     if _is_llava_checkpoint(model_args.model_name_or_path, model_args.trust_remote_code):
-        built = _load_llava_checkpoint(model_args, torch_dtype)
+        built = _load_llava_checkpoint(model_args, torch_dtype, quantization_config)
     else:
-        built = _compose_llava(model_args, torch_dtype)
+        built = _compose_llava(model_args, torch_dtype, quantization_config)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_state(built.model, model_args.pretrain_mm_mlp_adapter)
     return built
 
 
-def _compose_llava(model_args, torch_dtype) -> BuiltModel:
+def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltModel:
     if not model_args.vision_tower:
         raise ValueError(
             f"--model_name_or_path {model_args.model_name_or_path} is a language model, so --vision_tower is required"
@@ -131,6 +134,7 @@ def _compose_llava(model_args, torch_dtype) -> BuiltModel:
         dtype=torch_dtype,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        **({"quantization_config": quantization_config} if quantization_config is not None else {}),
     )
     tower, image_processor = load_vision_tower(
         model_args.vision_tower, torch_dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code
@@ -161,6 +165,9 @@ def _compose_llava(model_args, torch_dtype) -> BuiltModel:
     if config.tie_word_embeddings:
         model.tie_weights()
     _assert_materialized(model)
+    if quantization_config is not None:  # what peft reads to pick its bitsandbytes LoRA layers
+        model.is_loaded_in_4bit = bool(quantization_config.load_in_4bit)
+        model.is_loaded_in_8bit = bool(quantization_config.load_in_8bit)
 
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -174,10 +181,11 @@ def _compose_llava(model_args, torch_dtype) -> BuiltModel:
     return BuiltModel(model, processor, n_tokens, added)
 
 
-def _load_llava_checkpoint(model_args, torch_dtype) -> BuiltModel:
+def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) -> BuiltModel:
     path = model_args.model_name_or_path
+    quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=model_args.attn_implementation
+        path, dtype=torch_dtype, attn_implementation=model_args.attn_implementation, **quant
     )
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     tokenizer = processor.tokenizer
@@ -213,11 +221,18 @@ def apply_freezing(model: LlavaForConditionalGeneration, model_args, *, added_to
     tune_vision = model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter
     inner.vision_tower.requires_grad_(tune_vision)
     inner.multi_modal_projector.requires_grad_(tune_projector)
-    inner.language_model.requires_grad_(tune_llm)
+    _set_trainable(inner.language_model, tune_llm)
     model.lm_head.requires_grad_(tune_llm)
     if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens:
         model.get_input_embeddings().requires_grad_(True)
     return count_trainable_parameters(model)
+
+
+def _set_trainable(module: torch.nn.Module, trainable: bool) -> None:
+    """``requires_grad_`` that skips integer tensors (QLoRA's quantized weights; their adapters train instead)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            param.requires_grad_(trainable)
 
 
 def count_trainable_parameters(model: LlavaForConditionalGeneration) -> dict[str, int]:

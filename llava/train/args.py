@@ -90,11 +90,32 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")
+    lora_enable: bool = field(default=False, metadata={"help": "LoRA on every linear layer of the language model"})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_weight_path: str = field(default="", metadata={"help": "accepted for LLaVA scripts; must be empty"})
+    lora_bias: str = field(default="none", metadata={"help": "none | all (every LM bias) | lora_only (LoRA layers')"})
+    bits: int = field(default=16, metadata={"help": "16, or 8/4 for QLoRA (bitsandbytes; needs --lora_enable)"})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA: quantize the quantization constants"})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
 
     def __post_init__(self):
         super().__post_init__()
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator builds pixel_values itself")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"--lora_bias must be none, all or lora_only, got {self.lora_bias}")
+        if self.bits not in (16, 8, 4):
+            raise ValueError(f"--bits must be 16, 8 or 4, got {self.bits}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"--quant_type must be nf4 or fp4, got {self.quant_type}")
+        if self.bits != 16 and not self.lora_enable:
+            raise ValueError(f"--bits {self.bits} trains quantized weights only through adapters: add --lora_enable True")
+        if self.lora_enable and (self.lora_r < 1 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
+        if self.lora_weight_path:
+            raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)

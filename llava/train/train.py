@@ -26,6 +26,7 @@ from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.model.builder import apply_freezing, build_llava_model
 from llava.train.args import parse_args, resolved_args_dict
+from llava.train.lora import quantization_config, setup_lora
 from llava.train.trainer import LLaVATrainer
 
 logger = logging.getLogger("llava.train")
@@ -47,9 +48,15 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
     transformers.set_seed(training_args.seed)
     run_args = resolved_args_dict(model_args, data_args, training_args)
 
-    # --- model: compose vision tower + LLM + projector, then apply the freezing policy
-    built = build_llava_model(model_args, torch_dtype=load_dtype(training_args))
+    # --- model: compose vision tower + LLM + projector (LM linears quantized for QLoRA), apply the freezing policy
+    dtype = load_dtype(training_args)
+    qconfig = quantization_config(training_args, torch.bfloat16 if training_args.bf16 else dtype)
+    built = build_llava_model(model_args, torch_dtype=dtype, quantization_config=qconfig)
     trainable = apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
+    model = built.model
+    if training_args.lora_enable:  # adapters on the LM's linears; projector (+ new embeddings) train fully
+        model = setup_lora(model, model_args, training_args, added_tokens=built.added_tokens)
+        trainable = {"total": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     logger.info("trainable parameters: %s", trainable)
     built.model.config.use_cache = False
     built.model.config.text_config.use_cache = False
@@ -69,7 +76,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
 
     # --- train
     trainer = LLaVATrainer(
-        model=built.model,
+        model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,

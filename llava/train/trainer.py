@@ -20,6 +20,7 @@ from llava.constants import PROJECTOR_FILE
 from llava.model.projector import load_projector_state, save_projector_state
 from llava.train.args import write_run_args
 from llava.train.checkpoint import gather_named_parameters
+from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, save_lora_checkpoint
 from llava.train.samplers import LengthGroupedSampler
 
 
@@ -77,6 +78,10 @@ class LLaVATrainer(Trainer):
             state = gather_named_parameters(named)
             if self.args.should_save:
                 save_projector_state(state, os.path.join(output_dir, PROJECTOR_FILE))
+        elif hasattr(self.accelerator.unwrap_model(self.model), "peft_config"):  # LoRA: adapter + non-LoRA trainables
+            save_lora_checkpoint(self.accelerator.unwrap_model(self.model), output_dir, should_save=self.args.should_save)
+            if self.args.should_save and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
         else:
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
@@ -93,5 +98,7 @@ class LLaVATrainer(Trainer):
             reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
             model.load_state_dict(reloaded.state_dict(), strict=True)
             del reloaded
-        else:  # e.g. a PEFT-wrapped model: the stock adapter loading path
+        else:  # a PEFT-wrapped model: the stock adapter loading path, then the projector / new embeddings
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if os.path.isfile(os.path.join(resume_from_checkpoint, NON_LORA_FILE)):
+                load_non_lora_trainables(model.get_base_model(), os.path.join(resume_from_checkpoint, NON_LORA_FILE))

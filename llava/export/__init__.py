@@ -1,0 +1,1 @@
+"""Export: merge LoRA into a native Llava checkpoint; import original LLaVA checkpoints."""

@@ -1,0 +1,111 @@
+"""Merge a LoRA / QLoRA run into a native ``LlavaForConditionalGeneration`` checkpoint + processor (safetensors).
+
+    llava merge --adapter out/lora --out out/merged [--dtype float32|bfloat16|float16] [--max_shard_size 2GB]
+                [--model_base LLM_DIR]      # only to override the base recorded in llava_args.json
+
+Everything comes from the run directory: ``llava_args.json`` names the base LLM, the vision tower and the
+quantization (``--bits``); ``non_lora_trainables.safetensors`` holds the projector and new embeddings; the
+adapter is peft's. The base is rebuilt with ``build_llava_model`` exactly as training built it, the non-LoRA
+trainables are copied in, the adapter is applied and ``merge_and_unload()`` folds ``B @ A * alpha / r`` into each
+weight in place. A QLoRA run is rebuilt quantized as in training (the same deterministic quantization of the
+same weights), dequantized layer by layer into plain ``nn.Linear``, then merged: the result reproduces the
+adapter model the run trained, not the unquantized base plus the adapter.
+
+Peak memory: one copy of the model in the output dtype (``P * bytes(dtype)``) plus one layer's LoRA delta
+(``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
+tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
+4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
+Measured (``tests/export/measure_merge_memory.py``, fp32, hidden 512): 2/8/16 layers = 29/106/209 MiB of weights,
+merge peak RSS above imports 74/157/257 MiB, i.e. ~1.0x the model per added MiB plus a ~45 MiB constant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from llava.constants import ARGS_FILE
+from llava.model.builder import build_llava_model
+from llava.train.args import ModelArguments, read_run_args, write_run_args
+from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, quantization_config
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.float32, model_base: str | None = None):
+    """The run's model as it trained: rebuilt base (dequantized for QLoRA) + non-LoRA trainables + adapter.
+
+    Returns ``(peft_model, processor, run_args)``."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    adapter_dir = Path(adapter_dir)
+    run = read_run_args(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
+    fields = {f for f in ModelArguments.__dataclass_fields__}
+    margs = {k: v for k, v in run["model_args"].items() if k in fields}
+    if model_base:
+        margs["model_name_or_path"] = model_base
+    margs["pretrain_mm_mlp_adapter"] = None  # the trained projector is in non_lora_trainables
+    model_args = ModelArguments(**margs)
+    targs = run["training_args"]
+    qconfig = None
+    if targs.get("bits", 16) != 16:
+        qconfig = quantization_config(SimpleNamespace(**targs), torch.float32)
+    built = build_llava_model(model_args, torch_dtype=torch.float32 if qconfig else dtype, quantization_config=qconfig)
+    model = built.model
+    if qconfig is not None:
+        from transformers.integrations.bitsandbytes import dequantize_and_replace
+
+        model = dequantize_and_replace(model, qconfig, dtype=torch.float32)
+        model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
+        for config in (model.config, model.config.text_config):  # else from_pretrained would re-quantize
+            if hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+    non_lora = adapter_dir / NON_LORA_FILE
+    if non_lora.is_file():
+        loaded = load_non_lora_trainables(model, non_lora)
+        logger.info("loaded non-LoRA trainables: %s", loaded)
+    processor = AutoProcessor.from_pretrained(adapter_dir)
+    if len(processor.tokenizer) != model.get_input_embeddings().weight.shape[0]:
+        raise ValueError(f"{adapter_dir}: tokenizer has {len(processor.tokenizer)} tokens, the rebuilt model "
+                         f"{model.get_input_embeddings().weight.shape[0]} embeddings")
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return peft_model.eval(), processor, run
+
+
+def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+               max_shard_size: str = "2GB", model_base: str | None = None) -> Path:
+    """Write the merged native checkpoint + processor + ``llava_args.json`` to ``out_dir``."""
+    peft_model, processor, run = build_adapter_model(adapter_dir, dtype=dtype, model_base=model_base)
+    merged = peft_model.merge_and_unload().to(dtype)
+    merged.config.use_cache = True
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    processor.save_pretrained(out_dir)
+    write_run_args(out_dir, run, {"merged_from": str(adapter_dir), "merge_dtype": str(dtype).split(".")[-1],
+                                  "projector_only": False})
+    logger.info("merged %s into %s (%s)", adapter_dir, out_dir, ARGS_FILE)
+    return out_dir
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="output directory of a --lora_enable run")
+    p.add_argument("--out", required=True, help="where to write the merged Llava checkpoint")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--max_shard_size", default="2GB")
+    p.add_argument("--model_base", default=None, help="override the base LLM / Llava path recorded in the run")
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    merge_lora(args.adapter, args.out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,
+               model_base=args.model_base)
+    print(f"merged checkpoint written to {args.out}")
+    return 0

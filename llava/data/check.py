@@ -114,7 +114,8 @@ def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str
     return [(f"#{i}", raw[i]) for i in range(len(raw))]
 
 
-def _image_kind(err: ImageLoadError) -> str:
+def image_problem_kind(err: ImageLoadError) -> str:
+    """The report kind of an image error: ``image_<kind>`` (a directory counts as missing)."""
     return "image_" + {"not_a_file": "missing", "invalid_path": "absolute_path"}.get(err.kind, err.kind)
 
 
@@ -145,7 +146,7 @@ def check_images(records: list[Record], image_folder: str | None, report: Proble
         results = pool.map(lambda job: check_one_image(image_folder, job[1], decode, max_pixels), jobs, chunksize=64)
         for (rid, rel), (size, notes) in tqdm(zip(jobs, results), total=len(jobs), desc="images", disable=not progress):
             if isinstance(size, ImageLoadError):
-                report.add(_image_kind(size), rid, f"record {rid!r}: {size}")
+                report.add(image_problem_kind(size), rid, f"record {rid!r}: {size}")
                 bad.add(rid)
                 continue
             if size is not None:

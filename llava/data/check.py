@@ -131,33 +131,47 @@ def check_one_image(image_folder: str, rel: str, decode: bool, max_pixels: int) 
         return err, []
 
 
-def check_images(records: list[Record], image_folder: str | None, report: ProblemReport, *, decode: bool = True,
-                 workers: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> set[str]:
-    """Check every image of ``records`` in a thread pool; returns the ids of records with a bad image."""
-    jobs = [(r.id, rel) for r in records for rel in r.images]
+def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: str | None, *, decode: bool = True,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, str, Any]]:
+    """Queue ``record``'s images on ``pool``: ``[(record id, path, future | None)]`` (None: no --image_folder)."""
+    if not image_folder:
+        return [(record.id, rel, None) for rel in record.images]
+    return [(record.id, rel, pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
+
+
+def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemReport, *, progress: bool = True) -> set[str]:
+    """Report the results of :func:`submit_image_checks` in order; returns the ids of records with a bad image."""
     bad: set[str] = set()
     sizes: list[tuple[int, int]] = []
-    if jobs and not image_folder:
-        for rid in dict.fromkeys(j[0] for j in jobs):
-            report.add("no_image_folder", rid, f"record {rid!r} has images but --image_folder is not set")
+    for rid, rel, future in tqdm(pending, desc="images", disable=not progress):
+        if future is None:
+            if rid not in bad:
+                report.add("no_image_folder", rid, f"record {rid!r} has images but --image_folder is not set")
             bad.add(rid)
-        return bad
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda job: check_one_image(image_folder, job[1], decode, max_pixels), jobs, chunksize=64)
-        for (rid, rel), (size, notes) in tqdm(zip(jobs, results), total=len(jobs), desc="images", disable=not progress):
-            if isinstance(size, ImageLoadError):
-                report.add(image_problem_kind(size), rid, f"record {rid!r}: {size}")
-                bad.add(rid)
-                continue
-            if size is not None:
-                sizes.append(size)
-            for note in notes:
-                kind = "image_animated" if note.startswith("animated") else "image_converted"
-                report.add(kind, rid, f"record {rid!r}, image {rel!r}: {note}")
-    if decode and sizes:
+            continue
+        size, notes = future.result()
+        if isinstance(size, ImageLoadError):
+            report.add(image_problem_kind(size), rid, f"record {rid!r}: {size}")
+            bad.add(rid)
+            continue
+        if size is not None:
+            sizes.append(size)
+        for note in notes:
+            kind = "image_animated" if note.startswith("animated") else "image_converted"
+            report.add(kind, rid, f"record {rid!r}, image {rel!r}: {note}")
+    if sizes:
         arr = np.array(sizes)
         report.stats["image_width"], report.stats["image_height"] = _percentiles(arr[:, 0]), _percentiles(arr[:, 1])
     return bad
+
+
+def check_images(records: list[Record], image_folder: str | None, report: ProblemReport, *, decode: bool = True,
+                 workers: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> set[str]:
+    """Check every image of ``records`` in a thread pool; returns the ids of records with a bad image."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = [job for r in records for job in submit_image_checks(pool, r, image_folder, decode=decode,
+                                                                       max_pixels=max_pixels)]
+        return collect_image_checks(pending, report, progress=progress)
 
 
 def _percentiles(values) -> dict[str, int]:
@@ -207,8 +221,10 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     raws = read_records(data_path, report)
     records: list[Record] = []
     seen: set[str] = set()
-    lengths, kept_lengths, n_images = [], {}, Counter()
+    lengths, n_images = [], Counter()
     truncated = dropped = 0
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))  # images decode while the main thread tokenizes
+    pending: list[tuple[str, str, Any]] = []
     for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
         try:
             record = parse_record(raw, i)
@@ -219,6 +235,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
             report.add("duplicate_id", record.id, f"record id {record.id!r} ({name}) appears more than once")
         seen.add(record.id)
         n_images[len(record.images)] += 1
+        pending += submit_image_checks(pool, record, image_folder, decode=decode, max_pixels=max_pixels)
         try:
             full = _tokenize(record, setup, 10**9)
             lengths.append(len(full.input_ids))
@@ -232,10 +249,9 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         except ValueError as err:  # e.g. <image> not a special token: a setup error, reported per record
             report.add("tokenize_error", record.id, f"record {record.id!r}: {err}")
             continue
-        kept_lengths[record.id] = len(full.input_ids)
         records.append(record)
-    bad_images = check_images(records, image_folder, report, decode=decode, workers=workers, max_pixels=max_pixels,
-                              progress=progress)
+    with pool:
+        bad_images = collect_image_checks(pending, report, progress=progress)
     with_image = sum(1 for r in records if r.images)
     report.stats.update({
         "records": len(raws), "trainable": len([r for r in records if r.id not in bad_images]),

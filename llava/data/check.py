@@ -298,6 +298,9 @@ def _bool(text: str) -> bool:
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
     args, _ignored = build_parser().parse_known_args(argv)
+    if not Path(args.data_path).exists():
+        print(f"--data_path {args.data_path} does not exist", file=sys.stderr)
+        return 2
     setup = load_token_setup(args)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)

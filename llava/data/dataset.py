@@ -9,6 +9,11 @@ train (image tokens beyond ``model_max_length``, nothing supervised) are dropped
 that fail validation stop construction with a report (``--on_bad_sample error``) or are dropped and counted
 (``skip``). Sources: a JSON list, JSONL (one record a line), or a ``datasets`` dataset saved with
 ``save_to_disk``.
+
+An image that fails in ``__getitem__`` (deleted or unreadable after construction) is replaced by the next good sample
+and counted in ``runtime_failures`` (the trainer writes ``bad_samples.json``). With ``--dataloader_num_workers > 0``
+those counts live in the worker processes: each failure is still logged as a warning there, but the file only holds
+the main process's counts.
 """
 
 from __future__ import annotations

@@ -63,3 +63,9 @@ def test_clean_data_exits_zero_and_no_decode_skips_pixels(tiny_models, bad_corpu
     code = main(check_argv(tiny_models, dict(clean, image_folder=folder), "--no_decode"))
     out = capsys.readouterr().out
     assert code == 1 and "image_missing: 1 record(s), first: good5" in out and "FAILED" in out
+
+
+def test_missing_data_path_exits_two(tiny_models, bad_corpus, tmp_path, capsys):
+    corpus = dict(bad_corpus, data_path=tmp_path / "nope.json")
+    assert main(check_argv(tiny_models, corpus)) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     llava demo [--workdir DIR]                              # the whole pipeline on the embedded tiny default
     llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train
+    llava data check --data_path ... (the same flags)       # validate data + statistics before training; --json
     llava predict --model DIR --image X.png --prompt "..."
     llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images]
     llava convert hf2mcore|mcore2hf ...                     # optional Megatron path (pip install .[megatron])
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
         train(argv[1:])
         return 0
+    if argv[0:2] == ["data", "check"]:
+        from llava.data.check import check_main
+
+        return check_main(argv[2:])
     if argv and argv[0] == "convert":
         from llava.megatron.cli import main as convert_main
 
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llava", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train (stage 1 or 2); takes the original LLaVA flags")
+    sub.add_parser("data", help="data check: validate a dataset with the training flags")
     sub.add_parser("convert", help="Megatron-Core conversion: hf2mcore | mcore2hf")
     add_demo_arguments(sub.add_parser("demo", help="run the tiny end-to-end demo"))
     _predict_parser(sub)

@@ -31,3 +31,77 @@ def tiny_models(tmp_path_factory, shapes_data) -> dict:
     paths = dict(write_demo_models(workdir, shapes_data))
     paths["siglip_tower"] = write_tiny_vision_tower(workdir / "models" / "tiny-siglip-vision", kind="siglip")
     return paths
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory) -> dict:
+    """A JSONL corpus with one record per problem kind of ``llava data check`` plus 8 good records.
+
+    ``{"data_path", "image_folder", "expected": {kind: [record ids]}}``; use ``--model_max_length 64`` (the tiny
+    CLIP tower gives 16 image tokens) and ``--version vicuna_v1``.
+    """
+    import json
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad_corpus")
+    folder = root / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40 + i, 32), (20 * i, 100, 200)).save(folder / f"good{i}.png")
+    Image.new("L", (32, 32), 128).save(folder / "gray.png")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    Image.effect_noise((64, 64), 50).convert("RGB").save(folder / "full.png")
+    data = (folder / "full.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "garbage.jpg").write_bytes(b"<html>not an image</html>")
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 400M pixels: above the bomb limit
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                                      + chunk(b"IEND", b""))
+    Image.new("RGB", (8, 8)).save(root / "outside.png")
+
+    def rec(rid, image=None, question="<image>\nWhat is it?", answer="A shape.", **extra):
+        r = {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+        if image is not None:
+            r["image"] = image
+        r.update(extra)
+        return r
+
+    lines = [json.dumps(rec(f"good{i}", f"good{i}.png")) for i in range(8)]
+    lines += [json.dumps(r) for r in [
+        rec("text_only", question="What is 2+2?", answer="4"),
+        rec("gray", "gray.png"), rec("anim", "anim.gif"),
+        rec("dup", "good0.png"), rec("dup", "good1.png"),
+        {"id": "noconv", "image": "good0.png"},
+        {"id": "badtype", "conversations": "hello"},
+        {"id": "badrole", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        {"id": "badorder", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "yo"}]},
+        {"id": "noassistant", "conversations": [{"from": "human", "value": "hi"}]},
+        {"id": "emptytext", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]},
+        rec("mismatch", "good0.png", question="What is it?"),
+        rec("missing", "nope.jpg"), rec("absolute", "/etc/hostname"), rec("escape", "../outside.png"),
+        rec("unreadable", "garbage.jpg"), rec("truncated", "truncated.png"), rec("bomb", "bomb.png"),
+        {"id": "toomany", "images": [f"good{i}.png" for i in range(5)],
+         "conversations": [{"from": "human", "value": "<image>" * 5 + "\nSame?"}, {"from": "gpt", "value": "Yes."}]},
+        rec("nosupervised", "good2.png", question="<image>\n" + "tell me about this picture please " * 20),
+        rec("long_ok", "good3.png", question="<image>\nDescribe.", answer="a red circle on the left " * 20),
+    ]]
+    lines.insert(3, "{this is not json")
+    data_path = root / "data.jsonl"
+    data_path.write_text("\n".join(lines) + "\n")
+    expected = {
+        "invalid_json": ["line 4"], "missing_conversations": ["noconv"], "bad_type": ["badtype"], "bad_role": ["badrole"],
+        "bad_role_order": ["badorder"], "no_assistant_turn": ["noassistant"], "empty_text": ["emptytext"],
+        "image_token_mismatch": ["mismatch"], "image_missing": ["missing"], "image_absolute_path": ["absolute"],
+        "image_outside_folder": ["escape"], "image_unreadable": ["unreadable"], "image_truncated": ["truncated"],
+        "image_too_large": ["bomb"], "image_converted": ["gray", "anim"], "image_animated": ["anim"], "duplicate_id": ["dup"],
+        "image_tokens_exceed_max_length": ["toomany"], "no_supervised_tokens": ["nosupervised"],
+    }
+    return {"data_path": data_path, "image_folder": folder, "expected": expected}

@@ -9,6 +9,11 @@ train (image tokens beyond ``model_max_length``, nothing supervised) are dropped
 that fail validation stop construction with a report (``--on_bad_sample error``) or are dropped and counted
 (``skip``). Sources: a JSON list, JSONL (one record a line), or a ``datasets`` dataset saved with
 ``save_to_disk``.
+
+An image that fails in ``__getitem__`` (deleted or unreadable after construction) is replaced by the next good sample
+and counted in ``runtime_failures`` (the trainer writes ``bad_samples.json``). With ``--dataloader_num_workers > 0``
+those counts live in the worker processes: each failure is still logged as a warning there, but the file only holds
+the main process's counts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from llava.data.images import ImageLoadError, expand2square, load_image_rgb
+from llava.data.images import ImageLoadError, expand2square, load_image_rgb, resolve_image_path
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import SampleRejected, tokenize_conversation
@@ -62,8 +67,12 @@ class ProblemLog:
         return {"counts": dict(self.counts), "examples": self.examples}
 
 
-def load_raw_records(data_path: str | os.PathLike):
-    """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts."""
+def load_raw_records(data_path: str | os.PathLike, bad_lines: list[tuple[int, str]] | None = None):
+    """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts.
+
+    A JSONL line that is not JSON raises ``DataError``, or is appended to ``bad_lines`` as ``(line_no, message)``
+    and skipped when that list is given.
+    """
     path = Path(data_path)
     if path.is_dir():
         import datasets
@@ -80,7 +89,10 @@ def load_raw_records(data_path: str | os.PathLike):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})") from err
+                    message = f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
+                    if bad_lines is None:
+                        raise DataError(message) from err
+                    bad_lines.append((line_no, message))
         return records
     try:
         records = json.loads(path.read_text())
@@ -117,8 +129,13 @@ class LazySupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
-        self.raw = load_raw_records(data_path)
+        bad_lines: list[tuple[int, str]] = []
+        self.raw = load_raw_records(data_path, bad_lines)
         self.problems = ProblemLog()
+        for _, message in bad_lines:
+            self.problems.add("invalid_json", message)
+        self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
+        self._failed: set[int] = set()
         self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
         self._keep: list[int] = []
         self._lengths: list[int] = []
@@ -135,6 +152,10 @@ class LazySupervisedDataset(Dataset):
                 continue
             if record.images and not self.image_folder:
                 self.problems.add("no_image_folder", f"record {record.id!r} has images but --image_folder is not set")
+                continue
+            image_error = _first_image_error(self.image_folder, record)
+            if image_error is not None:  # existence and confinement only (stat, no decode), as `llava data check`
+                self.problems.add(image_problem_kind(image_error), f"record {record.id!r}: {image_error}")
                 continue
             self._keep.append(i)
             self._lengths.append(len(sample.input_ids))
@@ -197,6 +218,27 @@ class LazySupervisedDataset(Dataset):
         return parse_record(self.raw[self._keep[i]], self._keep[i])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
+        """Sample ``i``; when its image fails now (deleted, disk error) the next good index is returned instead and
+        the failure counted in ``runtime_failures`` (never a crash, never a fully masked sample)."""
+        for step in range(len(self)):
+            j = (i + step) % len(self)
+            if j in self._failed:
+                continue
+            try:
+                return self._load(j)
+            except (ImageLoadError, OSError) as err:
+                kind = image_problem_kind(err) if isinstance(err, ImageLoadError) else "io_error"
+                self._failed.add(j)
+                self.runtime_failures.add(kind, str(err))
+                logger.warning("skipping sample %d (replaced by the next good one): %s", j, err)
+        raise DataError(f"every sample failed to load; last failures:\n{self.runtime_failures.report()}")
+
+    def bad_samples_report(self) -> dict[str, Any]:
+        """What was left out, by kind: invalid records, samples that cannot train, images that failed mid-run."""
+        return {"invalid_records": self.problems.as_dict(), "cannot_train": self.dropped.as_dict(),
+                "failed_during_training": self.runtime_failures.as_dict()}
+
+    def _load(self, i: int) -> dict[str, torch.Tensor | None]:
         record = self.record(i)
         sample = self._tokenize(record)
         return {
@@ -235,6 +277,21 @@ def _input_size(image_processor) -> int:
     if isinstance(size, dict):
         return int(size.get("height") or size.get("shortest_edge"))
     return int(getattr(size, "height", None) or getattr(size, "shortest_edge", None) or size)
+
+
+def image_problem_kind(err: ImageLoadError) -> str:
+    from llava.data.check import image_problem_kind as kind_of
+
+    return kind_of(err)
+
+
+def _first_image_error(image_folder, record: Record) -> ImageLoadError | None:
+    for rel in record.images:
+        try:
+            resolve_image_path(image_folder, rel)
+        except ImageLoadError as err:
+            return err
+    return None
 
 
 def _rid(raw: Any, index: int) -> str:

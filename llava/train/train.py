@@ -11,7 +11,8 @@ Stage 1 (projector alignment) and stage 2 (instruction tuning) with the original
     python -m llava.train.train config.yaml          # the same keys in YAML
 
 Stage 1 writes ``mm_projector.safetensors``; stage 2 a complete Llava checkpoint + processor. Both write
-``llava_args.json`` (the resolved arguments) beside the weights.
+``llava_args.json`` (the resolved arguments) beside the weights. Check the data first with ``llava data check`` and
+the same flags; ``--on_bad_sample skip`` drops what it would report and writes the counts to ``bad_samples.json``.
 """
 
 from __future__ import annotations

@@ -11,10 +11,15 @@ optimizer, scheduler, RNG and trainer state, so they resume; every checkpoint an
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import time
 from typing import Any
 
 from transformers import LlavaForConditionalGeneration, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.constants import PROJECTOR_FILE
 from llava.model.projector import load_projector_state, save_projector_state
@@ -22,6 +27,10 @@ from llava.train.args import write_run_args
 from llava.train.checkpoint import gather_named_parameters
 from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, save_lora_checkpoint
 from llava.train.samplers import LengthGroupedSampler
+
+logger = logging.getLogger(__name__)
+BAD_SAMPLES_FILE = "bad_samples.json"
+PAUSE_ENV = "LLAVA_TEST_PAUSE_IN_SAVE"  # tests: "STEP:SECONDS" sleeps mid-save of checkpoint-STEP (to kill -9 there)
 
 
 class LLaVATrainer(Trainer):
@@ -86,6 +95,56 @@ class LLaVATrainer(Trainer):
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only})
+            self._write_bad_samples(output_dir)
+        _maybe_pause_in_save(output_dir, self.state.global_step)
+
+    def _write_bad_samples(self, output_dir: str) -> None:
+        """Counts of skipped samples by kind (``bad_samples.json``), so a run says what it did not train on."""
+        report = getattr(self.train_dataset, "bad_samples_report", None)
+        if report is None:
+            return
+        report = report()
+        failed = report["failed_during_training"]["counts"]
+        if failed:
+            logger.warning("samples replaced after their image failed during training: %s", failed)
+        with open(os.path.join(output_dir, BAD_SAMPLES_FILE), "w") as f:
+            json.dump(report, f, indent=2)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Atomic: everything is written into ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N`` when complete, so
+        a kill mid-save leaves the previous checkpoint as the latest (resume ignores names that are not
+        ``checkpoint-<digits>``)."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{name}.tmp")
+        if self.args.should_save and os.path.isdir(staging):  # left by a run killed mid-save
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            os.rmdir(staging)
+            _fsync_dir(run_dir)
+            if self.state.best_model_checkpoint == os.path.join(staging, name):
+                self.state.best_model_checkpoint = final
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        """Inside ``_save_checkpoint`` the run directory is the staging directory (see above)."""
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging else super()._get_output_dir(trial=trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Stage 1 holds only the projector (the frozen rest was rebuilt from the original weights). A full Llava
@@ -102,3 +161,23 @@ class LLaVATrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             if os.path.isfile(os.path.join(resume_from_checkpoint, NON_LORA_FILE)):
                 load_non_lora_trainables(model.get_base_model(), os.path.join(resume_from_checkpoint, NON_LORA_FILE))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _maybe_pause_in_save(output_dir: str, step: int) -> None:
+    """Test hook: with ``LLAVA_TEST_PAUSE_IN_SAVE=STEP:SECONDS`` the save of checkpoint STEP sleeps after the weights
+    are written and before the optimizer and trainer state, leaving a marker file ``<dir>/PAUSED`` to kill on."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec or not os.path.basename(os.path.dirname(output_dir)).endswith(".tmp"):
+        return
+    pause_step, seconds = (int(x) for x in spec.split(":"))
+    if step == pause_step:
+        open(os.path.join(output_dir, "PAUSED"), "w").close()
+        time.sleep(seconds)

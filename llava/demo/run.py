@@ -29,7 +29,7 @@ class DemoConfig:
     n_qa: int = 2000
     n_heldout: int = 400
     stage1_epochs: float = 1
-    stage2_epochs: float = 3
+    stage2_epochs: float = 8
     batch_size: int = 16
     stage1_lr: float = 1e-3
     stage2_lr: float = 1e-3

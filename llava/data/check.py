@@ -91,20 +91,16 @@ class ProblemReport:
 
 def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str, Any]]:
     """``[(name, raw)]``; a JSONL line that is not JSON is reported as ``invalid_json`` (``line N``) and skipped."""
-    from llava.data.dataset import DataError, load_raw_records
+    from llava.data.dataset import DataError, iter_jsonl, load_raw_records
 
     path = Path(data_path)
     if path.suffix == ".jsonl":
         out = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((f"line {line_no}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    report.add("invalid_json", f"line {line_no}", f"{path}, line {line_no}: {err.msg} at column "
-                               f"{err.colno}")
+        for line_no, record, err in iter_jsonl(path):
+            if err is None:
+                out.append((f"line {line_no}", record))
+            else:
+                report.add("invalid_json", f"line {line_no}", f"{path}, line {line_no}: {err.msg} at column {err.colno}")
         return out
     try:
         raw = load_raw_records(path)

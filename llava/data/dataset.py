@@ -67,6 +67,18 @@ class ProblemLog:
         return {"counts": dict(self.counts), "examples": self.examples}
 
 
+def iter_jsonl(path: str | os.PathLike):
+    """``(line_no, record, None)`` per non-blank line, or ``(line_no, None, JSONDecodeError)`` for a bad one."""
+    with Path(path).open() as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield line_no, None, err
+
+
 def load_raw_records(data_path: str | os.PathLike, bad_lines: list[tuple[int, str]] | None = None):
     """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts.
 
@@ -82,17 +94,14 @@ def load_raw_records(data_path: str | os.PathLike, bad_lines: list[tuple[int, st
         raise FileNotFoundError(f"--data_path {data_path} does not exist")
     if path.suffix == ".jsonl":
         records = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    message = f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
-                    if bad_lines is None:
-                        raise DataError(message) from err
-                    bad_lines.append((line_no, message))
+        for line_no, record, err in iter_jsonl(path):
+            if err is None:
+                records.append(record)
+                continue
+            message = f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
+            if bad_lines is None:
+                raise DataError(message) from err
+            bad_lines.append((line_no, message))
         return records
     try:
         records = json.loads(path.read_text())

@@ -10,6 +10,7 @@ token; ``num_image_tokens`` is what the vision tower yields per image under the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
         raise ValueError(
             f"--model_name_or_path {model_args.model_name_or_path} is a language model, so --vision_tower is required"
         )
+    rng_at_start = torch.get_rng_state()  # new weights below depend on the seed, not on how the parts were loaded
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, use_fast=True, padding_side="right", trust_remote_code=model_args.trust_remote_code
     )
@@ -153,11 +155,12 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
         tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
     )
     config._attn_implementation = model_args.attn_implementation
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_init():
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
+    torch.set_rng_state(rng_at_start)  # (ZeRO-3's partitioned loading draws random numbers; a plain load does not)
     model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch_dtype)
     model.generation_config = llm.generation_config
     if added:
@@ -198,6 +201,25 @@ def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) ->
                          f"{DEFAULT_IMAGE_TOKEN} id {tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)}")
     n_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
     return BuiltModel(model, processor, n_tokens, added)
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Build the Llava skeleton on the meta device outside ZeRO-3's ``zero.Init`` (which would try to initialise
+    meta tensors). Its parts come from ``from_pretrained`` (partitioned under ZeRO-3 as usual); the new projector
+    stays whole until ``deepspeed.initialize`` partitions every parameter not yet partitioned."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _assert_materialized(model: torch.nn.Module) -> None:

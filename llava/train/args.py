@@ -15,12 +15,14 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import transformers
 
 from llava.constants import ARGS_FILE
+from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 
@@ -101,6 +103,8 @@ class TrainingArguments(transformers.TrainingArguments):
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
 
     def __post_init__(self):
+        if wants_cpu_ddp(self.deepspeed):  # torchrun on CPU: accelerate's MULTI_CPU (gloo) path, see distributed.py
+            self.use_cpu = True
         super().__post_init__()
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator builds pixel_values itself")
@@ -116,6 +120,14 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if self.lora_weight_path:
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
+
+    @cached_property
+    def _setup_devices(self):
+        """The stock device setup, then (DeepSpeed on CPU only) the rank repair of llava/train/distributed.py."""
+        device = super()._setup_devices
+        if self.deepspeed and self.distributed_state is not None:
+            repair_cpu_process_state(self.distributed_state)
+        return device
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)

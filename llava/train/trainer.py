@@ -18,11 +18,14 @@ import shutil
 import time
 from typing import Any
 
+import torch
+from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import LlavaForConditionalGeneration, Trainer
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.constants import PROJECTOR_FILE
-from llava.model.projector import load_projector_state, save_projector_state
+from llava.model.projector import load_projector_state, read_projector_file, save_projector_state
 from llava.train.args import write_run_args
 from llava.train.checkpoint import gather_named_parameters
 from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, save_lora_checkpoint
@@ -141,10 +144,46 @@ class LLaVATrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Stage 1 under DeepSpeed: the engine checkpoint without the frozen model (rebuilt from its inputs)."""
+        if not (self.is_deepspeed_enabled and self.projector_only):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _get_output_dir(self, trial) -> str:
         """Inside ``_save_checkpoint`` the run directory is the staging directory (see above)."""
         staging = getattr(self, "_staging_dir", None)
         return staging if staging else super()._get_output_dir(trial=trial)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Stage 1 under DeepSpeed: the engine checkpoint holds no frozen weights, so its module state is loaded
+        non-strictly, and the projector it restored is checked against the checkpoint's mm_projector.safetensors."""
+        if not (self.is_deepspeed_enabled and self.projector_only and resume_from_checkpoint):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        import transformers.trainer as hf_trainer
+
+        strict_load = hf_trainer.deepspeed_load_checkpoint
+
+        def load_projector_only(engine, path, load_module_strict=True):
+            strict_load(engine, path, load_module_strict=False)
+            self._check_projector_restored(path)
+
+        hf_trainer.deepspeed_load_checkpoint = load_projector_only
+        try:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = strict_load
+
+    def _check_projector_restored(self, checkpoint: str) -> None:
+        saved = read_projector_file(os.path.join(checkpoint, PROJECTOR_FILE))
+        model = self.accelerator.unwrap_model(self.model)
+        restored = gather_named_parameters(model.model.multi_modal_projector.named_parameters())
+        for name, tensor in restored.items():
+            if not torch.equal(tensor, saved[name].to(tensor.dtype)):
+                raise RuntimeError(f"{checkpoint}: the DeepSpeed engine state did not restore projector weight {name} "
+                                   f"(differs from {PROJECTOR_FILE})")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Stage 1 holds only the projector (the frozen rest was rebuilt from the original weights). A full Llava

@@ -1,0 +1,58 @@
+"""Multi-process training on CPU: make every rank know its rank (gloo), without patching accelerate.
+
+    deepspeed --num_gpus 2 --module llava.train.train --deepspeed zero_configs/zero3.json ...   # CPU: gloo
+    torchrun --nproc_per_node 2 -m llava.train.train ...                                       # CPU: gloo
+
+Measured with accelerate 1.15: on a machine without an accelerator, ``PartialState`` finds no backend for the
+launcher's ``LOCAL_RANK`` and reports ``process_index 0`` / ``num_processes 1`` on every rank, although DeepSpeed
+(or torch) has initialised a gloo process group. Every rank then acts as rank 0 (all of them write checkpoints), the
+data is not sharded, and DeepSpeed's "auto" ``train_batch_size`` is filled for one process and fails its own check.
+
+- Under DeepSpeed, :func:`repair_cpu_process_state` copies rank, world size and local rank from the initialised
+  process group into accelerate's shared state (the backend is gloo). DeepSpeed itself already has them.
+- Without DeepSpeed (``torchrun``), :func:`wants_cpu_ddp` makes TrainingArguments take accelerate's own MULTI_CPU
+  path (``--use_cpu``), which initialises gloo and wraps the model in DDP.
+
+Nothing changes where CUDA (or any accelerator accelerate knows) is present: both functions return early.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def wants_cpu_ddp(deepspeed_config) -> bool:
+    """True for a multi-process launch without DeepSpeed on a machine with no accelerator."""
+    return not deepspeed_config and _launched_world_size() > 1 and not _has_accelerator()
+
+
+def repair_cpu_process_state(state) -> bool:
+    """Give accelerate's ``PartialState`` the rank and world size of the initialised gloo group (DeepSpeed on CPU).
+
+    Returns True when it changed something. The state is shared (Borg pattern), so the ``AcceleratorState`` the
+    Trainer builds later sees the same values.
+    """
+    if _has_accelerator() or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world <= 1 or state.num_processes == world:
+        return False
+    logger.info("CPU multi-process run: setting rank %d of %d (gloo) in accelerate's state", rank, world)
+    state.backend = torch.distributed.get_backend()
+    state.num_processes = world
+    state.process_index = rank
+    state.local_process_index = int(os.environ.get("LOCAL_RANK", rank))
+    return True

@@ -92,6 +92,9 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "LLaVA scripts' flag (removed in transformers 5): --warmup_steps as a ratio"}
+    )
     lora_enable: bool = field(default=False, metadata={"help": "LoRA on every linear layer of the language model"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
@@ -105,6 +108,11 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         if wants_cpu_ddp(self.deepspeed):  # torchrun on CPU: accelerate's MULTI_CPU (gloo) path, see distributed.py
             self.use_cpu = True
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1 or self.warmup_steps:
+                raise ValueError(f"--warmup_ratio must be in [0, 1) and not combined with --warmup_steps, got "
+                                 f"{self.warmup_ratio} and {self.warmup_steps}")
+            self.warmup_steps = self.warmup_ratio
         super().__post_init__()
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator builds pixel_values itself")

@@ -35,6 +35,8 @@ class DemoConfig:
     stage2_lr: float = 1e-3
     seed: int = 0
     report_to: str = "none"
+    lora: bool = False  # stage 2 with LoRA (r = lora_r, alpha = 2r) on every LM linear, then `llava merge`
+    lora_r: int = 64
 
 
 def _banner(text: str) -> None:
@@ -67,13 +69,20 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     train(common + ["--version", "plain", "--data_path", str(data["stage1_captions"]), "--tune_mm_mlp_adapter",
                     "True", "--num_train_epochs", str(cfg.stage1_epochs), "--learning_rate", str(cfg.stage1_lr),
                     "--output_dir", str(stage1)])
-    _banner("4/5 stage 2: full fine-tune on multi-turn Q&A (vision tower frozen)")
-    stage2 = workdir / "out" / "finetune"
-    train(common + ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]),
-                    "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.safetensors"),
-                    "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
-                    "--num_train_epochs", str(cfg.stage2_epochs), "--learning_rate", str(cfg.stage2_lr),
-                    "--output_dir", str(stage2)])
+    kind = "LoRA (projector trained fully, then merged)" if cfg.lora else "full fine-tune"
+    _banner(f"4/5 stage 2: {kind} on multi-turn Q&A (vision tower frozen)")
+    stage2 = workdir / "out" / ("finetune_lora" if cfg.lora else "finetune")
+    lora = ["--lora_enable", "True", "--lora_r", str(cfg.lora_r), "--lora_alpha", str(2 * cfg.lora_r),
+            "--lora_dropout", "0", "--mm_projector_lr", str(cfg.stage2_lr)] if cfg.lora else []
+    train(common + lora + ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]),
+                           "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.safetensors"),
+                           "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
+                           "--num_train_epochs", str(cfg.stage2_epochs), "--learning_rate", str(cfg.stage2_lr),
+                           "--output_dir", str(stage2)])
+    if cfg.lora:
+        from llava.export.merge import merge_lora
+
+        stage2 = merge_lora(stage2, workdir / "out" / "merged")
     _banner("5/5 held-out accuracy (exact match), real images vs blank images")
     predictor = Predictor.load(stage2)
     rows = {
@@ -91,7 +100,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default="demo_workdir", help="where data, models and outputs go")
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=value)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name}", type=kind, default=value)
 
 
 def demo_main(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ weight in place. A QLoRA run is rebuilt quantized as in training (the same deter
 same weights), dequantized layer by layer into plain ``nn.Linear``, then merged: the result reproduces the
 adapter model the run trained, not the unquantized base plus the adapter.
 
-Peak memory: one copy of the model in the output dtype (``P * bytes(dtype)``) plus one layer's LoRA delta
+Streaming (the default for LoRA runs on an LLM directory, ``merge_stream.py``): the language model is merged one
+safetensors shard at a time, so peak memory is the vision tower + adapter + one output shard, flat in LLM size.
+In memory (QLoRA runs, Llava-checkpoint bases, adapters with biases/DoRA): one copy of the model in the output dtype (``P * bytes(dtype)``) plus one layer's LoRA delta
 (``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
 tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
 4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
@@ -81,14 +83,30 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
 
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-               max_shard_size: str = "2GB", model_base: str | None = None) -> Path:
-    """Write the merged native checkpoint + processor + ``llava_args.json`` to ``out_dir``."""
-    peft_model, processor, run = build_adapter_model(adapter_dir, dtype=dtype, model_base=model_base)
-    merged = peft_model.merge_and_unload().to(dtype)
-    merged.config.use_cache = True
-    out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    processor.save_pretrained(out_dir)
+               max_shard_size: str = "2GB", model_base: str | None = None, streaming: bool = True) -> Path:
+    """Write the merged native checkpoint + processor + ``llava_args.json`` to ``out_dir``.
+
+    Streams shard by shard (``merge_stream.py``) where it applies, else merges the whole model in memory."""
+    from transformers import AutoProcessor
+
+    from llava.export.merge_stream import can_stream, write_merged_streaming
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    run = read_run_args(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
+    why_not = can_stream(adapter_dir, run, model_base) if streaming else "streaming=False"
+    if why_not is None:
+        write_merged_streaming(adapter_dir, out_dir, run, dtype=dtype, max_shard_size=max_shard_size,
+                               model_base=model_base)
+        AutoProcessor.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    else:
+        logger.info("merging in memory (%s)", why_not)
+        peft_model, processor, run = build_adapter_model(adapter_dir, dtype=dtype, model_base=model_base)
+        merged = peft_model.merge_and_unload().to(dtype)
+        merged.config.use_cache = True
+        merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        processor.save_pretrained(out_dir)
     write_run_args(out_dir, run, {"merged_from": str(adapter_dir), "merge_dtype": str(dtype).split(".")[-1],
                                   "projector_only": False})
     logger.info("merged %s into %s (%s)", adapter_dir, out_dir, ARGS_FILE)
@@ -101,11 +119,12 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--max_shard_size", default="2GB")
     p.add_argument("--model_base", default=None, help="override the base LLM / Llava path recorded in the run")
+    p.add_argument("--in_memory", action="store_true", help="merge the whole model in memory instead of streaming")
 
 
 def merge_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     merge_lora(args.adapter, args.out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,
-               model_base=args.model_base)
+               model_base=args.model_base, streaming=not args.in_memory)
     print(f"merged checkpoint written to {args.out}")
     return 0

@@ -141,19 +141,8 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
     tower, image_processor = load_vision_tower(
         model_args.vision_tower, torch_dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code
     )
-    strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
-    n_tokens = num_image_tokens(tower.config, strategy)
-    config = LlavaConfig(
-        vision_config=tower.config.to_dict(),
-        text_config=llm.config.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=model_args.mm_vision_select_layer,
-        image_seq_length=n_tokens,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
-    )
+    config = make_llava_config(llm.config, tower.config, tokenizer, model_args)
+    strategy, n_tokens = config.vision_feature_select_strategy, config.image_seq_length
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
         model = LlavaForConditionalGeneration(config)
@@ -182,6 +171,22 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
         chat_template=getattr(tokenizer, "chat_template", None),
     )
     return BuiltModel(model, processor, n_tokens, added)
+
+
+def make_llava_config(llm_config, vision_config, tokenizer, model_args) -> LlavaConfig:
+    """The Llava config of a composed model (before any vocabulary resize)."""
+    strategy = select_strategy(vision_config, model_args.mm_vision_select_feature)
+    return LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=llm_config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=model_args.mm_vision_select_layer,
+        image_seq_length=num_image_tokens(vision_config, strategy),
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
+    )
 
 
 def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) -> BuiltModel:

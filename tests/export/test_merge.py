@@ -156,3 +156,17 @@ def test_qlora_run_merges_to_the_dequantized_adapter_model(qlora_run, tmp_path):
     # into the unquantized base instead would be off by the whole 4-bit quantization error.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert scan_safetensors(out) >= 1 and scan_safetensors(qlora_run["dir"]) >= 2
+
+
+def test_streamed_merge_equals_in_memory_merge(lora_run, tmp_path):
+    """The shard-by-shard merge (default) writes the same tensors as peft's merge_and_unload of the whole model."""
+    streamed = merge_lora(lora_run["dir"], tmp_path / "streamed", max_shard_size="200KB")
+    in_memory = merge_lora(lora_run["dir"], tmp_path / "in_memory", streaming=False)
+    assert len(json.loads((streamed / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    a = LlavaForConditionalGeneration.from_pretrained(streamed).state_dict()
+    b = LlavaForConditionalGeneration.from_pretrained(in_memory).state_dict()
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert json.loads((streamed / "config.json").read_text())["text_config"]["vocab_size"] == a[
+        "model.language_model.embed_tokens.weight"].shape[0]

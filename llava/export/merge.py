@@ -17,8 +17,9 @@ In memory (QLoRA runs, Llava-checkpoint bases, adapters with biases/DoRA): one c
 (``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
 tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
 4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
-Measured (``tests/export/measure_merge_memory.py``, fp32, hidden 512): 2/8/16 layers = 29/106/209 MiB of weights,
-merge peak RSS above imports 74/157/257 MiB, i.e. ~1.0x the model per added MiB plus a ~45 MiB constant.
+Measured (``tests/export/measure_merge_memory.py``, fp32, hidden 512, LLM in 20 MB shards, 20 MB output shards):
+2/8/16 layers = 29/106/209 MiB of weights; peak RSS above imports, streaming 49/79/92 MiB (+13 MiB from 8 to 16
+layers: the adapter grows with depth), in memory 74/159/255 MiB (~1.0x the model per added MiB + ~45 MiB).
 """
 
 from __future__ import annotations

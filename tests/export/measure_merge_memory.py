@@ -5,8 +5,9 @@ Run:  .venv/bin/python tests/export/measure_merge_memory.py [--layers 2 8] [--hi
 Builds Llama LLMs of one width and several depths (fp32, untied) plus a tiny CLIP, writes a LoRA run directory
 for each (adapter with random non-zero ``lora_B``, non-LoRA trainables, ``llava_args.json``: what a
 ``--lora_enable`` run writes), then merges each in a fresh process. ``merge_rss_mib`` is peak RSS minus the RSS
-after imports (Linux ``VmHWM``, reset after imports). The merge holds one copy of the model, so it grows like
-the model (ratio ~1), not like two copies (~2).
+after imports (Linux ``VmHWM``, reset after imports), for the streaming merge (the default) and the in-memory one:
+the LLM is saved in 20 MB shards and merged into 20 MB shards, so streaming should stay flat as layers grow, while
+the in-memory merge holds one copy of the model (ratio ~1), not two (~2).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def hwm():
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) / 1024
 open("/proc/self/clear_refs", "w").write("5")
 base = hwm()
-merge_lora(sys.argv[1], sys.argv[2], max_shard_size="500MB")
+merge_lora(sys.argv[1], sys.argv[2], max_shard_size="20MB", streaming=sys.argv[3] == "streaming")
 print(f"MERGE_RSS_MIB {hwm() - base:.1f}")
 """
 
@@ -45,7 +46,7 @@ def write_run(workdir: Path, layers: int, hidden: int) -> tuple[Path, float]:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
                          tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(llm_dir)
+    LlamaForCausalLM(config).save_pretrained(llm_dir, max_shard_size="20MB")  # sharded like real LLMs
     tokenizer.save_pretrained(llm_dir)
     margs = ModelArguments(model_name_or_path=str(llm_dir), vision_tower=str(tower))
     built = build_llava_model(margs)
@@ -72,11 +73,12 @@ def main() -> None:
     workdir = Path(args.workdir)
     for layers in args.layers:
         run_dir, size = write_run(workdir, layers, args.hidden)
-        out = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(workdir / f"merged-{layers}")],
-                             capture_output=True, text=True, check=True).stdout
-        rss = float(out.split("MERGE_RSS_MIB")[-1])
-        print(f"layers={layers} hidden={args.hidden} model_mib={size:.1f} merge_rss_mib={rss:.1f} "
-              f"ratio={rss / size:.2f}")
+        for mode in ("streaming", "in_memory"):
+            out = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(workdir / f"merged-{layers}-{mode}"),
+                                  mode], capture_output=True, text=True, check=True).stdout
+            rss = float(out.split("MERGE_RSS_MIB")[-1])
+            print(f"layers={layers} hidden={args.hidden} mode={mode} model_mib={size:.1f} merge_rss_mib={rss:.1f} "
+                  f"ratio={rss / size:.2f}", flush=True)
 
 
 if __name__ == "__main__":

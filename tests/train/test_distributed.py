@@ -254,3 +254,37 @@ def test_finetune_lora_script_zero3_resumes_and_merges(tiny_models, shapes_data,
         with torch.no_grad():
             torch.testing.assert_close(merged(**inputs).logits, expected, rtol=0, atol=1e-5)
         assert_no_zero_size_tensors(merged_dir)
+
+
+def test_kill_mid_save_on_two_ranks_keeps_the_previous_checkpoint(tiny_models, shapes_data, tmp_path):
+    """SIGKILL of both ranks while checkpoint-4 is half written: checkpoint-2 stays the latest complete one, and
+    --resume_from_checkpoint True continues from it."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    flags = ["--deepspeed", str(REPO / "zero_configs" / "zero2.json"), "--model_name_or_path", str(tiny_models["llm"]),
+             "--vision_tower", str(tiny_models["vision_tower"]), "--version", "plain",
+             "--data_path", str(shapes_data["stage1_captions"]), "--tune_mm_mlp_adapter", "True",
+             *common(shapes_data, out)]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "llava.train.train", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAVA_TEST_PAUSE_IN_SAVE": "4:120"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    marker = out / "checkpoint-4.tmp" / "checkpoint-4" / "PAUSED"
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), f"never paused in the save of checkpoint-4 (exit code {proc.poll()})"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "checkpoint-4").exists()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (out / "checkpoint-2" / "mm_projector.safetensors").is_file()
+
+    deepspeed(["--module", "llava.train.train"], [*flags, "--resume_from_checkpoint", "True"])
+    assert sorted(step_losses(out)) == [1, 2, 3, 4]
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file() and not (out / "checkpoint-4.tmp").exists()

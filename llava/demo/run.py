@@ -37,6 +37,7 @@ class DemoConfig:
     report_to: str = "none"
     lora: bool = False  # stage 2 with LoRA (r = lora_r, alpha = 2r) on every LM linear, then `llava merge`
     lora_r: int = 64
+    lora_lr: float = 1e-2  # the adapters' learning rate; the projector trains at stage2_lr
 
 
 def _banner(text: str) -> None:
@@ -77,7 +78,8 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     train(common + lora + ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]),
                            "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.safetensors"),
                            "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
-                           "--num_train_epochs", str(cfg.stage2_epochs), "--learning_rate", str(cfg.stage2_lr),
+                           "--num_train_epochs", str(cfg.stage2_epochs),
+                           "--learning_rate", str(cfg.lora_lr if cfg.lora else cfg.stage2_lr),
                            "--output_dir", str(stage2)])
     if cfg.lora:
         from llava.export.merge import merge_lora

@@ -5,8 +5,9 @@
                            run_args=resolved_args_dict(...))
 
 Stage 1 (``projector_only``) checkpoints hold ``mm_projector.safetensors`` instead of the frozen model, plus the
-optimizer, scheduler, RNG and trainer state, so they resume; every checkpoint and the final output carry
-``llava_args.json``.
+optimizer, scheduler, RNG and trainer state, so they resume (under DeepSpeed the engine checkpoint excludes the
+frozen weights too, and is loaded back non-strictly, then checked against the projector file); every checkpoint and
+the final output carry ``llava_args.json``. Checkpoints are staged in ``checkpoint-N.tmp`` and renamed when complete.
 """
 
 from __future__ import annotations

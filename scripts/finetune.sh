@@ -19,7 +19,7 @@ PROJECTOR_ARGS=()
 if [ -f "$PROJECTOR" ]; then PROJECTOR_ARGS=(--pretrain_mm_mlp_adapter "$PROJECTOR")
 else echo "note: no stage-1 projector at $PROJECTOR; the projector starts from random init" >&2; fi
 
-launch --deepspeed "zero_configs/$ZERO.json" \
+launch --deepspeed "$REPO/zero_configs/$ZERO.json" \
   --model_name_or_path "$LLM" --vision_tower "$VISION_TOWER" --version "$TEMPLATE" "${PROJECTOR_ARGS[@]}" \
   --data_path "$DATA" --image_folder "$DATA_DIR" \
   --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False \

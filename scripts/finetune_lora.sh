@@ -21,7 +21,7 @@ PROJECTOR_ARGS=()
 if [ -f "$PROJECTOR" ]; then PROJECTOR_ARGS=(--pretrain_mm_mlp_adapter "$PROJECTOR")
 else echo "note: no stage-1 projector at $PROJECTOR; the projector starts from random init" >&2; fi
 
-launch --deepspeed "zero_configs/$ZERO.json" \
+launch --deepspeed "$REPO/zero_configs/$ZERO.json" \
   --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --mm_projector_lr 2e-5 "${QLORA_ARGS[@]}" \
   --model_name_or_path "$LLM" --vision_tower "$VISION_TOWER" --version "$TEMPLATE" "${PROJECTOR_ARGS[@]}" \
   --data_path "$DATA" --image_folder "$DATA_DIR" \

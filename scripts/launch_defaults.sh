@@ -14,13 +14,14 @@
 #   WORKERS         DataLoader workers per process (LLaVA uses 4)     default 0
 #   REPORT_TO       wandb (offline unless WANDB_MODE=online) | none   default wandb
 #   EXTRA_ARGS      appended to the training flags (e.g. "--save_steps 2 --resume_from_checkpoint True")
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}"
+# Paths are taken as given (relative ones from where you run the script); the defaults live in the repository.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python)}"
 DEEPSPEED="${DEEPSPEED:-$(dirname "$PYTHON")/deepspeed}"
 [ -x "$DEEPSPEED" ] || DEEPSPEED=deepspeed
-DATA_DIR="${DATA_DIR:-playground/data/shapes}"
-LLM="${LLM:-playground/models/tiny-llama}"
-VISION_TOWER="${VISION_TOWER:-playground/models/tiny-clip-vision}"
+DATA_DIR="${DATA_DIR:-$REPO/playground/data/shapes}"
+LLM="${LLM:-$REPO/playground/models/tiny-llama}"
+VISION_TOWER="${VISION_TOWER:-$REPO/playground/models/tiny-clip-vision}"
 OUT_ROOT="${OUT_ROOT:-runs}"
 NUM_GPUS="${NUM_GPUS:-2}"
 BF16="${BF16:-False}"
@@ -31,11 +32,11 @@ REPORT_TO="${REPORT_TO:-wandb}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 export WANDB_MODE="${WANDB_MODE:-offline}" TOKENIZERS_PARALLELISM=false
 
-if [ "$DATA_DIR" = playground/data/shapes ] && [ ! -f "$DATA_DIR/stage2_qa.json" ]; then
-  "$PYTHON" playground/make_demo_data.py --out "$DATA_DIR"
+if [ "$DATA_DIR" = "$REPO/playground/data/shapes" ] && [ ! -f "$DATA_DIR/stage2_qa.json" ]; then
+  "$PYTHON" "$REPO/playground/make_demo_data.py" --out "$DATA_DIR"
 fi
-if [ "$LLM" = playground/models/tiny-llama ] && [ ! -f "$LLM/config.json" ]; then
-  "$PYTHON" playground/make_tiny_models.py --data "$DATA_DIR" --workdir playground
+if [ "$LLM" = "$REPO/playground/models/tiny-llama" ] && [ ! -f "$LLM/config.json" ]; then
+  "$PYTHON" "$REPO/playground/make_tiny_models.py" --data "$DATA_DIR" --workdir "$REPO/playground"
 fi
 
 # deepspeed [--hostfile H] --num_gpus N --master_port P --module llava.train.train <flags>

@@ -13,7 +13,7 @@ ACCUM="${ACCUM:-1}"
 LR="${LR:-1e-3}"
 OUT="${OUT:-$OUT_ROOT/pretrain}"
 
-launch --deepspeed "zero_configs/$ZERO.json" \
+launch --deepspeed "$REPO/zero_configs/$ZERO.json" \
   --model_name_or_path "$LLM" --vision_tower "$VISION_TOWER" --version plain \
   --data_path "$DATA" --image_folder "$DATA_DIR" \
   --mm_projector_type mlp2x_gelu --tune_mm_mlp_adapter True \

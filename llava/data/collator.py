@@ -42,3 +42,84 @@ class DataCollatorForSupervisedDataset:
         if images:
             batch["pixel_values"] = torch.cat(images, dim=0)
         return batch
+
+
+@dataclass
+class DataCollatorWithPacking:
+    """Padding-free batches: the samples of a batch concatenated into rows of at most ``max_length`` tokens.
+
+        collate = DataCollatorWithPacking(pad_token_id=0, max_length=6)
+        collate([{"input_ids": tensor([1, 5, 9]), "labels": tensor([-100, 5, 9]), "pixel_values": x1},
+                 {"input_ids": tensor([1, 7]), "labels": tensor([-100, 7]), "pixel_values": None},
+                 {"input_ids": tensor([1, 8, 8, 4]), "labels": tensor([-100, -100, 8, 4]), "pixel_values": x2}])
+        # {"input_ids":    [[1, 5, 9, 1, 7], [1, 8, 8, 4, 0]],       # rows as wide as the longest row
+        #  "labels":       [[-100, 5, 9, -100, 7], [-100, -100, 8, 4, -100]],
+        #  "position_ids": [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]],
+        #  "pixel_values": cat([x1, x2])}                          # images in token order; no attention_mask
+
+    Samples fill rows in batch order (a sample that does not fit starts a new row), so image features, which the
+    model scatters into image tokens in order, stay aligned with their tokens. Position ids restart at 0 for every
+    sample and there is no ``attention_mask``: transformers' ``masking_utils`` then reads the sample boundaries from
+    the position ids (sdpa/eager build a block-diagonal causal mask, flash-attention varlen derives ``cu_seqlens``),
+    so attention never crosses samples. The tail padding of a short row is one more position run of its own, with
+    ``IGNORE_INDEX`` labels. The first label of each sample is ``IGNORE_INDEX`` so the last token of one sample never
+    predicts the first of the next; an unpacked batch never predicts position 0 either, so the per-token mean loss
+    (and the Trainer's ``num_items_in_batch`` count over ``labels[..., 1:]``) is the same packed or padded.
+    ``max_length=None`` packs the whole batch into one row.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def rows_of(self, lengths: list[int]) -> list[list[int]]:
+        """Sample indices of each row: consecutive samples while they fit in ``max_length``."""
+        rows: list[list[int]] = []
+        used = 0
+        for i, n in enumerate(lengths):
+            if self.max_length is not None and n > self.max_length:
+                raise ValueError(f"sample {i} has {n} tokens, more than the packing max_length {self.max_length}")
+            if not rows or (self.max_length is not None and used + n > self.max_length):
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+        return rows
+
+    def __call__(self, instances: list[dict]) -> dict[str, torch.Tensor]:
+        rows = self.rows_of([len(x["input_ids"]) for x in instances])
+        width = max(sum(len(instances[i]["input_ids"]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        images = []
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                x = instances[i]
+                t = len(x["input_ids"])
+                input_ids[r, start : start + t] = x["input_ids"]
+                labels[r, start : start + t] = x["labels"]
+                labels[r, start] = IGNORE_INDEX
+                position_ids[r, start : start + t] = torch.arange(t)
+                if x.get("pixel_values") is not None:
+                    images.append(x["pixel_values"])
+                start += t
+            position_ids[r, start:] = torch.arange(width - start)
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if images:
+            batch["pixel_values"] = torch.cat(images, dim=0)
+        return batch
+
+
+def count_padding(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of a padded or packed batch: the throughput numerator and the padding ratio."""
+    slots = batch["input_ids"].numel()
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum()), slots
+    # packed: real tokens are every row's prefix up to its last sample; the tail run is padding
+    real = 0
+    for ids, pos in zip(batch["input_ids"], batch["position_ids"]):
+        starts = (pos == 0).nonzero().flatten().tolist()
+        tail = starts[-1] if len(starts) > 1 and bool((ids[starts[-1] :] == pad_token_id).all()) else len(ids)
+        real += tail
+    return real, slots

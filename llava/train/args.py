@@ -87,6 +87,8 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "longer samples are cut after their images"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "separate learning rate for the projector"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
+    packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
+                                                           "at most --model_max_length, attention kept per sample"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")
@@ -118,6 +120,18 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
 
 
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def check_combinations(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Checks that span two argument groups (each group checks itself in ``__post_init__``)."""
+    if training_args.packing and model_args.attn_implementation not in (None, *PACKING_ATTENTION):
+        raise ValueError(
+            f"--packing keeps attention inside each sample through position ids, which only "
+            f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
+        )
+
+
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 
@@ -128,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
         argv = _config_file_to_flags(argv[0]) + argv[1:]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_combinations(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 

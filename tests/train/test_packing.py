@@ -1,0 +1,215 @@
+"""Padding-free packing: the packed batch computes the same loss and logits as the padded one, and trains the same.
+
+    WANDB_MODE=offline HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/train/test_packing.py
+
+References are the padded batch (``DataCollatorForSupervisedDataset``, its own tests hold it against an independent
+cross-entropy) and each sample run alone; the negative controls show that the checks can fail: without the
+position-id restart the samples see each other.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch.utils.data import DataLoader
+
+from llava.constants import IGNORE_INDEX
+from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking, count_padding
+from llava.data.dataset import LazySupervisedDataset
+from llava.data.templates import get_template
+from llava.model.builder import apply_freezing, build_llava_model, set_use_cache
+from llava.train.args import parse_args
+from llava.train.lora import setup_lora
+from llava.train.trainer import LLaVATrainer
+
+
+def _item(ids, labels, pixel_values=None):
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+
+
+def test_packing_collator_rows_positions_labels_and_image_order():
+    x1, x2 = torch.full((1, 3, 2, 2), 1.0), torch.full((1, 3, 2, 2), 2.0)
+    batch = DataCollatorWithPacking(pad_token_id=0, max_length=6)(
+        [_item([1, 5, 9], [-100, 5, 9], x1), _item([1, 7], [7, 7]), _item([1, 8, 8, 4], [-100, -100, 8, 4], x2)]
+    )
+    assert batch["input_ids"].tolist() == [[1, 5, 9, 1, 7], [1, 8, 8, 4, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 9, -100, 7], [-100, -100, 8, 4, -100]]  # first label of a sample
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert "attention_mask" not in batch
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0]
+    assert count_padding(batch, pad_token_id=0) == (9, 10)
+    one_row = DataCollatorWithPacking(pad_token_id=0)([_item([1, 2], [1, 2]), _item([1, 3, 4], [1, 3, 4])])
+    assert one_row["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+    with pytest.raises(ValueError, match="more than the packing max_length 2"):
+        DataCollatorWithPacking(pad_token_id=0, max_length=2)([_item([1, 2, 3], [1, 2, 3])])
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models):
+    from llava.train.args import ModelArguments
+
+    built = build_llava_model(
+        ModelArguments(model_name_or_path=str(tiny_models["llm"]), vision_tower=str(tiny_models["vision_tower"]))
+    )
+    set_use_cache(built.model, False)
+    return built
+
+
+@pytest.fixture(scope="module")
+def samples(built, shapes_data) -> list[dict]:
+    """Two image samples and a text-only one between them, of different lengths."""
+    ds = LazySupervisedDataset(shapes_data["stage2_qa"], built.tokenizer, template=get_template("vicuna_v1"),
+                               image_processor=built.image_processor, image_folder=shapes_data["image_folder"],
+                               image_token_id=built.image_token_id, num_image_tokens=built.num_image_tokens,
+                               model_max_length=512, show_progress=False)
+    with_image = [i for i, n in enumerate(ds.modality_lengths) if n > 0]
+    text_only = [i for i, n in enumerate(ds.modality_lengths) if n < 0][:1]
+    longer = max(with_image[1:], key=lambda i: ds.lengths[i])
+    items = [ds[with_image[0]], ds[text_only[0]], ds[longer]]
+    assert len({len(x["input_ids"]) for x in items}) > 1
+    return items
+
+
+def _per_sample_logits(model, batch, spans):
+    with torch.no_grad():
+        logits = model(**batch).logits
+    return [logits[r, a:b] for r, a, b in spans]
+
+
+def _spans(samples, rows_of):
+    spans = []
+    for r, row in enumerate(rows_of):
+        start = 0
+        for i in row:
+            spans.append((r, start, start + len(samples[i]["input_ids"])))
+            start += len(samples[i]["input_ids"])
+    return spans
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_logits_equal_padded(built, samples, attn):
+    model = built.model.eval()
+    model.set_attn_implementation(attn)
+    pad = built.tokenizer.pad_token_id
+    padded = DataCollatorForSupervisedDataset(pad_token_id=pad)(samples)
+    packed = DataCollatorWithPacking(pad_token_id=pad)(samples)
+    assert packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        loss_padded = model(**padded).loss
+        loss_packed = model(**packed).loss
+    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=0)
+    ref = _per_sample_logits(model, padded, [(r, 0, len(x["input_ids"])) for r, x in enumerate(samples)])
+    got = _per_sample_logits(model, packed, _spans(samples, [[0, 1, 2]]))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # two rows (a max_length that splits the batch) give the same loss too
+    split = DataCollatorWithPacking(pad_token_id=pad, max_length=len(samples[0]["input_ids"]) + len(samples[1]["input_ids"]))
+    two_rows = split(samples)
+    assert two_rows["input_ids"].shape[0] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(**two_rows).loss, loss_padded, atol=1e-5, rtol=0)
+    model.set_attn_implementation("sdpa")
+
+
+def test_negative_control_without_position_restart_samples_attend_across(built, samples):
+    model = built.model.eval()
+    packed = DataCollatorWithPacking(pad_token_id=built.tokenizer.pad_token_id)(samples)
+    padded = DataCollatorForSupervisedDataset(pad_token_id=built.tokenizer.pad_token_id)(samples)
+    plain = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}  # one long causal sequence
+    with torch.no_grad():
+        loss_padded = model(**padded).loss
+        loss_plain = model(**plain).loss
+    assert abs(loss_plain - loss_padded) > 1e-3
+    second = _spans(samples, [[0, 1, 2]])[1]
+    ref = _per_sample_logits(model, padded, [(1, 0, len(samples[1]["input_ids"]))])[0]
+    assert (_per_sample_logits(model, plain, [second])[0] - ref).abs().max() > 1e-3
+
+
+def test_packed_loss_equals_padded_with_lora(tiny_models, samples):
+    from types import SimpleNamespace
+
+    from llava.train.args import ModelArguments
+
+    args = ModelArguments(model_name_or_path=str(tiny_models["llm"]), vision_tower=str(tiny_models["vision_tower"]))
+    built = build_llava_model(args)
+    apply_freezing(built.model, args, added_tokens=built.added_tokens)
+    set_use_cache(built.model, False)
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_bias="none", bits=16)
+    model = setup_lora(built.model, args, lora, added_tokens=built.added_tokens)
+    for name, p in model.named_parameters():  # non-zero adapters, so the check covers the LoRA path
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    pad = built.tokenizer.pad_token_id
+    loss_padded = model(**DataCollatorForSupervisedDataset(pad_token_id=pad)(samples)).loss
+    loss_packed = model(**DataCollatorWithPacking(pad_token_id=pad)(samples)).loss
+    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=0)
+
+
+def _trainer(tiny_models, shapes_data, out, *flags):
+    argv = ["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+            "--version", "vicuna_v1", "--data_path", str(shapes_data["stage2_qa"]),
+            "--image_folder", str(shapes_data["image_folder"]), "--output_dir", str(out), "--report_to", "none",
+            "--model_max_length", "256", "--use_cpu", "True", "--seed", "0", "--max_steps", "1",
+            "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--save_strategy", "no",
+            "--max_grad_norm", "0", "--dataloader_num_workers", "0", *flags]
+    model_args, data_args, training_args = parse_args(argv)
+    transformers.set_seed(0)  # the new tokens' embedding rows are drawn at random
+    built = build_llava_model(model_args)
+    apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
+    set_use_cache(built.model, False)
+    ds = LazySupervisedDataset.from_args(data_args.data_path, model_args, data_args, training_args, built,
+                                         get_template(model_args.version), show_progress=False)
+    pad = built.tokenizer.pad_token_id
+    collate = (DataCollatorWithPacking(pad, max_length=training_args.model_max_length) if training_args.packing
+               else DataCollatorForSupervisedDataset(pad_token_id=pad))
+    return LLaVATrainer(model=built.model, args=training_args, train_dataset=ds, data_collator=collate,
+                        processing_class=built.processor)
+
+
+def test_packed_accumulated_step_equals_padded_full_batch(tiny_models, shapes_data, tmp_path):
+    """SGD step: packed 2 x 4 accumulation (rows of unequal token counts) == padded batch of 8 in one pass, so the
+    loss is the global per-token mean through ``num_items_in_batch``, not a mean of per-row or per-micro-batch means."""
+    packed = _trainer(tiny_models, shapes_data, tmp_path / "a", "--packing", "True",
+                      "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4")
+    padded = _trainer(tiny_models, shapes_data, tmp_path / "b", "--per_device_train_batch_size", "8")
+    assert packed.model_accepts_loss_kwargs
+    before = {n: p.detach().clone() for n, p in packed.model.named_parameters() if p.requires_grad}
+    packed.train()
+    padded.train()
+    b = dict(padded.model.named_parameters())
+    moved = 0.0
+    for name, p in packed.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, b[name], atol=2e-6, rtol=1e-4)
+            moved = max(moved, float((p - before[name]).abs().max()))
+    assert moved > 1e-3
+    # negative control: a mean per micro-batch (no num_items_in_batch), averaged over the 4 steps, trains differently
+    per_micro = _trainer(tiny_models, shapes_data, tmp_path / "c", "--packing", "True",
+                         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4")
+    per_micro.model_accepts_loss_kwargs = False
+    per_micro.train()
+    c = dict(per_micro.model.named_parameters())
+    assert max(float((c[n] - b[n]).abs().max()) for n in before) > 1e-4
+
+
+def test_packing_flag_checks_attention_implementation(tiny_models, shapes_data, tmp_path):
+    with pytest.raises(ValueError, match="--packing .* --attn_implementation sdpa, eager"):
+        parse_args(["--model_name_or_path", "x", "--data_path", "d.json", "--output_dir", str(tmp_path),
+                    "--packing", "True", "--attn_implementation", "flex_attention"])
+
+
+def test_dataset_and_packing_collator_work_in_dataloader_workers(built, shapes_data):
+    ds = LazySupervisedDataset(shapes_data["stage2_qa"], built.tokenizer, template=get_template("vicuna_v1"),
+                               image_processor=built.image_processor, image_folder=shapes_data["image_folder"],
+                               image_token_id=built.image_token_id, num_image_tokens=built.num_image_tokens,
+                               model_max_length=256, show_progress=False)
+    collate = DataCollatorWithPacking(built.tokenizer.pad_token_id, max_length=256)
+    subset = torch.utils.data.Subset(ds, range(8))
+    in_main = list(DataLoader(subset, batch_size=4, collate_fn=collate, num_workers=0))
+    in_workers = list(DataLoader(subset, batch_size=4, collate_fn=collate, num_workers=2))
+    for a, b in zip(in_main, in_workers):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert (in_main[0]["labels"] != IGNORE_INDEX).any()

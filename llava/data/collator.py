@@ -57,8 +57,9 @@ class DataCollatorWithPacking:
         #  "position_ids": [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]],
         #  "pixel_values": cat([x1, x2])}                          # images in token order; no attention_mask
 
-    Samples fill rows in batch order (a sample that does not fit starts a new row), so image features, which the
-    model scatters into image tokens in order, stay aligned with their tokens. Position ids restart at 0 for every
+    Rows are the fewest that hold the batch at ``max_length`` each, balanced in length (:meth:`rows_of`); images
+    are concatenated in the order their tokens appear (row by row), which is the order in which the model scatters
+    image features into image tokens. Position ids restart at 0 for every
     sample and there is no ``attention_mask``: transformers' ``masking_utils`` then reads the sample boundaries from
     the position ids (sdpa/eager build a block-diagonal causal mask, flash-attention varlen derives ``cu_seqlens``),
     so attention never crosses samples. The tail padding of a short row is one more position run of its own, with
@@ -72,18 +73,26 @@ class DataCollatorWithPacking:
     max_length: int | None = None
 
     def rows_of(self, lengths: list[int]) -> list[list[int]]:
-        """Sample indices of each row: consecutive samples while they fit in ``max_length``."""
-        rows: list[list[int]] = []
-        used = 0
-        for i, n in enumerate(lengths):
-            if self.max_length is not None and n > self.max_length:
-                raise ValueError(f"sample {i} has {n} tokens, more than the packing max_length {self.max_length}")
-            if not rows or (self.max_length is not None and used + n > self.max_length):
-                rows.append([])
-                used = 0
-            rows[-1].append(i)
-            used += n
-        return rows
+        """Sample indices of each row: the fewest rows of at most ``max_length`` tokens, balanced so that the rows
+        (padded to the longest) waste little. Longest sample first into the shortest row; one more row if that
+        overflows. Within a row samples keep batch order; rows are ordered by their first sample."""
+        too_long = [i for i, n in enumerate(lengths) if self.max_length is not None and n > self.max_length]
+        if too_long:
+            raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, more than the packing "
+                             f"max_length {self.max_length}")
+        if self.max_length is None:
+            return [list(range(len(lengths)))]
+        k = max(1, -(-sum(lengths) // self.max_length))
+        while True:
+            rows: list[list[int]] = [[] for _ in range(k)]
+            used = [0] * k
+            for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+                r = min(range(k), key=used.__getitem__)
+                rows[r].append(i)
+                used[r] += lengths[i]
+            if max(used) <= self.max_length:
+                return sorted((sorted(row) for row in rows if row), key=lambda row: row[0])
+            k += 1
 
     def __call__(self, instances: list[dict]) -> dict[str, torch.Tensor]:
         rows = self.rows_of([len(x["input_ids"]) for x in instances])

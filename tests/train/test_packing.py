@@ -39,6 +39,7 @@ def test_packing_collator_rows_positions_labels_and_image_order():
     assert "attention_mask" not in batch
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0]
     assert count_padding(batch, pad_token_id=0) == (9, 10)
+    assert DataCollatorWithPacking(pad_token_id=0, max_length=6).rows_of([5, 5, 1, 1]) == [[0, 2], [1, 3]]
     one_row = DataCollatorWithPacking(pad_token_id=0)([_item([1, 2], [1, 2]), _item([1, 3, 4], [1, 3, 4])])
     assert one_row["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
     with pytest.raises(ValueError, match="more than the packing max_length 2"):
@@ -69,6 +70,17 @@ def samples(built, shapes_data) -> list[dict]:
     items = [ds[with_image[0]], ds[text_only[0]], ds[longer]]
     assert len({len(x["input_ids"]) for x in items}) > 1
     return items
+
+
+@pytest.fixture(scope="module")
+def image_samples(built, shapes_data, samples) -> list[dict]:
+    """Three image samples, the middle one strictly longest, so balanced rows put samples 0 and 2 in one row."""
+    a, b = samples[0], samples[2]
+    if len(a["input_ids"]) == len(b["input_ids"]):
+        pytest.skip("no two image samples of different lengths")
+    short, long = sorted((a, b), key=lambda x: len(x["input_ids"]))
+    flipped = {**short, "pixel_values": short["pixel_values"].flip(-1)}  # a different image, same tokens
+    return [short, long, flipped]
 
 
 def _per_sample_logits(model, batch, spans):
@@ -110,6 +122,21 @@ def test_packed_loss_and_logits_equal_padded(built, samples, attn):
     with torch.no_grad():
         torch.testing.assert_close(model(**two_rows).loss, loss_padded, atol=1e-5, rtol=0)
     model.set_attn_implementation("sdpa")
+
+
+def test_images_follow_their_tokens_when_rows_reorder_samples(built, image_samples):
+    model = built.model.eval()
+    pad = built.tokenizer.pad_token_id
+    n = [len(x["input_ids"]) for x in image_samples]
+    collate = DataCollatorWithPacking(pad_token_id=pad, max_length=max(n[1], n[0] + n[2]))
+    assert collate.rows_of(n) == [[0, 2], [1]]
+    packed = collate(image_samples)
+    assert torch.equal(packed["pixel_values"][1], image_samples[2]["pixel_values"][0])  # token order: 0, 2, 1
+    with torch.no_grad():
+        loss_padded = model(**DataCollatorForSupervisedDataset(pad_token_id=pad)(image_samples)).loss
+        torch.testing.assert_close(model(**packed).loss, loss_padded, atol=1e-5, rtol=0)
+        wrong = {**packed, "pixel_values": torch.cat([x["pixel_values"] for x in image_samples])}  # batch order
+        assert abs(model(**wrong).loss - loss_padded) > 1e-4
 
 
 def test_negative_control_without_position_restart_samples_attend_across(built, samples):

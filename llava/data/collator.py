@@ -119,16 +119,3 @@ class DataCollatorWithPacking:
             batch["pixel_values"] = torch.cat(images, dim=0)
         return batch
 
-
-def count_padding(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[int, int]:
-    """``(real tokens, token slots)`` of a padded or packed batch: the throughput numerator and the padding ratio."""
-    slots = batch["input_ids"].numel()
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum()), slots
-    # packed: real tokens are every row's prefix up to its last sample; the tail run is padding
-    real = 0
-    for ids, pos in zip(batch["input_ids"], batch["position_ids"]):
-        starts = (pos == 0).nonzero().flatten().tolist()
-        tail = starts[-1] if len(starts) > 1 and bool((ids[starts[-1] :] == pad_token_id).all()) else len(ids)
-        real += tail
-    return real, slots

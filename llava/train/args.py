@@ -89,6 +89,9 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
     packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
                                                            "at most --model_max_length, attention kept per sample"})
+    packing_attention: str = field(default="per_sample", metadata={
+        "help": "with --packing and sdpa: per_sample (SDPA run on each sample, no masked-out work) or mask "
+                "(stock sdpa with a block-diagonal mask of the whole row)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")
@@ -118,6 +121,8 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if self.lora_weight_path:
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
+        if self.packing_attention not in ("per_sample", "mask"):
+            raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
 
 
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")

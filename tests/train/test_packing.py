@@ -15,13 +15,15 @@ import transformers
 from torch.utils.data import DataLoader
 
 from llava.constants import IGNORE_INDEX
-from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking, count_padding
+from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.model.builder import apply_freezing, build_llava_model, set_use_cache
+from llava.model.packed_attention import PACKED_SDPA, use_packed_sdpa
 from llava.train.args import parse_args
 from llava.train.lora import setup_lora
-from llava.train.trainer import LLaVATrainer
+from llava.train.throughput import sample_lengths
+from llava.train.train import build_trainer
 
 
 def _item(ids, labels, pixel_values=None):
@@ -38,7 +40,7 @@ def test_packing_collator_rows_positions_labels_and_image_order():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert "attention_mask" not in batch
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0]
-    assert count_padding(batch, pad_token_id=0) == (9, 10)
+    assert sample_lengths(batch, pad_token_id=0) == [3, 2, 4]
     assert DataCollatorWithPacking(pad_token_id=0, max_length=6).rows_of([5, 5, 1, 1]) == [[0, 2], [1, 3]]
     one_row = DataCollatorWithPacking(pad_token_id=0)([_item([1, 2], [1, 2]), _item([1, 3, 4], [1, 3, 4])])
     assert one_row["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
@@ -99,10 +101,20 @@ def _spans(samples, rows_of):
     return spans
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def set_lm_attention(model, name: str) -> None:
+    """The language model holds its own config object, so it is set directly (and checked)."""
+    if name == PACKED_SDPA:
+        use_packed_sdpa(model)
+    else:
+        use_packed_sdpa(model, False)
+        model.model.language_model.set_attn_implementation(name)
+    assert model.model.language_model.config._attn_implementation == name
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_loss_and_logits_equal_padded(built, samples, attn):
     model = built.model.eval()
-    model.set_attn_implementation(attn)
+    set_lm_attention(model, attn)
     pad = built.tokenizer.pad_token_id
     padded = DataCollatorForSupervisedDataset(pad_token_id=pad)(samples)
     packed = DataCollatorWithPacking(pad_token_id=pad)(samples)
@@ -121,11 +133,13 @@ def test_packed_loss_and_logits_equal_padded(built, samples, attn):
     assert two_rows["input_ids"].shape[0] == 2
     with torch.no_grad():
         torch.testing.assert_close(model(**two_rows).loss, loss_padded, atol=1e-5, rtol=0)
-    model.set_attn_implementation("sdpa")
+    set_lm_attention(model, "sdpa")
 
 
-def test_images_follow_their_tokens_when_rows_reorder_samples(built, image_samples):
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA])
+def test_images_follow_their_tokens_when_rows_reorder_samples(built, image_samples, attn):
     model = built.model.eval()
+    set_lm_attention(model, attn)
     pad = built.tokenizer.pad_token_id
     n = [len(x["input_ids"]) for x in image_samples]
     collate = DataCollatorWithPacking(pad_token_id=pad, max_length=max(n[1], n[0] + n[2]))
@@ -137,10 +151,13 @@ def test_images_follow_their_tokens_when_rows_reorder_samples(built, image_sampl
         torch.testing.assert_close(model(**packed).loss, loss_padded, atol=1e-5, rtol=0)
         wrong = {**packed, "pixel_values": torch.cat([x["pixel_values"] for x in image_samples])}  # batch order
         assert abs(model(**wrong).loss - loss_padded) > 1e-4
+    set_lm_attention(model, "sdpa")
 
 
-def test_negative_control_without_position_restart_samples_attend_across(built, samples):
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_SDPA])
+def test_negative_control_without_position_restart_samples_attend_across(built, samples, attn):
     model = built.model.eval()
+    set_lm_attention(model, attn)
     packed = DataCollatorWithPacking(pad_token_id=built.tokenizer.pad_token_id)(samples)
     padded = DataCollatorForSupervisedDataset(pad_token_id=built.tokenizer.pad_token_id)(samples)
     plain = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1])[None]}  # one long causal sequence
@@ -151,6 +168,7 @@ def test_negative_control_without_position_restart_samples_attend_across(built, 
     second = _spans(samples, [[0, 1, 2]])[1]
     ref = _per_sample_logits(model, padded, [(1, 0, len(samples[1]["input_ids"]))])[0]
     assert (_per_sample_logits(model, plain, [second])[0] - ref).abs().max() > 1e-3
+    set_lm_attention(model, "sdpa")
 
 
 def test_packed_loss_equals_padded_with_lora(tiny_models, samples):
@@ -171,6 +189,9 @@ def test_packed_loss_equals_padded_with_lora(tiny_models, samples):
     loss_padded = model(**DataCollatorForSupervisedDataset(pad_token_id=pad)(samples)).loss
     loss_packed = model(**DataCollatorWithPacking(pad_token_id=pad)(samples)).loss
     torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=0)
+    use_packed_sdpa(model)  # on the PEFT wrapper, as train.py does on the base model
+    loss_per_sample = model(**DataCollatorWithPacking(pad_token_id=pad)(samples)).loss
+    torch.testing.assert_close(loss_per_sample, loss_padded, atol=1e-5, rtol=0)
 
 
 def _trainer(tiny_models, shapes_data, out, *flags):
@@ -182,16 +203,10 @@ def _trainer(tiny_models, shapes_data, out, *flags):
             "--max_grad_norm", "0", "--dataloader_num_workers", "0", *flags]
     model_args, data_args, training_args = parse_args(argv)
     transformers.set_seed(0)  # the new tokens' embedding rows are drawn at random
-    built = build_llava_model(model_args)
-    apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
-    set_use_cache(built.model, False)
-    ds = LazySupervisedDataset.from_args(data_args.data_path, model_args, data_args, training_args, built,
-                                         get_template(model_args.version), show_progress=False)
-    pad = built.tokenizer.pad_token_id
-    collate = (DataCollatorWithPacking(pad, max_length=training_args.model_max_length) if training_args.packing
-               else DataCollatorForSupervisedDataset(pad_token_id=pad))
-    return LLaVATrainer(model=built.model, args=training_args, train_dataset=ds, data_collator=collate,
-                        processing_class=built.processor)
+    trainer, built = build_trainer(model_args, data_args, training_args)
+    expected = PACKED_SDPA if training_args.packing else "sdpa"
+    assert built.model.model.language_model.config._attn_implementation == expected
+    return trainer
 
 
 def test_packed_accumulated_step_equals_padded_full_batch(tiny_models, shapes_data, tmp_path):
@@ -209,7 +224,7 @@ def test_packed_accumulated_step_equals_padded_full_batch(tiny_models, shapes_da
     for name, p in packed.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, b[name], atol=2e-6, rtol=1e-4)
-            moved = max(moved, float((p - before[name]).abs().max()))
+            moved = max(moved, float((p.detach() - before[name]).abs().max()))
     assert moved > 1e-3
     # negative control: a mean per micro-batch (no num_items_in_batch), averaged over the 4 steps, trains differently
     per_micro = _trainer(tiny_models, shapes_data, tmp_path / "c", "--packing", "True",
@@ -217,7 +232,7 @@ def test_packed_accumulated_step_equals_padded_full_batch(tiny_models, shapes_da
     per_micro.model_accepts_loss_kwargs = False
     per_micro.train()
     c = dict(per_micro.model.named_parameters())
-    assert max(float((c[n] - b[n]).abs().max()) for n in before) > 1e-4
+    assert max(float((c[n] - b[n]).detach().abs().max()) for n in before) > 1e-4
 
 
 def test_packing_flag_checks_attention_implementation(tiny_models, shapes_data, tmp_path):

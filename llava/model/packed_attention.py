@@ -37,13 +37,15 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
-    out = torch.empty_like(query)
+    rows = []  # concatenated, not written into slices of one tensor: its backward is views, not a copy per sample
     for row, row_starts in enumerate(starts):
-        for a, b in zip(row_starts, row_starts[1:]):
-            out[row : row + 1, :, a:b] = F.scaled_dot_product_attention(
-                query[row : row + 1, :, a:b], key[row : row + 1, :, a:b], value[row : row + 1, :, a:b],
-                dropout_p=dropout, scale=scaling, is_causal=True,
-            )
+        q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
+        rows.append(torch.cat([
+            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout, scale=scaling,
+                                           is_causal=True)
+            for a, b in zip(row_starts, row_starts[1:])
+        ], dim=2))
+    out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -42,7 +42,7 @@ VARIANTS = {  # name: extra training flags
     # megabatch of 8 batches, as 8 GPUs would see (the bench steps the optimizer every batch regardless)
     "grouped_x8": ["--group_by_modality_length", "True", "--gradient_accumulation_steps", "8"],
     "packed": ["--packing", "True"],
-    "packed_per_sample": ["--packing", "True", "--packing_attention", "per_sample"],
+    "packed_mask": ["--packing", "True", "--packing_attention", "mask"],
     "packed_grouped": ["--packing", "True", "--group_by_modality_length", "True"],
     "padded_lora": ["--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
     "packed_lora": ["--packing", "True", "--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],

@@ -89,9 +89,9 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
     packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
                                                            "at most --model_max_length, attention kept per sample"})
-    packing_attention: str = field(default="mask", metadata={
-        "help": "with --packing and sdpa: mask (stock sdpa, block-diagonal mask of the whole row; measured faster on a "
-                "2-core CPU) or per_sample (SDPA run on each sample: less attention work, more split/cat overhead)"})
+    packing_attention: str = field(default="per_sample", metadata={
+        "help": "with --packing and sdpa: per_sample (SDPA on each sample, no masked-out work; faster unless the CPU "
+                "is oversubscribed) or mask (stock sdpa, block-diagonal mask of the whole row)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")

@@ -254,3 +254,21 @@ def test_dataset_and_packing_collator_work_in_dataloader_workers(built, shapes_d
         for k in a:
             assert torch.equal(a[k], b[k]), k
     assert (in_main[0]["labels"] != IGNORE_INDEX).any()
+
+
+def test_train_entry_point_with_lora_and_packing(tiny_models, shapes_data, tmp_path):
+    """``llava train --lora_enable --packing`` runs end to end, logs finite losses, and saves a LoRA adapter; the model
+    is switched back to stock sdpa before saving, so the output needs nothing of ours to load."""
+    from llava.train.train import train
+
+    trainer = train(["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+                     "--version", "vicuna_v1", "--data_path", str(shapes_data["stage2_qa"]),
+                     "--image_folder", str(shapes_data["image_folder"]), "--output_dir", str(tmp_path),
+                     "--report_to", "none", "--model_max_length", "256", "--use_cpu", "True", "--seed", "0",
+                     "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+                     "--lora_enable", "True", "--lora_r", "4", "--packing", "True", "--save_strategy", "no"])
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    base = trainer.model.get_base_model()
+    assert base.model.language_model.config._attn_implementation == "sdpa"

@@ -42,3 +42,80 @@ class DataCollatorForSupervisedDataset:
         if images:
             batch["pixel_values"] = torch.cat(images, dim=0)
         return batch
+
+
+@dataclass
+class DataCollatorWithPacking:
+    """Padding-free batches: the samples of a batch concatenated into rows of at most ``max_length`` tokens.
+
+        collate = DataCollatorWithPacking(pad_token_id=0, max_length=6)
+        collate([{"input_ids": tensor([1, 5, 9]), "labels": tensor([-100, 5, 9]), "pixel_values": x1},
+                 {"input_ids": tensor([1, 7]), "labels": tensor([-100, 7]), "pixel_values": None},
+                 {"input_ids": tensor([1, 8, 8, 4]), "labels": tensor([-100, -100, 8, 4]), "pixel_values": x2}])
+        # {"input_ids":    [[1, 5, 9, 1, 7], [1, 8, 8, 4, 0]],       # rows as wide as the longest row
+        #  "labels":       [[-100, 5, 9, -100, 7], [-100, -100, 8, 4, -100]],
+        #  "position_ids": [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]],
+        #  "pixel_values": cat([x1, x2])}                          # images in token order; no attention_mask
+
+    Rows are the fewest that hold the batch at ``max_length`` each, balanced in length (:meth:`rows_of`); images
+    are concatenated in the order their tokens appear (row by row), which is the order in which the model scatters
+    image features into image tokens. Position ids restart at 0 for every
+    sample and there is no ``attention_mask``: transformers' ``masking_utils`` then reads the sample boundaries from
+    the position ids (sdpa/eager build a block-diagonal causal mask, flash-attention varlen derives ``cu_seqlens``),
+    so attention never crosses samples. The tail padding of a short row is one more position run of its own, with
+    ``IGNORE_INDEX`` labels. The first label of each sample is ``IGNORE_INDEX`` so the last token of one sample never
+    predicts the first of the next; an unpacked batch never predicts position 0 either, so the per-token mean loss
+    (and the Trainer's ``num_items_in_batch`` count over ``labels[..., 1:]``) is the same packed or padded.
+    ``max_length=None`` packs the whole batch into one row.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def rows_of(self, lengths: list[int]) -> list[list[int]]:
+        """Sample indices of each row: the fewest rows of at most ``max_length`` tokens, balanced so that the rows
+        (padded to the longest) waste little. Longest sample first into the shortest row; one more row if that
+        overflows. Within a row samples keep batch order; rows are ordered by their first sample."""
+        too_long = [i for i, n in enumerate(lengths) if self.max_length is not None and n > self.max_length]
+        if too_long:
+            raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, more than the packing "
+                             f"max_length {self.max_length}")
+        if self.max_length is None:
+            return [list(range(len(lengths)))]
+        k = max(1, -(-sum(lengths) // self.max_length))
+        while True:
+            rows: list[list[int]] = [[] for _ in range(k)]
+            used = [0] * k
+            for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+                r = min(range(k), key=used.__getitem__)
+                rows[r].append(i)
+                used[r] += lengths[i]
+            if max(used) <= self.max_length:
+                return sorted((sorted(row) for row in rows if row), key=lambda row: row[0])
+            k += 1
+
+    def __call__(self, instances: list[dict]) -> dict[str, torch.Tensor]:
+        rows = self.rows_of([len(x["input_ids"]) for x in instances])
+        width = max(sum(len(instances[i]["input_ids"]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        images = []
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                x = instances[i]
+                t = len(x["input_ids"])
+                input_ids[r, start : start + t] = x["input_ids"]
+                labels[r, start : start + t] = x["labels"]
+                labels[r, start] = IGNORE_INDEX
+                position_ids[r, start : start + t] = torch.arange(t)
+                if x.get("pixel_values") is not None:
+                    images.append(x["pixel_values"])
+                start += t
+            position_ids[r, start:] = torch.arange(width - start)
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if images:
+            batch["pixel_values"] = torch.cat(images, dim=0)
+        return batch
+

@@ -278,3 +278,19 @@ def count_trainable_parameters(model: LlavaForConditionalGeneration) -> dict[str
             total += p.numel()
     counts["total"] = total
     return counts
+
+
+def set_use_cache(model, use_cache: bool) -> None:
+    """Set ``use_cache`` on the Llava config, its text config, and every sub-model's own config object.
+
+    The composed language model keeps a config object of its own (not ``model.config.text_config``), and it is the
+    one its forward reads: training with a cache left on fills a KV cache every step and hides packed sequences
+    from ``masking_utils`` (it only reads sample boundaries from position ids when there is no cache).
+    """
+    configs = {id(model.config): model.config, id(model.config.text_config): model.config.text_config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            configs[id(config)] = config
+    for config in configs.values():
+        config.use_cache = use_cache

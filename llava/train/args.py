@@ -89,6 +89,11 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "longer samples are cut after their images"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "separate learning rate for the projector"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
+    packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
+                                                           "at most --model_max_length, attention kept per sample"})
+    packing_attention: str = field(default="per_sample", metadata={
+        "help": "with --packing and sdpa: per_sample (SDPA on each sample, no masked-out work; faster unless the CPU "
+                "is oversubscribed) or mask (stock sdpa, block-diagonal mask of the whole row)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")
@@ -128,6 +133,20 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if self.lora_weight_path:
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
+        if self.packing_attention not in ("per_sample", "mask"):
+            raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
+
+
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def check_combinations(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Checks that span two argument groups (each group checks itself in ``__post_init__``)."""
+    if training_args.packing and model_args.attn_implementation not in (None, *PACKING_ATTENTION):
+        raise ValueError(
+            f"--packing keeps attention inside each sample through position ids, which only "
+            f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
+        )
 
     @cached_property
     def _setup_devices(self):
@@ -148,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
         argv = _config_file_to_flags(argv[0]) + argv[1:]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_combinations(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 

@@ -22,10 +22,11 @@ import logging
 import torch
 import transformers
 
-from llava.data.collator import DataCollatorForSupervisedDataset
+from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
-from llava.model.builder import apply_freezing, build_llava_model
+from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
+from llava.model.packed_attention import use_packed_sdpa
 from llava.train.args import parse_args, resolved_args_dict
 from llava.train.lora import quantization_config, setup_lora
 from llava.train.trainer import LLaVATrainer
@@ -47,6 +48,26 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
+
+    # --- model, data, trainer
+    trainer, built = build_trainer(model_args, data_args, training_args)
+
+    # --- train
+    trainer.train(resume_from_checkpoint=_resume_arg(training_args.resume_from_checkpoint))
+
+    # --- save: projector (stage 1) or the full Llava checkpoint + processor (stage 2), with the run's arguments
+    trainer.save_state()
+    set_use_cache(built.model, True)
+    if uses_packed_sdpa(model_args, training_args):
+        use_packed_sdpa(built.model, False)
+    trainer.save_model(training_args.output_dir)
+    _finish_wandb(training_args)
+    return trainer
+
+
+def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, BuiltModel]:
+    """Model (frozen as the stage says, LoRA-wrapped if asked), datasets, collator and trainer, ready to train.
+    ``scripts/bench_train.py`` drives the same trainer step by step."""
     run_args = resolved_args_dict(model_args, data_args, training_args)
 
     # --- model: compose vision tower + LLM + projector (LM linears quantized for QLoRA), apply the freezing policy
@@ -59,8 +80,9 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
         model = setup_lora(model, model_args, training_args, added_tokens=built.added_tokens)
         trainable = {"total": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     logger.info("trainable parameters: %s", trainable)
-    built.model.config.use_cache = False
-    built.model.config.text_config.use_cache = False
+    set_use_cache(built.model, False)  # no KV cache while training (and packed sequences need none)
+    if uses_packed_sdpa(model_args, training_args):  # attention per packed sample, no masked-out blocks computed
+        use_packed_sdpa(built.model)
     if training_args.gradient_checkpointing:
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
 
@@ -75,26 +97,26 @@ def train(argv: list[str] | None = None) -> LLaVATrainer:
             data_args.eval_data_path, model_args, data_args, training_args, built, template
         )
 
-    # --- train
+    # --- trainer: padded batches, or padding-free rows of whole samples (--packing)
+    pad_id = built.tokenizer.pad_token_id
+    collator = (DataCollatorWithPacking(pad_id, max_length=training_args.model_max_length) if training_args.packing
+                else DataCollatorForSupervisedDataset(pad_token_id=pad_id))
     trainer = LLaVATrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DataCollatorForSupervisedDataset(pad_token_id=built.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=built.processor,
         projector_only=model_args.tune_mm_mlp_adapter,
         run_args={**run_args, "num_image_tokens": built.num_image_tokens},
     )
-    trainer.train(resume_from_checkpoint=_resume_arg(training_args.resume_from_checkpoint))
+    return trainer, built
 
-    # --- save: projector (stage 1) or the full Llava checkpoint + processor (stage 2), with the run's arguments
-    trainer.save_state()
-    built.model.config.use_cache = True
-    built.model.config.text_config.use_cache = True
-    trainer.save_model(training_args.output_dir)
-    _finish_wandb(training_args)
-    return trainer
+
+def uses_packed_sdpa(model_args, training_args) -> bool:
+    return (training_args.packing and training_args.packing_attention == "per_sample"
+            and model_args.attn_implementation in (None, "sdpa"))
 
 
 def _finish_wandb(training_args) -> None:

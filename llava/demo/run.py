@@ -35,9 +35,10 @@ class DemoConfig:
     stage2_lr: float = 1e-3
     seed: int = 0
     report_to: str = "none"
-    lora: bool = False  # stage 2 with LoRA (r = lora_r, alpha = 2r) on every LM linear, then `llava merge`
+    lora: bool = False  # stage 2 with LoRA on every LM linear, then `llava merge`
     lora_r: int = 64
-    lora_lr: float = 1e-2  # the adapters' learning rate; the projector trains at stage2_lr
+    lora_alpha: int = 16
+    lora_lr: float = 2e-3  # the adapters' learning rate; the projector trains at stage2_lr
 
 
 def _banner(text: str) -> None:
@@ -73,7 +74,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     kind = "LoRA (projector trained fully, then merged)" if cfg.lora else "full fine-tune"
     _banner(f"4/5 stage 2: {kind} on multi-turn Q&A (vision tower frozen)")
     stage2 = workdir / "out" / ("finetune_lora" if cfg.lora else "finetune")
-    lora = ["--lora_enable", "True", "--lora_r", str(cfg.lora_r), "--lora_alpha", str(2 * cfg.lora_r),
+    lora = ["--lora_enable", "True", "--lora_r", str(cfg.lora_r), "--lora_alpha", str(cfg.lora_alpha),
             "--lora_dropout", "0", "--mm_projector_lr", str(cfg.stage2_lr)] if cfg.lora else []
     train(common + lora + ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]),
                            "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.safetensors"),

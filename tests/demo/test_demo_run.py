@@ -38,3 +38,14 @@ def test_demo_default_recipe_reads_the_image(tmp_path):
     rows = run_demo(tmp_path / "demo", DemoConfig())
     assert rows["real images"]["colour"] >= 0.90
     assert rows["blank images"]["colour"] <= 0.45
+
+
+@pytest.mark.slow
+def test_demo_lora_recipe_reads_the_image(tmp_path):
+    """Issue 4's bar: LoRA stage 2 (r 64, alpha 16, merged with `llava merge`) reaches the same colour bar."""
+    from llava.demo.run import DemoConfig, run_demo
+
+    rows = run_demo(tmp_path / "demo", DemoConfig(lora=True))
+    assert (tmp_path / "demo" / "out" / "merged" / "config.json").is_file()
+    assert rows["real images"]["colour"] >= 0.90
+    assert rows["blank images"]["colour"] <= 0.45

@@ -136,6 +136,14 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.packing_attention not in ("per_sample", "mask"):
             raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
 
+    @cached_property
+    def _setup_devices(self):
+        """The stock device setup, then (DeepSpeed on CPU only) the rank repair of llava/train/distributed.py."""
+        device = super()._setup_devices
+        if self.deepspeed and self.distributed_state is not None:
+            repair_cpu_process_state(self.distributed_state)
+        return device
+
 
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
@@ -147,14 +155,6 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
             f"--packing keeps attention inside each sample through position ids, which only "
             f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
         )
-
-    @cached_property
-    def _setup_devices(self):
-        """The stock device setup, then (DeepSpeed on CPU only) the rank repair of llava/train/distributed.py."""
-        device = super()._setup_devices
-        if self.deepspeed and self.distributed_state is not None:
-            repair_cpu_process_state(self.distributed_state)
-        return device
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)

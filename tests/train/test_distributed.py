@@ -145,7 +145,8 @@ def test_zero3_stage1_partitions_shards_and_resumes(tiny_models, shapes_data, tm
 
 def test_torchrun_modality_grouped_steps_match_one_process(tiny_models, shapes_data, mixed_qa, tmp_path):
     """torchrun (DDP on gloo), stage 2 with --group_by_modality_length: every optimizer step holds one modality
-    across both ranks, the ranks' micro-batches are disjoint, and the losses equal one process with batch 4."""
+    across both ranks, the ranks' micro-batches are disjoint, and the losses equal one process with batch 4.
+    Stage 1 under torchrun runs to completion too."""
     out = tmp_path / "torchrun"
     flags = ["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
              "--version", "chatml", "--data_path", str(mixed_qa), "--group_by_modality_length", "True",
@@ -164,6 +165,13 @@ def test_torchrun_modality_grouped_steps_match_one_process(tiny_models, shapes_d
         assert len(kinds) == 1, f"step {step + 1} mixes modalities: {mine} {theirs}"
         modalities.append(kinds.pop())
     assert True in modalities and False in modalities, modalities  # both kinds of steps were exercised
+
+    # stage 1 under torchrun too: both ranks train, rank 0 writes the projector
+    stage1 = tmp_path / "torchrun_stage1"
+    torchrun([PROBE], ["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+                       "--version", "plain", "--data_path", str(shapes_data["stage1_captions"]),
+                       "--tune_mm_mlp_adapter", "True", *common(shapes_data, stage1, steps=2)])
+    assert [p["rank"] for p in probes(stage1)] == [0, 1] and probes(stage1)[0]["projector_equals_saved"] is True
 
     single = train([*flags[:-len(common(shapes_data, out, steps=6))],
                     *common(shapes_data, tmp_path / "single", steps=6, batch=4), "--use_cpu", "True"])
@@ -257,16 +265,15 @@ def test_finetune_lora_script_zero3_resumes_and_merges(tiny_models, shapes_data,
 
 
 def test_kill_mid_save_on_two_ranks_keeps_the_previous_checkpoint(tiny_models, shapes_data, tmp_path):
-    """SIGKILL of both ranks while checkpoint-4 is half written: checkpoint-2 stays the latest complete one, and
-    --resume_from_checkpoint True continues from it."""
+    """Stage 2 full fine-tuning under ZeRO-2: SIGKILL of both ranks while checkpoint-4 is half written leaves
+    checkpoint-2 the latest complete one, and --resume_from_checkpoint True continues from it."""
     import signal
     import time
 
     out = tmp_path / "killed"
     flags = ["--deepspeed", str(REPO / "zero_configs" / "zero2.json"), "--model_name_or_path", str(tiny_models["llm"]),
-             "--vision_tower", str(tiny_models["vision_tower"]), "--version", "plain",
-             "--data_path", str(shapes_data["stage1_captions"]), "--tune_mm_mlp_adapter", "True",
-             *common(shapes_data, out)]
+             "--vision_tower", str(tiny_models["vision_tower"]), "--version", "chatml",
+             "--data_path", str(shapes_data["stage2_qa"]), *common(shapes_data, out)]
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
            "llava.train.train", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAVA_TEST_PAUSE_IN_SAVE": "4:120"}
@@ -279,11 +286,12 @@ def test_kill_mid_save_on_two_ranks_keeps_the_previous_checkpoint(tiny_models, s
             time.sleep(0.5)
         assert marker.exists(), f"never paused in the save of checkpoint-4 (exit code {proc.poll()})"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "checkpoint-4").exists()
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
-    assert (out / "checkpoint-2" / "mm_projector.safetensors").is_file()
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
 
     deepspeed(["--module", "llava.train.train"], [*flags, "--resume_from_checkpoint", "True"])
     assert sorted(step_losses(out)) == [1, 2, 3, 4]

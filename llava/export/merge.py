@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_lora_run(adapter_dir: Path) -> dict:
+    """The run's ``llava_args.json``, after checking the directory holds an adapter."""
+    run = read_run_args(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
+    return run
+
+
 def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.float32, model_base: str | None = None):
     """The run's model as it trained: rebuilt base (dequantized for QLoRA) + non-LoRA trainables + adapter.
 
@@ -48,9 +56,7 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
     from transformers import AutoProcessor
 
     adapter_dir = Path(adapter_dir)
-    run = read_run_args(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
+    run = read_lora_run(adapter_dir)
     fields = {f for f in ModelArguments.__dataclass_fields__}
     margs = {k: v for k, v in run["model_args"].items() if k in fields}
     if model_base:
@@ -93,9 +99,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
     from llava.export.merge_stream import can_stream, write_merged_streaming
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    run = read_run_args(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
+    run = read_lora_run(adapter_dir)
     why_not = can_stream(adapter_dir, run, model_base) if streaming else "streaming=False"
     if why_not is None:
         write_merged_streaming(adapter_dir, out_dir, run, dtype=dtype, max_shard_size=max_shard_size,

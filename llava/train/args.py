@@ -22,9 +22,11 @@ from typing import Any
 import transformers
 
 from llava.constants import ARGS_FILE
+from llava.data.anyres import check_anyres_flags, parse_image_aspect_ratio
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
+MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 
 
 @dataclass
@@ -45,7 +47,12 @@ class ModelArguments:
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "wrap each image in <im_start> <im_end>"})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "accepted for LLaVA scripts; must be False"})
-    mm_patch_merge_type: str = field(default="flat", metadata={"help": "accepted for LLaVA scripts; only flat"})
+    mm_patch_merge_type: str = field(default="flat", metadata={
+        "help": "flat (one view per image: pad/square) or spatial_unpad (anyres: unpadded grid + image_newline, what "
+                "the native LlavaNext/LlavaOnevision compute); spatial is LLaVA-NeXT's but has no native class"})
+    mm_newline_position: str = field(default="grid", metadata={
+        "help": "LLaVA-NeXT's flag: grid (one image_newline per feature row of the anyres grid); the others place "
+                "newlines between video frames (not supported)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code in model directories"})
     attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
 
@@ -59,8 +66,11 @@ class ModelArguments:
             raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got {self.mm_vision_select_feature}")
         if self.mm_use_im_patch_token:
             raise ValueError("--mm_use_im_patch_token True is not supported (LLaVA-1.5 scripts pass False)")
-        if self.mm_patch_merge_type != "flat":
-            raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type}: only flat is supported")
+        if self.mm_patch_merge_type not in MERGE_TYPES:
+            raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type!r}: expected one of {', '.join(MERGE_TYPES)}")
+        if self.mm_newline_position != "grid":
+            raise ValueError(f"--mm_newline_position {self.mm_newline_position!r}: only grid applies to images (one "
+                             f"image_newline per feature row); one_token/frame/no_token place newlines in videos")
         if self.tune_mm_mlp_adapter and self.freeze_mm_mlp_adapter:
             raise ValueError("--tune_mm_mlp_adapter and --freeze_mm_mlp_adapter together leave nothing to train")
 
@@ -69,7 +79,12 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(default=None, metadata={"help": "LLaVA JSON, JSONL, or a `datasets` directory on disk"})
     image_folder: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
-    image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
+    image_aspect_ratio: str = field(default="square", metadata={
+        "help": "pad (to square, mean colour), square, anyres (LLaVA-NeXT tiles -> LlavaNext) or anyres_max_N "
+                "(OneVision: at most ~N crops of features -> LlavaOnevision)"})
+    image_grid_pinpoints: str | None = field(default=None, metadata={
+        "help": "anyres grids: '(1x1),...,(3x3)' in units of the tower's input size, or '[[336, 672], [672, 336]]' "
+                "pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
@@ -78,8 +93,10 @@ class DataArguments:
     def __post_init__(self):
         if self.data_path is None:
             raise ValueError("--data_path is required")
-        if self.image_aspect_ratio not in ("pad", "square"):
-            raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio}")
+        mode, _ = parse_image_aspect_ratio(self.image_aspect_ratio)
+        if self.image_grid_pinpoints is not None and mode != "anyres":
+            raise ValueError(f"--image_grid_pinpoints {self.image_grid_pinpoints!r} needs --image_aspect_ratio anyres "
+                             f"or anyres_max_N, got {self.image_aspect_ratio}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"--on_bad_sample must be error or skip, got {self.on_bad_sample}")
 
@@ -155,6 +172,7 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
             f"--packing keeps attention inside each sample through position ids, which only "
             f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
         )
+    check_anyres_flags(model_args, data_args)
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
-from transformers import LlavaForConditionalGeneration, Trainer
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    Trainer,
+)
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -34,6 +39,8 @@ from llava.train.samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 BAD_SAMPLES_FILE = "bad_samples.json"
+LLAVA_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                       LlavaOnevisionForConditionalGeneration)
 PAUSE_ENV = "LLAVA_TEST_PAUSE_IN_SAVE"  # tests: "STEP:SECONDS" sleeps mid-save of checkpoint-STEP (to kill -9 there)
 
 
@@ -85,6 +92,8 @@ class LLaVATrainer(Trainer):
         if self.projector_only:
             model = self.accelerator.unwrap_model(self.model)
             named = list(model.model.multi_modal_projector.named_parameters())
+            if getattr(model.model, "image_newline", None) is not None:  # anyres: saved beside the projector
+                named.append(("image_newline", model.model.image_newline))
             embed = model.get_input_embeddings().weight
             if embed.requires_grad:
                 named.append(("embed_tokens.weight", embed))
@@ -180,7 +189,10 @@ class LLaVATrainer(Trainer):
     def _check_projector_restored(self, checkpoint: str) -> None:
         saved = read_projector_file(os.path.join(checkpoint, PROJECTOR_FILE))
         model = self.accelerator.unwrap_model(self.model)
-        restored = gather_named_parameters(model.model.multi_modal_projector.named_parameters())
+        named = list(model.model.multi_modal_projector.named_parameters())
+        if getattr(model.model, "image_newline", None) is not None:
+            named.append(("image_newline", model.model.image_newline))
+        restored = gather_named_parameters(named)
         for name, tensor in restored.items():
             if not torch.equal(tensor, saved[name].to(tensor.dtype)):
                 raise RuntimeError(f"{checkpoint}: the DeepSpeed engine state did not restore projector weight {name} "
@@ -193,7 +205,7 @@ class LLaVATrainer(Trainer):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.projector_only:
             load_projector_state(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
-        elif isinstance(model, LlavaForConditionalGeneration):
+        elif isinstance(model, LLAVA_MODEL_CLASSES):
             reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
             model.load_state_dict(reloaded.state_dict(), strict=True)
             del reloaded

@@ -48,6 +48,17 @@ def read_lora_run(adapter_dir: Path) -> dict:
     return run
 
 
+def run_data_args(run: dict):
+    """The run's image layout flags (``--image_aspect_ratio``, ``--image_grid_pinpoints``) as ``DataArguments``, so an
+    anyres base is rebuilt as the LlavaNext / LlavaOnevision it trained as."""
+    from llava.train.args import DataArguments
+
+    data = run.get("data_args", {})
+    return DataArguments(data_path=data.get("data_path") or "unused",
+                         image_aspect_ratio=data.get("image_aspect_ratio", "square"),
+                         image_grid_pinpoints=data.get("image_grid_pinpoints"))
+
+
 def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.float32, model_base: str | None = None):
     """The run's model as it trained: rebuilt base (dequantized for QLoRA) + non-LoRA trainables + adapter.
 
@@ -67,7 +78,8 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
     qconfig = None
     if targs.get("bits", 16) != 16:
         qconfig = quantization_config(SimpleNamespace(**targs), torch.float32)
-    built = build_llava_model(model_args, torch_dtype=torch.float32 if qconfig else dtype, quantization_config=qconfig)
+    built = build_llava_model(model_args, torch_dtype=torch.float32 if qconfig else dtype, quantization_config=qconfig,
+                              data_args=run_data_args(run))
     model = built.model
     if qconfig is not None:
         from transformers.integrations.bitsandbytes import dequantize_and_replace

@@ -129,3 +129,42 @@ def test_onevision_stage2_checkpoint_loads_natively_with_logit_parity(tiny_model
         got = model(**batch).logits
         expected = trainer.model.eval()(**batch).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_lora_run_merges_into_native_llava_next_with_logit_parity(tiny_models, anyres_data, next_stage1, tmp_path):
+    from llava.export.merge import merge_lora
+
+    projector = next_stage1["dir"] / "mm_projector.safetensors"
+    run_dir = tmp_path / "lora"
+    trainer = train(anyres_argv(tiny_models, anyres_data, run_dir, stage=2, extra=[
+        "--pretrain_mm_mlp_adapter", str(projector), "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16",
+        "--learning_rate", "2e-3", "--save_steps", "100"]))
+    non_lora = load_file(run_dir / "non_lora_trainables.safetensors")
+    assert "model.image_newline" in non_lora
+    assert not torch.equal(non_lora["model.image_newline"], load_file(projector)["image_newline"])  # it trained
+    merged_dir = merge_lora(run_dir, tmp_path / "merged")
+    assert json.loads((merged_dir / "config.json").read_text())["architectures"] == ["LlavaNextForConditionalGeneration"]
+    merged = LlavaNextForConditionalGeneration.from_pretrained(merged_dir).eval()
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    record = trainer.train_dataset.record(2)  # 700x500
+    text = "".join(s.text for s in get_template("vicuna_v1").render_with_tokenizer(record.messages, processor.tokenizer))
+    image = Image.open(anyres_data["image_folder"] / record.images[0]).convert("RGB")
+    inputs = processor(images=[image], text=text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = trainer.model.eval()(**inputs).logits  # the adapter model as it trained
+        got = merged(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_predict_and_eval_load_anyres_checkpoint(anyres_data, next_stage2):
+    from llava.data.records import Message
+    from llava.serve.predict import Predictor
+
+    predictor = Predictor.load(next_stage2["dir"])
+    assert predictor.layout is not None and predictor.layout.model_type == "llava_next"
+    wide = Image.open(anyres_data["image_folder"] / "wide.png").convert("RGB")
+    big = Image.open(anyres_data["image_folder"] / "big.png").convert("RGB")
+    conversations = [[Message("user", "<image>\nWhat colour is the box?")]] * 2
+    batched = predictor.generate(conversations, [[wide], [big]], max_new_tokens=4)  # different token counts, padded
+    single = [predictor.generate([c], [ims], max_new_tokens=4)[0] for c, ims in zip(conversations, [[wide], [big]])]
+    assert batched == single and all(isinstance(a, str) for a in batched)

@@ -27,6 +27,7 @@ from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
+TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
 
 
 @dataclass
@@ -53,6 +54,9 @@ class ModelArguments:
     mm_newline_position: str = field(default="grid", metadata={
         "help": "LLaVA-NeXT's flag: grid (one image_newline per feature row of the anyres grid); the others place "
                 "newlines between video frames (not supported)"})
+    mm_tunable_parts: str | None = field(default=None, metadata={
+        "help": "LLaVA-NeXT's flag, comma-separated: mm_vision_tower, mm_mlp_adapter (+ image_newline), "
+                "mm_language_model; replaces the tune/freeze flags (mm_mlp_adapter alone = stage 1)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code in model directories"})
     attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
 
@@ -71,8 +75,32 @@ class ModelArguments:
         if self.mm_newline_position != "grid":
             raise ValueError(f"--mm_newline_position {self.mm_newline_position!r}: only grid applies to images (one "
                              f"image_newline per feature row); one_token/frame/no_token place newlines in videos")
+        if self.mm_tunable_parts is not None:
+            self._apply_tunable_parts()
         if self.tune_mm_mlp_adapter and self.freeze_mm_mlp_adapter:
             raise ValueError("--tune_mm_mlp_adapter and --freeze_mm_mlp_adapter together leave nothing to train")
+
+
+    def _apply_tunable_parts(self) -> None:
+        """``--mm_tunable_parts`` as the tune/freeze flags apply_freezing reads (one freezing policy)."""
+        parts = {p.strip() for p in self.mm_tunable_parts.split(",") if p.strip()}
+        unknown = parts - set(TUNABLE_PARTS)
+        if unknown or not parts:
+            raise ValueError(f"--mm_tunable_parts {self.mm_tunable_parts!r}: expected a comma-separated subset of "
+                             f"{', '.join(TUNABLE_PARTS)}" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+        if parts == {"mm_mlp_adapter"}:  # stage 1: projector-only checkpoints, as --tune_mm_mlp_adapter
+            implied = {"tune_mm_mlp_adapter": True, "freeze_backbone": False, "freeze_mm_mlp_adapter": False,
+                       "unfreeze_mm_vision_tower": False}
+        else:
+            implied = {"tune_mm_mlp_adapter": False, "freeze_backbone": "mm_language_model" not in parts,
+                       "freeze_mm_mlp_adapter": "mm_mlp_adapter" not in parts,
+                       "unfreeze_mm_vision_tower": "mm_vision_tower" in parts}
+        clash = [f"--{k}" for k, v in implied.items() if getattr(self, k) and not v]
+        if clash:
+            raise ValueError(f"--mm_tunable_parts {self.mm_tunable_parts!r} decides what trains; it contradicts "
+                             f"{', '.join(clash)}: drop them")
+        for key, value in implied.items():
+            setattr(self, key, value)
 
 
 @dataclass
@@ -105,6 +133,10 @@ class DataArguments:
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "longer samples are cut after their images"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "separate learning rate for the projector"})
+    mm_vision_tower_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the vision tower when it trains (OneVision: 2e-6); its own parameter group"})
+    mm_vision_tower_lr_decay: float | None = field(default=None, metadata={
+        "help": "layer-wise decay in (0, 1]: tower layer k of L trains at lr * decay^(L-k), embeddings at decay^L"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
     packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
                                                            "at most --model_max_length, attention kept per sample"})
@@ -150,6 +182,8 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if self.lora_weight_path:
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
+        if self.mm_vision_tower_lr_decay is not None and not 0 < self.mm_vision_tower_lr_decay <= 1:
+            raise ValueError(f"--mm_vision_tower_lr_decay must be in (0, 1], got {self.mm_vision_tower_lr_decay}")
         if self.packing_attention not in ("per_sample", "mask"):
             raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
 
@@ -173,6 +207,11 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
             f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
         )
     check_anyres_flags(model_args, data_args)
+    tower_flags = [f"--{k} {getattr(training_args, k)}" for k in ("mm_vision_tower_lr", "mm_vision_tower_lr_decay")
+                   if getattr(training_args, k) is not None]
+    if tower_flags and not (model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter):
+        raise ValueError(f"{' and '.join(tower_flags)} set the vision tower's learning rate, but the tower is frozen: "
+                         f"add mm_vision_tower to --mm_tunable_parts (or --unfreeze_mm_vision_tower True)")
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)

@@ -70,6 +70,22 @@ def test_stage1_saves_trained_projector_and_image_newline(tiny_models, anyres_da
     assert load_file(next_stage1["dir"] / "checkpoint-2" / "mm_projector.safetensors").keys() == saved.keys()
 
 
+def test_stage1_resume_repeats_uninterrupted_losses_and_newline(tiny_models, anyres_data, next_stage1, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(next_stage1["dir"] / "checkpoint-2", out / "checkpoint-2")
+    trainer = train(anyres_argv(tiny_models, anyres_data, out, stage=1) + ["--resume_from_checkpoint",
+                                                                           str(out / "checkpoint-2")])
+    losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e}  # noqa: E731
+    expected, got = losses(next_stage1["trainer"]), losses(trainer)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    final, reference = load_file(out / "mm_projector.safetensors"), load_file(next_stage1["dir"] / "mm_projector.safetensors")
+    for key in reference:
+        torch.testing.assert_close(final[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
 def test_stage2_reads_projector_and_newline_from_stage1(tiny_models, anyres_data, next_stage1):
     from llava.model.builder import build_llava_model
     from llava.train.args import parse_args

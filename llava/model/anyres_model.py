@@ -14,6 +14,7 @@ and is saved beside it by stage 1 (``mm_projector.safetensors`` key ``image_newl
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 from transformers import (
@@ -46,6 +47,14 @@ def anyres_layout(data_args, vision_config, strategy: str) -> AnyresLayout | Non
         return None
     pinpoints = parse_grid_pinpoints(data_args.image_grid_pinpoints, vision_config.image_size, max_num_patches=max_n)
     return AnyresLayout.from_vision_config(vision_config, strategy, pinpoints, max_n)
+
+
+def image_layout_args_from_run(run: dict) -> SimpleNamespace:
+    """A run's ``--image_aspect_ratio`` / ``--image_grid_pinpoints`` (its ``llava_args.json``), what ``anyres_layout``
+    reads: an anyres run's base is rebuilt (``llava merge``) as the LlavaNext / LlavaOnevision it trained as."""
+    data = run.get("data_args", {})
+    return SimpleNamespace(image_aspect_ratio=data.get("image_aspect_ratio", "square"),
+                           image_grid_pinpoints=data.get("image_grid_pinpoints"))
 
 
 def layout_from_config(config) -> AnyresLayout | None:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-from llava.constants import ARGS_FILE, DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images
 from llava.data.collator import collate_images
 from llava.data.dataset import process_images
@@ -26,7 +26,7 @@ from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
 from llava.model.anyres_model import layout_from_config
 from llava.model.builder import LLAVA_CLASSES, num_image_tokens
-from llava.train.args import read_run_args
+from llava.run_dir import ARGS_FILE, read_run_args
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
 

@@ -103,3 +103,30 @@ def test_input_ids_equal_native_processor_for_templated_sample(tiny_models, anyr
             assert item["input_ids"].tolist() == native["input_ids"][0].tolist()
             torch.testing.assert_close(item["pixel_values"], native["pixel_values"], rtol=0, atol=0)
             assert item["image_sizes"].tolist() == native["image_sizes"].tolist()
+
+
+def test_data_check_uses_each_images_token_count(tiny_models, anyres_data, capsys):
+    """``llava data check`` with the anyres flags: its token lengths are the training dataset's, and its per-image
+    counts are the native forward's features (measured above) for the same images."""
+    import json
+
+    import numpy as np
+
+    from llava.data.check import check_main
+
+    built, dataset = build(tiny_models, anyres_data, "next_clip")
+    code = check_main(["--data_path", str(anyres_data["train"]), "--image_folder", str(anyres_data["image_folder"]),
+                       "--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+                       "--image_aspect_ratio", "anyres", "--image_grid_pinpoints", "(1x1),...,(3x3)",
+                       "--mm_patch_merge_type", "spatial_unpad", "--model_max_length", "4096", "--json"])
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert code == 0
+    q = np.percentile(np.asarray(dataset.lengths), [0, 50, 100])
+    assert [stats["token_length"][k] for k in ("min", "p50", "max")] == [int(round(x)) for x in q]
+    with torch.no_grad():
+        items = [dataset[i] for i in range(len(dataset)) if len(dataset.record(i).images) == 1]
+        batch = DataCollatorForSupervisedDataset(0)(items)
+        features = built.model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    per_image = [f.shape[0] for f in features]
+    assert stats["image_tokens_per_image"]["max"] == max(per_image)
+    assert stats["image_tokens_per_image"]["min"] == min(per_image)

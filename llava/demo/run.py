@@ -103,12 +103,19 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default="demo_workdir", help="where data, models and outputs go")
+    parser.add_argument("--anyres", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                        help="the high-resolution demo instead (llava/demo/fine_detail.py): pad vs anyres")
     for name, value in vars(defaults).items():
         kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value)
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    if args.anyres:
+        from llava.demo.fine_detail import run_anyres_demo
+
+        run_anyres_demo(args.workdir)
+        return 0
     cfg = DemoConfig(**{k: getattr(args, k) for k in vars(DemoConfig())})
     run_demo(args.workdir, cfg)
     return 0

@@ -173,3 +173,31 @@ def test_valid_anyres_flags_parse(tiny_models, shapes_data):
                                        "--mm_patch_merge_type", "spatial_unpad", "--image_grid_pinpoints",
                                        "(1x1),...,(3x3)", "--mm_newline_position", "grid"))
     assert data_args.image_grid_pinpoints == "(1x1),...,(3x3)"
+
+
+def test_per_image_counts_expand_in_order_and_truncation_never_cuts_an_image(tokenizer):
+    from llava.constants import IGNORE_INDEX
+    from llava.data.records import Message
+    from llava.data.templates import get_template
+    from llava.data.tokenize import SampleRejected, tokenize_conversation
+
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    messages = [Message("user", "<image>\nand\n<image>\nSame?"), Message("assistant", "no, they differ " * 10)]
+    kwargs = dict(image_token_id=image_id, num_image_tokens=[30, 57])
+    full = tokenize_conversation(messages, get_template("vicuna_v1"), tokenizer, model_max_length=10**6, **kwargs)
+    runs, start = [], None
+    for i, t in enumerate([*full.input_ids, None]):
+        if t == image_id and start is None:
+            start = i
+        elif t != image_id and start is not None:
+            runs.append(i - start)
+            start = None
+    assert runs == [30, 57]
+    last_image = max(i for i, t in enumerate(full.input_ids) if t == image_id)
+    first_answer = next(i for i, x in enumerate(full.labels) if x != IGNORE_INDEX)
+    assert first_answer > last_image
+    cut = tokenize_conversation(messages, get_template("vicuna_v1"), tokenizer, model_max_length=first_answer + 2,
+                                **kwargs)  # the text after the second image is cut, never the image
+    assert cut.truncated and cut.input_ids.count(image_id) == 87 and any(x != IGNORE_INDEX for x in cut.labels)
+    with pytest.raises(SampleRejected, match="image tokens end at position"):
+        tokenize_conversation(messages, get_template("vicuna_v1"), tokenizer, model_max_length=last_image, **kwargs)

@@ -34,11 +34,12 @@ from llava.data.images import ImageLoadError, expand2square, load_image_rgb, res
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import SampleRejected, tokenize_conversation
+from llava.errors import UsagePathError, UsageValueError
 
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UsageValueError):
     """Problems found in the data before training; the message is a per-kind report."""
 
 
@@ -91,7 +92,7 @@ def load_raw_records(data_path: str | os.PathLike, bad_lines: list[tuple[int, st
 
         return datasets.load_from_disk(str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+        raise UsagePathError(f"--data_path {data_path} does not exist")
     if path.suffix == ".jsonl":
         records = []
         for line_no, record, err in iter_jsonl(path):

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from llava.constants import ARGS_FILE
+from llava.errors import UsagePathError, require_model_path, require_path
 from llava.model.builder import build_llava_model
 from llava.train.args import ModelArguments, read_run_args, write_run_args
 from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, quantization_config
@@ -42,9 +43,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def read_lora_run(adapter_dir: Path) -> dict:
     """The run's ``llava_args.json``, after checking the directory holds an adapter."""
+    require_path("--adapter", adapter_dir, kind="dir", hint="give the --output_dir of a `llava train --lora_enable "
+                 "True` run (or one of its checkpoint-N directories)")
+    if not (adapter_dir / ARGS_FILE).is_file():
+        raise UsagePathError(f"--adapter {adapter_dir} has no {ARGS_FILE}: give the --output_dir of a `llava train "
+                             f"--lora_enable True` run (or one of its checkpoint-N directories)")
     run = read_run_args(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
+        raise UsagePathError(f"--adapter {adapter_dir} has no adapter_config.json: give the output of a "
+                             f"--lora_enable True run (a full fine-tune needs no merge)")
     return run
 
 
@@ -118,17 +125,13 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
     return out_dir
 
 
-def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="output directory of a --lora_enable run")
-    p.add_argument("--out", required=True, help="where to write the merged Llava checkpoint")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--max_shard_size", default="2GB")
-    p.add_argument("--model_base", default=None, help="override the base LLM / Llava path recorded in the run")
-    p.add_argument("--in_memory", action="store_true", help="merge the whole model in memory instead of streaming")
-
-
 def merge_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    read_lora_run(Path(args.adapter))  # user mistakes first, before any model is loaded
+    if args.model_base:
+        require_model_path("--model_base", args.model_base, hint="give the base LLM or Llava checkpoint directory")
+    if Path(args.out).is_file():
+        raise UsagePathError(f"--out {args.out} is a file; give a directory for the merged checkpoint")
     merge_lora(args.adapter, args.out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,
                model_base=args.model_base, streaming=not args.in_memory)
     print(f"merged checkpoint written to {args.out}")

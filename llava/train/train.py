@@ -18,6 +18,7 @@ the same flags; ``--on_bad_sample skip`` drops what it would report and writes t
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import transformers
@@ -27,7 +28,7 @@ from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
-from llava.train.args import parse_args, resolved_args_dict
+from llava.train.args import check_inputs, parse_args, resolved_args_dict
 from llava.train.lora import quantization_config, setup_lora
 from llava.train.trainer import LLaVATrainer
 
@@ -46,6 +47,7 @@ def load_dtype(training_args) -> torch.dtype:
 def train(argv: list[str] | None = None) -> LLaVATrainer:
     # --- setup: arguments, logging, seed
     model_args, data_args, training_args = parse_args(argv)
+    check_inputs(model_args, data_args, training_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
 
@@ -134,7 +136,10 @@ def _resume_arg(value: str | None) -> str | bool | None:
 
 
 def main() -> None:
-    train()
+    """``python -m llava.train.train FLAGS`` (what DeepSpeed launchers run) is ``llava train FLAGS``."""
+    from llava.cli import main as llava_main
+
+    sys.exit(llava_main(["train", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

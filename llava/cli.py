@@ -16,10 +16,9 @@ with exit code 2; `llava --debug CMD ...` or LLAVA_DEBUG=1 shows its traceback. 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from llava.errors import ArgumentParser, UsageError
+from llava.errors import ArgumentParser, UsageError, debug_requested, report_usage_errors
 
 COMMANDS = ("train", "data", "convert", "demo", "predict", "eval", "merge", "import-llava")
 CONVERT_COMMANDS = ("hf2mcore", "mcore2hf", "mcore2mcore")
@@ -149,17 +148,10 @@ def run_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run ``llava ARGV``; an input error is printed as one line and returns 2 (raised under --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = os.environ.get("LLAVA_DEBUG", "").lower() not in ("", "0", "false", "no")
+    debug = debug_requested()
     if argv[:1] == ["--debug"]:
         debug, argv = True, argv[1:]
-    try:
-        return run_command(argv)
-    except UsageError as err:
-        if debug:
-            raise
-        name = command_name(argv)
-        print(f"llava{' ' + name if name else ''}: error: {err}", file=sys.stderr)
-        return 2
+    return report_usage_errors(command_name(argv), lambda: run_command(argv), debug=debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -73,6 +75,22 @@ def require_model_path(flag: str, value: str, *, hint: str = "give the directory
         if not isinstance(try_to_load_from_cache(value, "config.json"), str):
             raise UsagePathError(f"{flag} {value}: no such directory, and not in the Hugging Face cache "
                                  f"(HF_HUB_OFFLINE is set); {hint}")
+
+
+def debug_requested() -> bool:
+    return os.environ.get("LLAVA_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def report_usage_errors(command: str, run: Callable[[], int], *, debug: bool | None = None) -> int:
+    """``run()``'s exit code; a ``UsageError`` is printed as ``llava COMMAND: error: ...`` and gives 2 (re-raised
+    when ``debug``, default ``LLAVA_DEBUG``). Every other exception propagates with its traceback."""
+    try:
+        return run()
+    except UsageError as err:
+        if debug_requested() if debug is None else debug:
+            raise
+        print(f"llava{' ' + command if command else ''}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def one_line(text: str) -> str:

@@ -31,28 +31,23 @@ from types import SimpleNamespace
 
 import torch
 
-from llava.constants import ARGS_FILE
 from llava.errors import UsagePathError, require_model_path, require_path
 from llava.model.builder import build_llava_model
-from llava.train.args import ModelArguments, read_run_args, write_run_args
-from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, quantization_config
+from llava.model.quantization import quantization_config
+from llava.run_dir import (
+    ADAPTER_CONFIG_FILE,
+    ARGS_FILE,
+    NON_LORA_FILE,
+    RunKind,
+    load_non_lora_trainables,
+    model_args_from_run,
+    read_lora_run,
+    write_run_args,
+)
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_lora_run(adapter_dir: Path) -> dict:
-    """The run's ``llava_args.json``, after checking the directory holds an adapter."""
-    require_path("--adapter", adapter_dir, kind="dir", hint="give the --output_dir of a `llava train --lora_enable "
-                 "True` run (or one of its checkpoint-N directories)")
-    if not (adapter_dir / ARGS_FILE).is_file():
-        raise UsagePathError(f"--adapter {adapter_dir} has no {ARGS_FILE}: give the --output_dir of a `llava train "
-                             f"--lora_enable True` run (or one of its checkpoint-N directories)")
-    run = read_run_args(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UsagePathError(f"--adapter {adapter_dir} has no adapter_config.json: give the output of a "
-                             f"--lora_enable True run (a full fine-tune needs no merge)")
-    return run
+ADAPTER_HINT = "give the --output_dir of a `llava train --lora_enable True` run (or one of its checkpoint-N directories)"
 
 
 def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.float32, model_base: str | None = None):
@@ -64,12 +59,9 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
 
     adapter_dir = Path(adapter_dir)
     run = read_lora_run(adapter_dir)
-    fields = {f for f in ModelArguments.__dataclass_fields__}
-    margs = {k: v for k, v in run["model_args"].items() if k in fields}
-    if model_base:
-        margs["model_name_or_path"] = model_base
-    margs["pretrain_mm_mlp_adapter"] = None  # the trained projector is in non_lora_trainables
-    model_args = ModelArguments(**margs)
+    overrides = {"model_name_or_path": model_base} if model_base else {}
+    # the trained projector is in non_lora_trainables, not in the stage-1 file the run started from
+    model_args = model_args_from_run(run, pretrain_mm_mlp_adapter=None, **overrides)
     targs = run["training_args"]
     qconfig = None
     if targs.get("bits", 16) != 16:
@@ -120,14 +112,18 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
         merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
         processor.save_pretrained(out_dir)
     write_run_args(out_dir, run, {"merged_from": str(adapter_dir), "merge_dtype": str(dtype).split(".")[-1],
-                                  "projector_only": False})
+                                  "projector_only": False, "run_kind": RunKind.MERGED.value})
     logger.info("merged %s into %s (%s)", adapter_dir, out_dir, ARGS_FILE)
     return out_dir
 
 
 def merge_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    read_lora_run(Path(args.adapter))  # user mistakes first, before any model is loaded
+    adapter = require_path("--adapter", args.adapter, kind="dir", hint=ADAPTER_HINT)  # mistakes before any loading
+    for name in (ARGS_FILE, ADAPTER_CONFIG_FILE):
+        if not (adapter / name).is_file():
+            raise UsagePathError(f"--adapter {args.adapter} has no {name}: {ADAPTER_HINT} (a full fine-tune needs no "
+                                 f"merge)")
     if args.model_base:
         require_model_path("--model_base", args.model_base, hint="give the base LLM or Llava checkpoint directory")
     if Path(args.out).is_file():

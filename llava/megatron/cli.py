@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from llava.errors import ArgumentParser
+from llava.errors import ArgumentParser, report_usage_errors
 
 
 def _rss_mib(field: str) -> float:
@@ -85,6 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llava.cli import main as llava_main
-
-    sys.exit(llava_main(["convert", *sys.argv[1:]]))
+    sys.exit(report_usage_errors(" ".join(["convert", *sys.argv[1:2]]), main))

@@ -1,16 +1,17 @@
 """``llava train --help`` in a fraction of a second: the LLaVA flags first, grouped, then the inherited trainer flags.
 
     llava train --help                              # rendered from train_flags.json, no torch import
-    python -m llava.train.flag_help --write         # regenerate train_flags.json after changing llava/train/args.py
+    python -m llava.train.flag_help --write         # regenerate train_flags.json after changing the flags
 
-The flags are defined by the dataclasses of ``llava/train/args.py``, and their ``TrainingArguments`` subclasses
-``transformers.TrainingArguments``, whose import pulls in torch (~7 s). So the flag table read from the real
-``HfArgumentParser`` (names, types, defaults, choices, help) is stored in ``train_flags.json`` beside this file, with
-the transformers version and a hash of the source files it came from. When both still match, help is rendered from
-the table without importing torch; otherwise (an edited ``args.py``, another transformers) the table is read from
-the live parser, so help is never stale, only slower. ``tests/test_cli.py`` checks the stored table against the live
-parser. Which group a flag is shown in is decided here at render time (``GROUPS``, keyed by field name), so moving
-a flag between groups needs no regeneration; a LLaVA flag missing from ``GROUPS`` is shown under its dataclass.
+The flags are defined by the dataclasses of ``llava/model/args.py`` and ``llava/train/args.py``, whose
+``TrainingArguments`` subclasses ``transformers.TrainingArguments``: importing it pulls in torch (~7 s). So the flag
+table read from the real ``HfArgumentParser`` (names, types, defaults, choices, help) is stored in
+``train_flags.json`` beside this file, keyed by the transformers version and a hash of the files in ``SOURCES``. When
+the key still matches, help is rendered from the table without importing torch; otherwise (an edited args file,
+another transformers) the table is read from the live parser, so help is never stale, only slower.
+``tests/test_cli.py`` checks the stored table against the live parser and that ``SOURCES`` names every file that
+declares a flag. The group a flag is shown in is decided at render time (``GROUPS``, keyed by field name), so moving a
+flag between groups needs no regeneration; a LLaVA flag missing from ``GROUPS`` is shown under its dataclass.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FILE = Path(__file__).with_name("train_flags.json")
-SOURCES = ("args.py",)  # files (beside this one) whose dataclasses define the flags; part of the cache key
+SOURCES = ("train/args.py", "model/args.py")  # files (in llava/) whose dataclasses define the flags: the cache key
 
 # (title, field names) in display order; add a flag to its group here. Empty groups are not shown.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -96,7 +97,7 @@ def flag_spec(parser) -> list[dict[str, Any]]:
 def cache_key() -> dict[str, str]:
     digest = hashlib.sha256()
     for name in SOURCES:
-        digest.update(Path(__file__).with_name(name).read_bytes())
+        digest.update((Path(__file__).parents[1] / name).read_bytes())
     return {"transformers": metadata.version("transformers"), "sources_sha256": digest.hexdigest()}
 
 

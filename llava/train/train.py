@@ -26,10 +26,12 @@ import transformers
 from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
+from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
+from llava.model.quantization import quantization_config
 from llava.train.args import check_inputs, parse_args, resolved_args_dict
-from llava.train.lora import quantization_config, setup_lora
+from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
 
 logger = logging.getLogger("llava.train")
@@ -136,10 +138,13 @@ def _resume_arg(value: str | None) -> str | bool | None:
 
 
 def main() -> None:
-    """``python -m llava.train.train FLAGS`` (what DeepSpeed launchers run) is ``llava train FLAGS``."""
-    from llava.cli import main as llava_main
+    """``python -m llava.train.train FLAGS`` (what DeepSpeed launchers run): input errors as ``llava train``'s."""
 
-    sys.exit(llava_main(["train", *sys.argv[1:]]))
+    def run() -> int:
+        train(sys.argv[1:])
+        return 0
+
+    sys.exit(report_usage_errors("train", run))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_merge_mistakes(tmp_path, capsys):
     assert "has no llava_args.json" in one_error_line(capsys, merge + [str(run)], "llava merge")
     (run / "llava_args.json").write_text(json.dumps({"model_args": {}, "training_args": {}}))
     line = one_error_line(capsys, merge + [str(run)], "llava merge")
-    assert "has no adapter_config.json: give the output of a --lora_enable True run" in line
+    assert "has no adapter_config.json: give the --output_dir of a `llava train --lora_enable True` run" in line
     assert "invalid choice: 'float8'" in one_error_line(capsys, merge + [str(run), "--dtype", "float8"], "llava merge")
 
 

@@ -8,8 +8,9 @@ that into ids and labels. Templates are values passed around, never module state
     >>> [s.text for s in t.render([Message("user", "hi"), Message("assistant", "yo")], bos="<s>", eos="</s>")]
     ['<s>A chat between ... USER: hi ASSISTANT:', ' yo</s>']
 
-Boundaries sit where a BPE/SentencePiece tokenizer splits anyway (before a space-prefixed word, a newline or a
-special token), so tokenizing each segment alone and concatenating gives the whole prompt's ids; a test holds that.
+The segments are never tokenized one by one: ``llava/data/tokenize.py`` tokenizes the joined prompt once and labels
+each token by the characters it covers (a token straddling a boundary is supervised when it covers a supervised
+character other than leading whitespace), so no boundary has to fall where the tokenizer splits.
 ``auto`` uses the tokenizer's own chat template and finds the assistant spans by rendering growing prefixes.
 """
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from llava.data.images import ImageLoadError, resolve_image_path
+from llava.errors import UsageValueError
 
 ASPECT_RATIOS = ("pad", "square", "anyres", "anyres_max_N")
 # Defaults when --image_grid_pinpoints is not given: LLaVA-NeXT 1.6's five grids, OneVision's (1x1)..(6x6).
@@ -46,7 +47,7 @@ def parse_image_aspect_ratio(value: str) -> tuple[str, int | None]:
     match = _MAX_RE.match(value or "")
     if match and int(match.group(1)) >= 1:
         return "anyres", int(match.group(1))
-    raise ValueError(f"--image_aspect_ratio {value!r}: expected one of pad, square, anyres, anyres_max_N (N >= 1, "
+    raise UsageValueError(f"--image_aspect_ratio {value!r}: expected one of pad, square, anyres, anyres_max_N (N >= 1, "
                      f"e.g. anyres_max_9)")
 
 
@@ -62,25 +63,25 @@ def parse_grid_pinpoints(value: str | list | None, tower_size: int, *, max_num_p
     if isinstance(value, str) and "x" in value:
         grids = [(int(a), int(b)) for a, b in _GRID_RE.findall(value)]
         if not grids:
-            raise ValueError(f"{flag}: expected grids like (1x1),...,(3x3)")
+            raise UsageValueError(f"{flag}: expected grids like (1x1),...,(3x3)")
         (h0, w0), (h1, w1) = grids[0], grids[-1]
         if h0 < 1 or w0 < 1 or h1 < h0 or w1 < w0:
-            raise ValueError(f"{flag}: the grid range must run from a smaller to a larger grid, each side >= 1")
+            raise UsageValueError(f"{flag}: the grid range must run from a smaller to a larger grid, each side >= 1")
         pinpoints = [[h * tower_size, w * tower_size] for h in range(h0, h1 + 1) for w in range(w0, w1 + 1)]
     else:
         if isinstance(value, str):
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError) as err:
-                raise ValueError(f"{flag}: neither a grid range like (1x1),...,(3x3) nor a list of [height, width] "
+                raise UsageValueError(f"{flag}: neither a grid range like (1x1),...,(3x3) nor a list of [height, width] "
                                  f"pixels") from err
         if (not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value)):
-            raise ValueError(f"{flag}: expected a non-empty list of [height, width] pairs")
+            raise UsageValueError(f"{flag}: expected a non-empty list of [height, width] pairs")
         pinpoints = [[int(h), int(w)] for h, w in value]
     bad = [p for p in pinpoints if p[0] <= 0 or p[1] <= 0 or p[0] % tower_size or p[1] % tower_size]
     if bad:
-        raise ValueError(f"{flag}: {bad[0]} is not a multiple of the vision tower's input size {tower_size} "
+        raise UsageValueError(f"{flag}: {bad[0]} is not a multiple of the vision tower's input size {tower_size} "
                          f"(every [height, width] must be, so each crop is one tower input)")
     return pinpoints
 
@@ -208,17 +209,17 @@ def check_anyres_flags(model_args, data_args) -> None:
     mode, max_n = parse_image_aspect_ratio(data_args.image_aspect_ratio)
     merge = model_args.mm_patch_merge_type
     if mode == "anyres" and merge != "spatial_unpad":
-        raise ValueError(
+        raise UsageValueError(
             f"--image_aspect_ratio {data_args.image_aspect_ratio} needs --mm_patch_merge_type spatial_unpad, got "
             f"{merge!r}: the native LlavaNext/LlavaOnevision models compute only spatial_unpad (the unpadded grid "
             f"with one image_newline per row), so a {merge} model could not be saved as one")
     if mode != "anyres" and merge != "flat":
-        raise ValueError(f"--mm_patch_merge_type {merge!r} merges the crops of --image_aspect_ratio anyres or "
+        raise UsageValueError(f"--mm_patch_merge_type {merge!r} merges the crops of --image_aspect_ratio anyres or "
                          f"anyres_max_N; with --image_aspect_ratio {data_args.image_aspect_ratio} use flat")
     if mode != "anyres":
         return
     if model_args.mm_vision_select_feature != "patch":
-        raise ValueError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature!r} with --image_aspect_ratio "
+        raise UsageValueError(f"--mm_vision_select_feature {model_args.mm_vision_select_feature!r} with --image_aspect_ratio "
                          f"{data_args.image_aspect_ratio}: the native grid needs patch features only (use patch)")
     vision_config = _vision_config_of(model_args)
     if vision_config is not None:
@@ -234,5 +235,5 @@ def _vision_config_of(model_args):
     try:
         config = AutoConfig.from_pretrained(model_args.vision_tower, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--vision_tower {model_args.vision_tower}: cannot read its config ({err})") from err
+        raise UsageValueError(f"--vision_tower {model_args.vision_tower}: cannot read its config ({err})") from err
     return getattr(config, "vision_config", config)

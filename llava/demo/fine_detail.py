@@ -68,9 +68,9 @@ def generate_fine_detail_dataset(out_dir: str | Path, *, n_train: int = 800, n_h
 
 @dataclass
 class AnyresDemoConfig:
-    n_train: int = 800
-    n_heldout: int = 200
-    epochs: float = 6
+    n_train: int = 400
+    n_heldout: int = 120
+    epochs: float = 4
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from llava.constants import ARGS_FILE
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
+logger = logging.getLogger("llava.train")
 
 
 @dataclass
@@ -72,6 +74,9 @@ class DataArguments:
     image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
+    image_placement: str = field(default="front", metadata={
+        "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "
+                "LLaVA-1.5/NeXT train; keep: the record's own placement (multi-image records always keep theirs)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
 
@@ -80,6 +85,8 @@ class DataArguments:
             raise ValueError("--data_path is required")
         if self.image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio}")
+        if self.image_placement not in ("front", "keep"):
+            raise ValueError(f"--image_placement must be front or keep, got {self.image_placement}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"--on_bad_sample must be error or skip, got {self.on_bad_sample}")
 
@@ -111,6 +118,7 @@ class TrainingArguments(transformers.TrainingArguments):
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
 
     def __post_init__(self):
+        self.deepspeed = _bundled_deepspeed_config(self.deepspeed)
         if wants_cpu_ddp(self.deepspeed):  # torchrun on CPU: accelerate's MULTI_CPU (gloo) path, see distributed.py
             self.use_cpu = True
         if self.warmup_ratio is not None:
@@ -158,6 +166,33 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+# Flags of the LLaVA-1.5 launcher scripts that transformers has renamed since: old -> new.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
+
+
+def _bundled_deepspeed_config(value):
+    """LLaVA's ``--deepspeed ./scripts/zero2.json`` (absent here) -> this project's ``zero_configs/zero2.json``."""
+    if not isinstance(value, str) or os.path.isfile(value) or value.lstrip().startswith("{"):
+        return value
+    bundled = ZERO_CONFIGS / Path(value).name
+    if not bundled.is_file():
+        return value
+    logger.warning("--deepspeed %s does not exist: using the bundled %s", value, bundled)
+    return str(bundled)
+
+
+def rename_legacy_flags(argv: list[str]) -> list[str]:
+    """``--evaluation_strategy no`` -> ``--eval_strategy no`` (also ``--flag=value``), with a one-line notice."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in RENAMED_FLAGS:
+            logger.warning("%s is %s in transformers >= 5: passing it as %s", name, RENAMED_FLAGS[name],
+                           RENAMED_FLAGS[name])
+            arg = RENAMED_FLAGS[name] + eq + value
+        out.append(arg)
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -166,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser = transformers.HfArgumentParser(ARG_CLASSES)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
         argv = _config_file_to_flags(argv[0]) + argv[1:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=rename_legacy_flags(argv))
     check_combinations(model_args, data_args, training_args)
     return model_args, data_args, training_args
 

@@ -21,7 +21,7 @@ from llava.data import templates as T
 
 _SPLIT_SYSTEM = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set sys = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- set sys = content(messages[0]) -%}{%- set loop_messages = messages[1:] -%}"
     "{%- else -%}{%- set sys = DEFAULT -%}{%- set loop_messages = messages -%}{%- endif -%}"
 )
 

@@ -92,8 +92,12 @@ def script_argv(name: str, paths: dict[str, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def script_runs(tiny_models, shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("llava15_scripts")
+    subsets = {}
+    for key in ("stage1_captions", "stage2_qa"):  # one batch of 16 records: the one step sees every record once
+        subsets[key] = out / f"{key}_16.json"
+        subsets[key].write_text(json.dumps(json.loads(Path(shapes_data[key]).read_text())[:16]))
     paths = {"LLM": str(tiny_models["llm"]), "TOWER": str(tiny_models["vision_tower"]),
-             "CAPTIONS": str(shapes_data["stage1_captions"]), "QA": str(shapes_data["stage2_qa"]),
+             "CAPTIONS": str(subsets["stage1_captions"]), "QA": str(subsets["stage2_qa"]),
              "IMAGES": str(shapes_data["image_folder"]), "OUT": str(out)}
     argvs = [script_argv(name, paths) for name in SCRIPTS]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",

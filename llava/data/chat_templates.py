@@ -1,6 +1,6 @@
 """Jinja chat templates saved with every checkpoint: ``processor.apply_chat_template`` renders what training did.
 
-    processor.chat_template = chat_template_for(get_template("vicuna_v1"), tokenizer)
+    set_chat_template(processor, get_template("vicuna_v1"))   # training and import do this; save_pretrained writes it
 
 For each named conversation template (``llava.data.templates``) a Jinja template renders the same text, so
 ``processor.apply_chat_template(conversation, tokenize=True)`` (and serving stacks that use the saved template) give
@@ -124,8 +124,8 @@ def chat_template_for(template: T.ConversationTemplate, tokenizer, mm_use_im_sta
     return _content_macro(image) + body
 
 
-def set_chat_template(built, template: T.ConversationTemplate, mm_use_im_start_end: bool = False) -> None:
+def set_chat_template(processor, template: T.ConversationTemplate, mm_use_im_start_end: bool = False) -> None:
     """Give the processor and its tokenizer the chat template of ``template`` (what ``save_pretrained`` writes)."""
-    chat_template = chat_template_for(template, built.processor.tokenizer, mm_use_im_start_end)
-    built.processor.chat_template = chat_template
-    built.processor.tokenizer.chat_template = chat_template
+    chat_template = chat_template_for(template, processor.tokenizer, mm_use_im_start_end)
+    processor.chat_template = chat_template
+    processor.tokenizer.chat_template = chat_template

@@ -28,8 +28,9 @@ from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
+from llava.model.quantization import quantization_config
 from llava.train.args import parse_args, resolved_args_dict
-from llava.train.lora import quantization_config, setup_lora
+from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
 
 logger = logging.getLogger("llava.train")
@@ -89,7 +90,7 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
 
     # --- data: templated, tokenized, images expanded to the tower's feature count
     template = get_template(model_args.version, image_front=data_args.image_placement == "front")
-    set_chat_template(built, template, model_args.mm_use_im_start_end)  # saved with the processor: renders these ids
+    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)  # saved with the processor: renders these ids
     train_dataset = LazySupervisedDataset.from_args(
         data_args.data_path, model_args, data_args, training_args, built, template
     )

@@ -3,7 +3,7 @@
     pytest tests/data/test_chat_templates.py
 
 For every named template, with the SentencePiece tokenizer (its model family's templates) and the byte-level BPE
-tokenizer (all): the processor is built as a training run builds it (``LlavaProcessor`` + ``set_chat_template``),
+tokenizer (all): the processor is built as a training run builds it (``make_llava_processor`` + ``set_chat_template``),
 saved, and loaded back with ``AutoProcessor``; ``processor.apply_chat_template(conversation, tokenize=True)`` with
 the images as ``{"type": "image"}`` parts then equals the ``input_ids`` training uses for that record (whose ids
 ``test_template_references.py`` holds against the references), and the generation prompt equals
@@ -12,18 +12,16 @@ the images as ``{"type": "image"}`` parts then equals the ``input_ids`` training
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, LlavaProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
 from llava.data.chat_templates import set_chat_template
 from llava.data.records import Message
 from llava.data.templates import get_template, place_images
 from llava.data.tokenize import build_generation_prompt, tokenize_conversation
 from llava.demo.tiny_models import write_tiny_vision_tower
-from llava.model.builder import num_image_tokens
+from llava.model.builder import make_llava_processor, num_image_tokens
 from tests.data.test_template_references import CASES, CONVERSATIONS, PLAIN_CONVERSATIONS, tokenizers  # noqa: F401
 
 IMG = "<image>"
@@ -56,10 +54,8 @@ def as_chat(messages: list[Message], image: Image.Image) -> list[dict] | None:
 def test_saved_chat_template_renders_the_training_ids(tokenizers, tower, tmp_path, kind, name):  # noqa: F811
     tok = tokenizers[kind]
     template = get_template(name)
-    processor = LlavaProcessor(image_processor=tower["image_processor"], tokenizer=tok,
-                               patch_size=tower["config"].patch_size, vision_feature_select_strategy="default",
-                               image_token=IMG, num_additional_image_tokens=1)
-    set_chat_template(SimpleNamespace(processor=processor), template)
+    processor = make_llava_processor(tower["image_processor"], tok, tower["config"], "default")
+    set_chat_template(processor, template)
     processor.save_pretrained(tmp_path)
     loaded = AutoProcessor.from_pretrained(tmp_path)
     image = Image.new("RGB", (40, 30), (200, 30, 30))

@@ -11,6 +11,7 @@ The reference ids are the reference prompt tokenized the reference way: the BOS 
 template writes is that id). For >= 15 conversations (system prompts, empty system, multi-turn, whitespace, newlines,
 unicode, images anywhere, several images): ``input_ids`` equal the reference ids, and each run of supervised tokens
 decodes to exactly one assistant reply plus its end-of-turn marker (so moving one label breaks the test).
+``mistral`` is also held, id for id, against Mistral's own library (mistral-common's v1 instruct tokenizer).
 """
 
 from __future__ import annotations
@@ -269,3 +270,27 @@ def test_image_placement_keep_leaves_the_record_as_written(tokenizers):
     moved = tokenize_conversation(msgs, get_template("vicuna_v1"), tok, image_token_id=tok.convert_tokens_to_ids(IMG),
                                   num_image_tokens=1, model_max_length=4096)
     assert moved.input_ids != kept.input_ids
+
+
+MISTRAL_COMMON_CONVERSATIONS = [
+    CONVERSATIONS["text_only"],
+    C("Hello there, how are you?", "Fine, thanks.", "Tell me a joke.", "Why did the chicken cross the road?"),
+    C("Qu'est-ce que c'est ? 猫か犬か", "C'est un chat 🐱 — très mignon.", "Et ça ?", "Un café."),
+    C("List:\n- one\n\n- two", "one\ntwo\n\nthree"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(MISTRAL_COMMON_CONVERSATIONS)))
+def test_mistral_equals_mistral_commons_own_tokenization(tokenizers, index):
+    """Mistral's own library (mistral-common, v1 instruct tokenizer: the same SentencePiece model) as the reference."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import InstructRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    msgs = MISTRAL_COMMON_CONVERSATIONS[index]
+    request = InstructRequest(messages=[UserMessage(content=m.content) if m.role == "user"
+                                        else AssistantMessage(content=m.content) for m in msgs])
+    expected = MistralTokenizer.v1().instruct_tokenizer.encode_instruct(request).tokens
+    sample = tokenize_conversation(msgs, get_template("mistral"), tokenizers["sentencepiece"], image_token_id=-1,
+                                   num_image_tokens=1, model_max_length=4096)
+    assert sample.input_ids == expected

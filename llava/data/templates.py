@@ -16,6 +16,9 @@ LLaVA's / LLaVA-NeXT's ``conversation.py`` (``plain``, ``vicuna_v1``/``v1``, ``l
 template (``mistral``: Mistral-7B-Instruct-v0.1, ``chatml``: Qwen2, ``llama3``: Llama-3-Instruct). ``auto`` uses the
 tokenizer's own chat template and finds the assistant spans by rendering growing prefixes. With LLaVA's default
 image placement (``image_front``) a record with one image has its ``<image>`` moved to the front of its turn.
+The segments are never tokenized one by one: ``llava/data/tokenize.py`` tokenizes the joined text once and labels
+each token by the characters it covers (a token straddling a boundary is supervised when it covers a supervised
+character other than leading whitespace), so no boundary has to fall where the tokenizer splits.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.records import Message
+from llava.errors import UsageValueError
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ def place_images(messages: list[Message], image_front: bool = True) -> list[Mess
 def _render_auto(messages: list[Message], tokenizer, system: str | None) -> list[Segment]:
     """Segments from ``tokenizer.apply_chat_template`` by rendering growing prefixes of the conversation."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise UsageValueError(
             "--version auto uses the tokenizer's chat template, but this tokenizer has none; "
             f"pick a named template ({', '.join(n for n in TEMPLATES if n != 'auto')})"
         )
@@ -241,7 +245,7 @@ def _render_auto(messages: list[Message], tokenizer, system: str | None) -> list
         before = render(i, generation_prompt=True)
         after = render(i + 1, generation_prompt=False)
         if not before.startswith(done) or not after.startswith(before):
-            raise ValueError(
+            raise UsageValueError(
                 "--version auto: the tokenizer's chat template rewrites earlier turns when a turn is added "
                 "(e.g. it strips reasoning), so assistant spans cannot be located; use a named template"
             )
@@ -252,7 +256,7 @@ def _render_auto(messages: list[Message], tokenizer, system: str | None) -> list
         done = before + stripped
     full = render(len(chat), generation_prompt=chat[-1]["role"] != "assistant")
     if not full.startswith(done):
-        raise ValueError("--version auto: the chat template's full rendering does not extend its prefixes")
+        raise UsageValueError("--version auto: the chat template's full rendering does not extend its prefixes")
     if full[len(done) :]:
         segs.append(Segment(full[len(done) :], False))
     # A BOS the tokenizer's template writes stays text: ids = what apply_chat_template(tokenize=True) gives.
@@ -284,6 +288,6 @@ def get_template(name: str, *, image_front: bool = True) -> ConversationTemplate
     key = TEMPLATE_ALIASES.get(name, name)
     if key not in TEMPLATES:
         known = sorted([*TEMPLATES, *TEMPLATE_ALIASES])
-        raise ValueError(f"--version {name!r} is not a known template; choose one of {known}")
+        raise UsageValueError(f"--version {name!r} is not a known template; choose one of {known}")
     template = TEMPLATES[key]
     return template if template.image_front == image_front else dataclasses.replace(template, image_front=image_front)

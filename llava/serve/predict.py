@@ -53,7 +53,8 @@ class Predictor:
         model_type = AutoConfig.from_pretrained(model_dir).model_type  # llava, llava_next or llava_onevision
         model = LLAVA_CLASSES[model_type].from_pretrained(model_dir, dtype=dtype).eval()
         processor = load_processor(model_dir, model_type)
-        return cls(model, processor, get_template(name), data_args.get("image_aspect_ratio", "square"),
+        template = get_template(name, image_front=data_args.get("image_placement", "front") == "front")
+        return cls(model, processor, template, data_args.get("image_aspect_ratio", "square"),
                    bool(model_args.get("mm_use_im_start_end", False)))
 
     @property

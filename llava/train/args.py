@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one
 from llava.model.args import ModelArguments
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
+logger = logging.getLogger("llava.train")
+
 
 @dataclass
 class DataArguments:
@@ -40,6 +43,9 @@ class DataArguments:
                 "pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
+    image_placement: str = field(default="front", metadata={
+        "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "
+                "LLaVA-1.5/NeXT train; keep: the record's own placement (multi-image records always keep theirs)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
 
@@ -50,6 +56,8 @@ class DataArguments:
         if self.image_grid_pinpoints is not None and mode != "anyres":
             raise ValueError(f"--image_grid_pinpoints {self.image_grid_pinpoints!r} needs --image_aspect_ratio anyres "
                              f"or anyres_max_N, got {self.image_aspect_ratio}")
+        if self.image_placement not in ("front", "keep"):
+            raise ValueError(f"--image_placement must be front or keep, got {self.image_placement}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"--on_bad_sample must be error or skip, got {self.on_bad_sample}")
 
@@ -85,6 +93,7 @@ class TrainingArguments(transformers.TrainingArguments):
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
 
     def __post_init__(self):
+        self.deepspeed = _bundled_deepspeed_config(self.deepspeed)
         if wants_cpu_ddp(self.deepspeed):  # torchrun on CPU: accelerate's MULTI_CPU (gloo) path, see distributed.py
             self.use_cpu = True
         if self.warmup_ratio is not None:
@@ -164,6 +173,33 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+# Flags of the LLaVA-1.5 launcher scripts that transformers has renamed since: old -> new.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
+
+
+def _bundled_deepspeed_config(value):
+    """LLaVA's ``--deepspeed ./scripts/zero2.json`` (absent here) -> this project's ``zero_configs/zero2.json``."""
+    if not isinstance(value, str) or os.path.isfile(value) or value.lstrip().startswith("{"):
+        return value
+    bundled = ZERO_CONFIGS / Path(value).name
+    if not bundled.is_file():
+        return value
+    logger.warning("--deepspeed %s does not exist: using the bundled %s", value, bundled)
+    return str(bundled)
+
+
+def rename_legacy_flags(argv: list[str]) -> list[str]:
+    """``--evaluation_strategy no`` -> ``--eval_strategy no`` (also ``--flag=value``), with a one-line notice."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in RENAMED_FLAGS:
+            logger.warning("%s is %s in transformers >= 5: passing it as %s", name, RENAMED_FLAGS[name],
+                           RENAMED_FLAGS[name])
+            arg = RENAMED_FLAGS[name] + eq + value
+        out.append(arg)
+    return out
 
 
 class ArgumentParser(RaiseOnUsageError, transformers.HfArgumentParser):
@@ -187,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     parser = build_parser()
     try:  # __post_init__ checks and transformers' own raise ValueError: all about the flags given
         model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True)
+            args=rename_legacy_flags(argv), return_remaining_strings=True)
         if unknown:
             raise UsageValueError(f"unknown flag(s) {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
         check_combinations(model_args, data_args, training_args)

@@ -160,15 +160,21 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it."""
+def parse_args(argv: list[str] | None = None, *, with_backend: bool = False) -> tuple:
+    """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it.
+    ``with_backend``: also the ``--backend`` / Megatron flags (``llava.megatron.args``), returned fourth."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser(ARG_CLASSES)
+    classes = ARG_CLASSES
+    if with_backend:
+        from llava.megatron.args import MegatronArguments
+
+        classes = (*ARG_CLASSES, MegatronArguments)
+    parser = transformers.HfArgumentParser(classes)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
         argv = _config_file_to_flags(argv[0]) + argv[1:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    check_combinations(model_args, data_args, training_args)
-    return model_args, data_args, training_args
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    check_combinations(*parsed[:3])
+    return tuple(parsed)
 
 
 def _config_file_to_flags(path: str) -> list[str]:

@@ -1,0 +1,110 @@
+"""The hf backend's data pipeline for the Megatron backend: same dataset, same sample order, same batches.
+
+    processor, bits = load_processor_bits(hf_dir, model_args)
+    dataset = build_dataset(data_args.data_path, model_args, data_args, training_args, processor, bits)
+    steps = StepBatches(dataset, pad_id, training_args, dp_size, dp_rank)
+    micro_batches = steps.step_batches(step)       # this data-parallel rank's micro-batches of optimizer step `step`
+
+Order (what ``transformers.Trainer`` + accelerate do with the same flags): epoch ``e`` is
+``torch.randperm(n, generator=manual_seed(data_seed or seed + e))`` (accelerate's ``SeedableRandomSampler``), or
+``LengthGroupedSampler``'s order with ``--group_by_modality_length``; it is cut into batches of
+``per_device_train_batch_size``; batch ``k`` belongs to data-parallel rank ``k % dp``; an optimizer step takes
+``gradient_accumulation_steps`` batches per rank. Every micro-batch of a step is padded to the same shape (the
+pipeline schedules send fixed-shape activations): right padding with ignored labels, which changes no loss term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoProcessor, LlavaConfig
+
+from llava.constants import IGNORE_INDEX
+from llava.data.collator import DataCollatorForSupervisedDataset
+from llava.data.dataset import LazySupervisedDataset
+from llava.data.templates import get_template
+from llava.model.builder import num_image_tokens
+from llava.train.samplers import LengthGroupedSampler
+
+
+def load_processor_bits(hf_dir: str | Path, model_args):
+    """The processor of the initial checkpoint and what the dataset needs from the model (no weights)."""
+    processor = AutoProcessor.from_pretrained(hf_dir, trust_remote_code=model_args.trust_remote_code)
+    processor.tokenizer.padding_side = "right"
+    config = LlavaConfig.from_pretrained(hf_dir)
+    bits = SimpleNamespace(
+        tokenizer=processor.tokenizer,
+        image_processor=processor.image_processor,
+        image_token_id=config.image_token_id,
+        num_image_tokens=num_image_tokens(config.vision_config, config.vision_feature_select_strategy),
+    )
+    return processor, bits
+
+
+def build_dataset(data_path, model_args, data_args, training_args, processor, bits) -> LazySupervisedDataset:
+    return LazySupervisedDataset.from_args(data_path, model_args, data_args, training_args, bits,
+                                           get_template(model_args.version))
+
+
+class StepBatches:
+    """Micro-batches of each optimizer step for one data-parallel rank (see the module docstring)."""
+
+    def __init__(self, dataset, pad_token_id: int, training_args, dp_size: int = 1, dp_rank: int = 0,
+                 pad_multiple: int = 1):
+        self.dataset = dataset
+        self.mbs = training_args.per_device_train_batch_size
+        self.accum = training_args.gradient_accumulation_steps
+        self.seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+        self.grouped = training_args.group_by_modality_length
+        self.dp_size, self.dp_rank = dp_size, dp_rank
+        self.pad_multiple = pad_multiple
+        self.pad_token_id = pad_token_id
+        self.collate = DataCollatorForSupervisedDataset(pad_token_id=pad_token_id)
+        self._orders: dict[int, list[int]] = {}
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            if self.grouped:
+                sampler = LengthGroupedSampler(self.mbs, self.dp_size * self.accum, self.dataset.modality_lengths,
+                                               group_by_modality=True, seed=self.seed)
+                sampler.set_epoch(epoch)
+                self._orders[epoch] = sampler.indices()
+            else:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                self._orders[epoch] = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return self._orders[epoch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        batches = -(-len(self.dataset) // self.mbs)
+        return -(-batches // (self.accum * self.dp_size))
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a global step (0-based)."""
+        return divmod(step, self.steps_per_epoch)
+
+    def step_indices(self, step: int) -> list[list[int]]:
+        epoch, k = self.position(step)
+        order = self.epoch_order(epoch)
+        batches = [order[i : i + self.mbs] for i in range(0, len(order), self.mbs)]
+        group = batches[k * self.accum * self.dp_size : (k + 1) * self.accum * self.dp_size]
+        return group[self.dp_rank :: self.dp_size]
+
+    def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        batches = [self.collate([self.dataset[i] for i in idx]) for idx in self.step_indices(step)]
+        width = max(b["input_ids"].shape[1] for b in batches)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        return [self._pad(b, width) for b in batches]
+
+    def _pad(self, batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+        rows, cols = batch["input_ids"].shape
+        if (rows, cols) == (self.mbs, width):
+            return batch
+        out = dict(batch)
+        for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
+            padded = torch.full((self.mbs, width), fill, dtype=batch[key].dtype)
+            padded[:rows, :cols] = batch[key]
+            out[key] = padded
+        return out

@@ -1,0 +1,253 @@
+"""``llava train --backend megatron``: LLaVA under megatron-core tensor/pipeline parallelism, from HF weights.
+
+    torchrun --nproc_per_node 2 -m llava.train.train --backend megatron --tensor_model_parallel_size 2 \
+        --model_name_or_path LLM --vision_tower CLIP --version plain --data_path d.json --image_folder images \
+        --tune_mm_mlp_adapter True --output_dir out/pretrain           # same model/data/stage flags as DeepSpeed
+
+Reads top to bottom: setup (process groups, CPU shims, RNG) -> the initial HF checkpoint (a Llava checkpoint as
+given, or the composition the hf backend would build, written once by rank 0) -> model chunks (``LlavaGPTModel``)
+loaded per rank through the conversion templates -> freezing -> megatron-core ``DistributedDataParallel``,
+``get_megatron_optimizer``, ``OptimizerParamScheduler`` -> steps driven by ``get_forward_backward_func()`` ->
+export (``--save_hf``) as the hf backend writes it. The data pipeline (templates, tokenization, collation) and the
+sample order are the hf backend's, so both backends see the same batches. Per-step losses are logged to
+``megatron_state.json`` (``log_history``, as ``trainer_state.json``) and, with ``--report_to wandb``, to wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import transformers
+
+from llava.megatron.args import LR_SCHEDULERS, check_megatron_combinations
+from llava.megatron.data import StepBatches, build_dataset, load_processor_bits
+from llava.megatron.dist import ParallelLayout, padded_vocab_size
+from llava.megatron.export import export_run
+from llava.megatron.init_checkpoint import prepare_init_checkpoint
+from llava.megatron.weights import hf_mca_config, load_rank_state, read_rank_state
+
+logger = logging.getLogger("llava.megatron")
+VOCAB_DIVISOR = 1  # pad the vocabulary only to a multiple of TP; padded logits are masked out of the loss
+STATE_FILE = "megatron_state.json"
+
+
+def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
+    """Train; returns the log history (one entry per step: step, loss, grad_norm, learning_rate)."""
+    check_megatron_combinations(model_args, data_args, training_args, mg_args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # --- setup: process groups, CPU shims, model-parallel RNG
+    from megatron.core import parallel_state, tensor_parallel
+
+    from llava.megatron.cpu_compat import install_cpu_shims
+
+    _init_process_group()
+    shims = install_cpu_shims()
+    if shims:
+        logger.info("no GPU: megatron-core CPU shims installed (%s)", ", ".join(shims))
+    tp, pp = mg_args.tensor_model_parallel_size, mg_args.pipeline_model_parallel_size
+    vpp = mg_args.virtual_pipeline_model_parallel_size if (mg_args.virtual_pipeline_model_parallel_size or 1) > 1 \
+        else None
+    world = torch.distributed.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of --tensor_model_parallel_size {tp} x "
+                         f"--pipeline_model_parallel_size {pp}")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp)
+    tensor_parallel.model_parallel_cuda_manual_seed(training_args.seed)
+    transformers.set_seed(training_args.seed)
+
+    # --- the initial HF checkpoint and this rank's share of it
+    hf_dir, run_facts = prepare_init_checkpoint(model_args, training_args)
+    chunks, layout, padded = build_model_chunks(hf_dir, mg_args, training_args)
+    trainable = apply_freezing(chunks, model_args, run_facts["added_tokens"])
+    logger.info("rank %d trainable parameters: %s", torch.distributed.get_rank(), trainable)
+
+    # --- megatron-core DDP, optimizer, scheduler
+    model, optimizer, scheduler, total_steps = build_optimizer(chunks, training_args, hf_dir, data_args, model_args,
+                                                               mg_args)
+    processor, bits = load_processor_bits(hf_dir, model_args)
+    dataset = build_dataset(data_args.data_path, model_args, data_args, training_args, processor, bits)
+    steps = StepBatches(dataset, processor.tokenizer.pad_token_id, training_args,
+                        parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank(),
+                        pad_multiple=tp if mg_args.sequence_parallel else 1)
+
+    # --- train
+    history = run_steps(model, optimizer, scheduler, steps, total_steps, padded, training_args)
+
+    # --- save: MCA shards of every rank, then the HF export on rank 0
+    if mg_args.save_hf:
+        export_run(model, layout, padded, VOCAB_DIVISOR, hf_dir, training_args.output_dir, model_args, data_args,
+                   training_args, mg_args, run_facts)
+    torch.distributed.barrier()
+    return history
+
+
+def _init_process_group() -> None:
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, timeout=timedelta(minutes=30))
+
+
+def build_model_chunks(hf_dir: Path, mg_args, training_args):
+    """This rank's ``LlavaGPTModel`` chunk(s) (one per virtual stage), weights read through the templates."""
+    from megatron.core import parallel_state
+    from transformers import LlavaConfig
+
+    from llava.megatron.model import LlavaGPTModel, transformer_config
+
+    _, mca, _ = hf_mca_config(hf_dir)
+    tp, pp = mg_args.tensor_model_parallel_size, mg_args.pipeline_model_parallel_size
+    vpp = mg_args.virtual_pipeline_model_parallel_size if (mg_args.virtual_pipeline_model_parallel_size or 1) > 1 \
+        else None
+    layout = ParallelLayout(tp, pp, vpp, mca["num_layers"], mca["share_embeddings_and_output_weights"])
+    padded = padded_vocab_size(mca["vocab_size"], tp, VOCAB_DIVISOR)
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    config = transformer_config(mca, tp=tp, pp=pp, vpp=vpp, sequence_parallel=mg_args.sequence_parallel, dtype=dtype,
+                                variable_seq_lengths=False)
+    hf_config = LlavaConfig.from_pretrained(hf_dir)
+    pp_rank, tp_rank = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    chunks = []
+    for vp in range(layout.num_vp):
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+        chunk = LlavaGPTModel(config, mca, padded, hf_config, pre_process=first, post_process=last,
+                              vp_stage=vp if vpp else None)
+        chunks.append(chunk)
+    load_rank_state(chunks, read_rank_state(hf_dir, layout, tp_rank, pp_rank, padded))
+    return chunks, layout, padded
+
+
+def apply_freezing(chunks, model_args, added_tokens: int) -> dict[str, int]:
+    """The hf backend's freezing policy (``llava.model.builder.apply_freezing``) on MCA module names."""
+    tune_llm = not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone)
+    tune_projector = not model_args.freeze_mm_mlp_adapter
+    tune_vision = model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter
+    tune_embeddings = model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens > 0
+    counts = {"vision_tower": 0, "projector": 0, "language_model": 0}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if name.startswith("vision_model."):
+                param.requires_grad_(tune_vision)
+                part = "vision_tower"
+            elif name.startswith("multi_modal_projector."):
+                param.requires_grad_(tune_projector)
+                part = "projector"
+            else:
+                embedding = name == "embedding.word_embeddings.weight"
+                param.requires_grad_(tune_llm or (embedding and tune_embeddings))
+                part = "language_model"
+            counts[part] += param.numel() if param.requires_grad else 0
+    return counts
+
+
+def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_args):
+    """megatron-core DDP around each chunk, ``get_megatron_optimizer`` (torch AdamW on CPU) and its scheduler,
+    set to what ``transformers.Trainer`` does with the same flags (AdamW, clipping, linear/cosine decay)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    model = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=training_args.learning_rate, min_lr=0.0, weight_decay=training_args.weight_decay,
+        adam_beta1=training_args.adam_beta1, adam_beta2=training_args.adam_beta2, adam_eps=training_args.adam_epsilon,
+        clip_grad=training_args.max_grad_norm or 0.0, bf16=training_args.bf16, params_dtype=chunks[0].config.params_dtype,
+        use_distributed_optimizer=False,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss if training_args.bf16 else None
+    total_steps = training_args.max_steps
+    if total_steps <= 0:
+        raise ValueError("--backend megatron needs --max_steps (epochs are not counted yet)")
+    warmup = training_args.get_warmup_steps(total_steps)
+    style = LR_SCHEDULERS[str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=training_args.learning_rate, min_lr=0.0, lr_warmup_steps=warmup,
+        lr_decay_steps=total_steps, lr_decay_style=style, start_wd=training_args.weight_decay,
+        end_wd=training_args.weight_decay, wd_incr_steps=total_steps, wd_incr_style="constant",
+    )
+    return model, optimizer, scheduler, total_steps
+
+
+def run_steps(model, optimizer, scheduler, steps, total_steps: int, padded: int, training_args,
+              start_step: int = 0) -> list[dict]:
+    """One ``get_forward_backward_func()`` call + optimizer step per training step; per-step loss on rank 0."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from llava.megatron.model import shift_labels, token_losses
+
+    forward_backward = get_forward_backward_func()
+    vocab = model[0].module.vocab_size_real
+    history: list[dict] = []
+    out_dir = Path(training_args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def forward_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        ids = batch["input_ids"]
+        b, s = ids.shape
+        position_ids = torch.arange(s).expand(b, s)
+        causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked
+        output = chunk(ids, position_ids, causal, pixel_values=batch.get("pixel_values"))
+
+        def loss_func(logits):
+            losses, mask = token_losses(logits, shift_labels(batch["labels"]), vocab)
+            total = (losses * mask).sum()
+            tokens = mask.sum().to(torch.int)
+            return total, tokens, {"loss_sum": total.detach().clone(), "tokens": tokens.clone()}
+
+        return output, loss_func
+
+    for step in range(start_step, total_steps):
+        micro = steps.step_batches(step)
+        start = time.perf_counter()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        seq, mbs = micro[0]["input_ids"].shape[1], micro[0]["input_ids"].shape[0]
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=[iter(micro) for _ in model],
+                                  model=model if len(model) > 1 else model[0], num_microbatches=len(micro),
+                                  seq_length=seq, micro_batch_size=mbs, forward_only=False)
+        lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else training_args.learning_rate
+        updated, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        loss = _reduce_step_loss(losses)
+        entry = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+                 "seconds": time.perf_counter() - start, "updated": bool(updated)}
+        history.append(entry)
+        if torch.distributed.get_rank() == 0 and (step + 1) % max(1, int(training_args.logging_steps)) == 0:
+            logger.info("step %d/%d loss %.6f grad_norm %s lr %.3g", step + 1, total_steps, loss, grad_norm, lr)
+    if torch.distributed.get_rank() == 0:
+        (out_dir / STATE_FILE).write_text(json.dumps({"log_history": history}, indent=2))
+    return history
+
+
+def _reduce_step_loss(losses: list[dict]) -> float:
+    """The step's per-token mean loss (sum over micro-batches and data-parallel ranks), known on every rank."""
+    from megatron.core import parallel_state
+
+    sums = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses:
+            sums[0] += float(item["loss_sum"])
+            sums[1] += float(item["tokens"])
+        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    torch.distributed.broadcast(sums, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(sums[0] / sums[1].clamp(min=1))

@@ -30,7 +30,7 @@ def _usable_as_is(model_args) -> bool:
 
 
 def prepare_init_checkpoint(model_args, training_args) -> tuple[Path, dict]:
-    """(directory of the initial native Llava checkpoint, {"added_tokens", "num_image_tokens"})."""
+    """(directory of the initial native Llava checkpoint, {"added_tokens": n})."""
     result: list = [None]
     if torch.distributed.get_rank() == 0:
         if _usable_as_is(model_args):

@@ -85,6 +85,7 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
         export_run(model, layout, padded, VOCAB_DIVISOR, hf_dir, training_args.output_dir, model_args, data_args,
                    training_args, mg_args, run_facts)
     torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()  # a later run in this process may pick another layout
     return history
 
 

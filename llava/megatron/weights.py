@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from llava.megatron.config import hf_to_mca_config
 from llava.megatron.convert import FORMAT, HFCheckpoint, _group_claims, _hf_template, chunk_file, rank_dir
-from llava.megatron.dist import EMBEDDING, OUTPUT, VOCAB_KEYS, ParallelLayout, pad_vocab, split_tp
+from llava.megatron.dist import OUTPUT, VOCAB_KEYS, ParallelLayout, pad_vocab, split_tp
 
 
 def hf_mca_config(hf_dir: str | Path) -> tuple[dict, dict, str | None]:
@@ -100,7 +100,6 @@ def write_mca_meta(out: str | Path, hf_dir: str | Path, layout: ParallelLayout, 
         "hf": {"tied_lm_head_saved": mca["share_embeddings_and_output_weights"] and lm_head in ckpt.where},
     }
     (out / "mca_config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    assert EMBEDDING  # the embedding is always present (first stage); nothing else to record
 
 
 def load_rank_state(chunks: list[torch.nn.Module], states: dict[int, dict[str, torch.Tensor]]) -> None:

@@ -1,0 +1,185 @@
+"""``llava train --backend megatron`` against the hf backend: same batches, same losses, same weights.
+
+Run:  .venv/bin/pytest tests/megatron/test_megatron_train.py -v      (~2 min on 2 cores; needs megatron-core)
+
+Two tiny Llava models: the demo's Llama-style LM (GQA, untied) and a Qwen2-style LM (GQA, q/k/v biases, tied
+embeddings), each with the tiny CLIP tower. For stage 1 (projector only) and stage 2 (full fine-tune), the hf
+backend (transformers Trainer, 1 process) trains 5 steps in this process; the Megatron backend trains the same 5
+steps at TP2 PP1 and TP1 PP2 (2 processes, gloo, fp32) -- all eight Megatron runs in one torchrun launch
+(``megatron_train_jobs.py``). Checked: per-step losses (<= 1e-4 relative), the exported weights (native Llava
+checkpoint, or the stage-1 projector file) against the hf backend's (<= 1e-5), that transformers loads the
+export and ``llava predict`` answers from it, and that unsupported combinations fail at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("megatron.core")
+
+from llava.train.train import train  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+LAYOUTS = {"tp2pp1": ["--tensor_model_parallel_size", "2"], "tp1pp2": ["--pipeline_model_parallel_size", "2"]}
+STAGES = {
+    # stage 1: projector only, plain template, captions; stage 2: everything but the tower, vicuna_v1, Q&A
+    1: lambda data: ["--version", "plain", "--data_path", str(data["stage1_captions"]), "--tune_mm_mlp_adapter",
+                     "True", "--learning_rate", "1e-2"],
+    2: lambda data: ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]), "--learning_rate", "1e-4"],
+}
+LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def qwen2_llm(tiny_models, tmp_path_factory) -> Path:
+    """A Qwen2-style LM (q/k/v biases drawn at random, tied embeddings, GQA) with the demo tokenizer."""
+    import transformers
+
+    out = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_models["llm"])
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _flags(llm: Path, tower: Path, data: dict, stage: int, out: Path) -> list[str]:
+    return ["--model_name_or_path", str(llm), "--vision_tower", str(tower), "--image_folder", str(data["image_folder"]),
+            *STAGES[stage](data), "--max_steps", "5", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--report_to", "none",
+            "--model_max_length", "256", "--seed", "0", "--save_strategy", "no", "--output_dir", str(out)]
+
+
+def _hf_losses(run_dir: Path) -> list[float]:
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def _megatron_losses(run_dir: Path) -> list[float]:
+    return [e["loss"] for e in json.loads((run_dir / "megatron_state.json").read_text())["log_history"]]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
+    """{(model, stage): hf run dir} and {(model, stage, layout): megatron run dir}; one torchrun launch in all."""
+    root = tmp_path_factory.mktemp("megatron_train")
+    llms = {"llama": tiny_models["llm"], "qwen2": qwen2_llm}
+    hf, megatron, jobs = {}, {}, []
+    for name, llm in llms.items():
+        for stage in STAGES:
+            hf[name, stage] = root / f"hf_{name}_s{stage}"
+            train(_flags(llm, tiny_models["vision_tower"], shapes_data, stage, hf[name, stage]))
+            for layout, extra in LAYOUTS.items():
+                out = root / f"mg_{name}_s{stage}_{layout}"
+                megatron[name, stage, layout] = out
+                jobs.append([*_flags(llm, tiny_models["vision_tower"], shapes_data, stage, out), "--backend",
+                             "megatron", *extra])
+    jobs_file = root / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "megatron" / "megatron_train_jobs.py"), str(jobs_file)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
+    return {"hf": hf, "megatron": megatron}
+
+
+CASES = [(m, s, lay) for m in ("llama", "qwen2") for s in STAGES for lay in LAYOUTS]
+
+
+@pytest.mark.parametrize("model,stage,layout", CASES)
+def test_losses_equal_hf_backend(runs, model, stage, layout):
+    expected = _hf_losses(runs["hf"][model, stage])
+    got = _megatron_losses(runs["megatron"][model, stage, layout])
+    assert len(expected) == len(got) == 5
+    rel = [abs(g - e) / abs(e) for g, e in zip(got, expected)]
+    print(f"{model} stage {stage} {layout}: hf {expected} megatron {got} max rel {max(rel):.2e}")
+    assert max(rel) <= LOSS_RTOL, (expected, got)
+    assert expected[-1] < expected[0]  # it trained (so equal losses are not equal constants)
+
+
+@pytest.mark.parametrize("model,stage,layout", CASES)
+def test_exported_weights_equal_hf_backend(runs, model, stage, layout):
+    hf_dir, mg_dir = runs["hf"][model, stage], runs["megatron"][model, stage, layout]
+    name = "mm_projector.safetensors" if stage == 1 else "model.safetensors"
+    expected, got = load_file(hf_dir / name), load_file(mg_dir / name)
+    assert sorted(expected) == sorted(got)
+    diff = {k: (expected[k] - got[k]).abs().max().item() for k in expected}
+    worst = max(diff, key=diff.get)
+    print(f"{model} stage {stage} {layout}: {len(diff)} tensors, max abs diff {diff[worst]:.2e} ({worst})")
+    assert diff[worst] <= WEIGHT_ATOL, (worst, diff[worst])
+    init = load_file(mg_dir / "megatron_init" / "model.safetensors")
+    moved = max((got[k] - init[k]).abs().max().item() for k in got if k in init) if stage == 2 else 1.0
+    assert moved > 10 * WEIGHT_ATOL  # the weights did change over the 5 steps
+    run_args = json.loads((mg_dir / "llava_args.json").read_text())
+    assert run_args["backend"] == "megatron" and run_args["projector_only"] == (stage == 1)
+
+
+def test_export_loads_in_transformers_and_predicts(runs, shapes_data):
+    """Plain transformers loads the export (logits as the hf backend's model); ``llava predict`` runs on it and
+    answers as it does on the hf backend's output."""
+    import transformers
+
+    from llava.cli import main as llava_main
+    from llava.data.images import open_image_rgb
+    from llava.serve.predict import Predictor
+
+    run_dir = runs["megatron"]["qwen2", 2, "tp1pp2"]
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(run_dir)
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(runs["hf"]["qwen2", 2])
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4)
+    image = next(Path(shapes_data["image_folder"]).rglob("*.png"))
+    assert llava_main(["predict", "--model", str(run_dir), "--image", str(image), "--prompt", "What shape?",
+                       "--max_new_tokens", "4"]) == 0
+    pil = open_image_rgb(image)[0]
+    answers = [Predictor.load(d).answer(pil, "What shape?", max_new_tokens=6) for d in (run_dir, runs["hf"]["qwen2", 2])]
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora_enable", "True"], "--lora_enable True"),
+    (["--packing", "True"], "--packing True"),
+    (["--optim", "sgd"], "--optim sgd"),
+])
+def test_unsupported_combinations_fail_at_start(tiny_models, shapes_data, tmp_path, flags, message):
+    argv = [*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 2, tmp_path), "--backend", "megatron",
+            *flags]
+    with pytest.raises(ValueError, match="--backend megatron does not support") as err:
+        train(argv)
+    assert message in str(err.value)
+    assert not any(tmp_path.iterdir())  # failed before writing anything
+
+
+def test_megatron_flags_need_the_megatron_backend(tiny_models, shapes_data, tmp_path):
+    argv = [*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 2, tmp_path),
+            "--tensor_model_parallel_size", "2"]
+    with pytest.raises(ValueError, match="need --backend megatron"):
+        train(argv)

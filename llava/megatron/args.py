@@ -50,16 +50,16 @@ class MegatronArguments:
 
 def check_megatron_combinations(model_args, data_args, training_args, mg_args: MegatronArguments) -> None:
     """What the Megatron backend does not do, refused at start-up (the hf backend does all of these)."""
+    optim, scheduler = _value(training_args.optim), _value(training_args.lr_scheduler_type)
     refused = {
         "--lora_enable True (LoRA/QLoRA: use the hf backend)": training_args.lora_enable,
         f"--bits {training_args.bits} (quantized training: use the hf backend)": training_args.bits != 16,
         "--deepspeed (the megatron backend replaces DeepSpeed; drop the flag)": bool(training_args.deepspeed),
         "--gradient_checkpointing True (not wired to megatron-core recompute yet)": training_args.gradient_checkpointing,
         "--fp16 True (use --bf16 True or fp32)": training_args.fp16,
-        f"--optim {training_args.optim} (megatron-core's Adam is torch AdamW: use adamw_torch)":
-            training_args.optim not in ("adamw_torch", "adamw_torch_fused"),
-        f"--lr_scheduler_type {training_args.lr_scheduler_type} (supported: {', '.join(LR_SCHEDULERS)})":
-            str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)) not in LR_SCHEDULERS,
+        f"--optim {optim} (megatron-core's Adam is torch AdamW: use adamw_torch)":
+            optim not in ("adamw_torch", "adamw_torch_fused"),
+        f"--lr_scheduler_type {scheduler} (supported: {', '.join(LR_SCHEDULERS)})": scheduler not in LR_SCHEDULERS,
         "--packing True (not yet under megatron: per-sample attention needs THD / TransformerEngine)":
             training_args.packing,
         "--mm_projector_lr (not yet under megatron)": training_args.mm_projector_lr is not None,
@@ -69,3 +69,8 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
     bad = [flag for flag, hit in refused.items() if hit]
     if bad:
         raise ValueError("--backend megatron does not support: " + "; ".join(bad))
+
+
+def _value(option) -> str:
+    """The flag's text for a transformers enum option (``OptimizerNames.SGD`` -> ``sgd``) or a plain string."""
+    return str(getattr(option, "value", option))

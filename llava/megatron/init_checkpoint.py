@@ -11,6 +11,7 @@ then reads only its own shards from that directory (``llava.megatron.weights``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import transformers
 from llava.model.builder import _is_llava_checkpoint, add_multimodal_tokens, build_llava_model
 
 INIT_DIR = "megatron_init"
+FACTS_FILE = "megatron_init.json"  # where the run started from: [directory, {"added_tokens": n}]
 
 
 def _usable_as_is(model_args) -> bool:
@@ -29,11 +31,15 @@ def _usable_as_is(model_args) -> bool:
     return add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end) == 0
 
 
-def prepare_init_checkpoint(model_args, training_args) -> tuple[Path, dict]:
-    """(directory of the initial native Llava checkpoint, {"added_tokens": n})."""
+def prepare_init_checkpoint(model_args, training_args, reuse: bool = False) -> tuple[Path, dict]:
+    """(directory of the initial native Llava checkpoint, {"added_tokens": n}). ``reuse`` (resuming): take the one
+    an earlier run wrote into the same output directory."""
     result: list = [None]
+    facts_file = Path(training_args.output_dir) / FACTS_FILE
     if torch.distributed.get_rank() == 0:
-        if _usable_as_is(model_args):
+        if reuse and facts_file.is_file():
+            result[0] = tuple(json.loads(facts_file.read_text()))
+        elif _usable_as_is(model_args):
             result[0] = (str(model_args.model_name_or_path), {"added_tokens": 0})
         else:
             out = Path(training_args.output_dir) / INIT_DIR
@@ -44,6 +50,8 @@ def prepare_init_checkpoint(model_args, training_args) -> tuple[Path, dict]:
             built.processor.save_pretrained(out)
             result[0] = (str(out), {"added_tokens": built.added_tokens})
             del built
+        facts_file.parent.mkdir(parents=True, exist_ok=True)
+        facts_file.write_text(json.dumps(result[0]))
     torch.distributed.broadcast_object_list(result, src=0)
     path, facts = result[0]
     return Path(path), facts

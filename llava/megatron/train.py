@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from datetime import timedelta
@@ -26,6 +27,7 @@ import torch
 import transformers
 
 from llava.megatron.args import LR_SCHEDULERS, check_megatron_combinations
+from llava.megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llava.megatron.data import StepBatches, build_dataset, load_processor_bits
 from llava.megatron.dist import ParallelLayout, padded_vocab_size
 from llava.megatron.export import export_run
@@ -63,7 +65,8 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
     transformers.set_seed(training_args.seed)
 
     # --- the initial HF checkpoint and this rank's share of it
-    hf_dir, run_facts = prepare_init_checkpoint(model_args, training_args)
+    resume = resolve_resume(training_args.output_dir, training_args.resume_from_checkpoint)
+    hf_dir, run_facts = prepare_init_checkpoint(model_args, training_args, reuse=resume is not None)
     chunks, layout, padded = build_model_chunks(hf_dir, mg_args, training_args)
     trainable = apply_freezing(chunks, model_args, run_facts["added_tokens"])
     logger.info("rank %d trainable parameters: %s", torch.distributed.get_rank(), trainable)
@@ -77,8 +80,17 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
                         parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank(),
                         pad_multiple=tp if mg_args.sequence_parallel else 1)
 
-    # --- train
-    history = run_steps(model, optimizer, scheduler, steps, total_steps, padded, training_args)
+    # --- train (from a checkpoint: weights, optimizer, scheduler, RNG, step), saving every --save_steps
+    start_step, history = load_checkpoint(resume, model, optimizer, scheduler, layout) if resume else (0, [])
+    if resume:
+        logger.info("resumed from %s at step %d", resume, start_step)
+
+    def save(step: int, history: list[dict]) -> None:
+        save_checkpoint(training_args.output_dir, step, model, optimizer, scheduler, history, layout, padded,
+                        VOCAB_DIVISOR, hf_dir, training_args.save_total_limit)
+
+    history = run_steps(model, optimizer, scheduler, steps, total_steps, padded, training_args, start_step, history,
+                        save if _save_every(training_args, total_steps) else None)
 
     # --- save: MCA shards of every rank, then the HF export on rank 0
     if mg_args.save_hf:
@@ -186,16 +198,26 @@ def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_arg
     return model, optimizer, scheduler, total_steps
 
 
+def _save_every(training_args, total_steps: int) -> int:
+    """Steps between checkpoints (0: none), as transformers reads --save_strategy / --save_steps."""
+    if str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "steps":
+        return 0
+    every = training_args.save_steps
+    return int(every) if every >= 1 else math.ceil(total_steps * every)
+
+
 def run_steps(model, optimizer, scheduler, steps, total_steps: int, padded: int, training_args,
-              start_step: int = 0) -> list[dict]:
-    """One ``get_forward_backward_func()`` call + optimizer step per training step; per-step loss on rank 0."""
+              start_step: int = 0, history: list[dict] | None = None, save=None) -> list[dict]:
+    """One ``get_forward_backward_func()`` call + optimizer step per training step; ``save(step, history)`` every
+    ``--save_steps``; the log history goes to ``megatron_state.json`` (rank 0)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from llava.megatron.model import shift_labels, token_losses
 
     forward_backward = get_forward_backward_func()
     vocab = model[0].module.vocab_size_real
-    history: list[dict] = []
+    history = list(history or [])
+    save_every = _save_every(training_args, total_steps)
     out_dir = Path(training_args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -234,6 +256,8 @@ def run_steps(model, optimizer, scheduler, steps, total_steps: int, padded: int,
         history.append(entry)
         if torch.distributed.get_rank() == 0 and (step + 1) % max(1, int(training_args.logging_steps)) == 0:
             logger.info("step %d/%d loss %.6f grad_norm %s lr %.3g", step + 1, total_steps, loss, grad_norm, lr)
+        if save is not None and (step + 1) % save_every == 0:
+            save(step + 1, history)
     if torch.distributed.get_rank() == 0:
         (out_dir / STATE_FILE).write_text(json.dumps({"log_history": history}, indent=2))
     return history

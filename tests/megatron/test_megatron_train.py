@@ -1,6 +1,6 @@
 """``llava train --backend megatron`` against the hf backend: same batches, same losses, same weights.
 
-Run:  .venv/bin/pytest tests/megatron/test_megatron_train.py -v      (~2 min on 2 cores; needs megatron-core)
+Run:  .venv/bin/pytest tests/megatron/test_megatron_train.py -v      (~3 min on 2 cores; needs megatron-core)
 
 Two tiny Llava models: the demo's Llama-style LM (GQA, untied) and a Qwen2-style LM (GQA, q/k/v biases, tied
 embeddings), each with the tiny CLIP tower. For stage 1 (projector only) and stage 2 (full fine-tune), the hf
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,14 +102,34 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
                 megatron[name, stage, layout] = out
                 jobs.append([*_flags(llm, tiny_models["vision_tower"], shapes_data, stage, out), "--backend",
                              "megatron", *extra])
-    jobs_file = root / "jobs.json"
+    # resume: 4 steps saving every 2, then a new run resuming from its checkpoint-2 (Qwen2, stage 2, TP1 PP2)
+    resume = {"full": root / "resume_full", "resumed": root / "resume_resumed"}
+    jobs.append(_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["full"]))
+    jobs.append([*_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["resumed"]),
+                 "--resume_from_checkpoint", str(resume["full"] / "checkpoint-2")])
+    _torchrun(root, jobs)
+    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root}
+
+
+def _resume_flags(llm, tower, data, out) -> list[str]:
+    flags = _flags(llm, tower, data, 2, out)
+    flags[flags.index("--max_steps") + 1] = "4"
+    flags[flags.index("--save_strategy") + 1] = "steps"
+    return [*flags, "--save_steps", "2", "--backend", "megatron", "--pipeline_model_parallel_size", "2"]
+
+
+def _torchrun(root: Path, jobs: list[list[str]], env: dict | None = None, popen: bool = False):
+    jobs_file = root / f"jobs_{len(list(root.glob('jobs_*.json')))}.json"
     jobs_file.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(REPO / "tests" / "megatron" / "megatron_train_jobs.py"), str(jobs_file)]
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
-    return {"hf": hf, "megatron": megatron}
 
 
 CASES = [(m, s, lay) for m in ("llama", "qwen2") for s in STAGES for lay in LAYOUTS]
@@ -183,3 +205,40 @@ def test_megatron_flags_need_the_megatron_backend(tiny_models, shapes_data, tmp_
             "--tensor_model_parallel_size", "2"]
     with pytest.raises(ValueError, match="need --backend megatron"):
         train(argv)
+
+
+def test_resume_repeats_the_uninterrupted_run(runs):
+    """Weights, optimizer, scheduler, RNG and data position come back: steps 3-4 and the final weights are those
+    of the run that never stopped (exactly: the same operations in the same order)."""
+    full, resumed = runs["resume"]["full"], runs["resume"]["resumed"]
+    assert (full / "checkpoint-2" / "megatron_checkpoint.json").is_file()
+    expected, got = _megatron_losses(full), _megatron_losses(resumed)
+    assert len(expected) == len(got) == 4
+    assert got[:2] == expected[:2]  # the history up to the checkpoint comes with it
+    assert all(abs(g - e) <= 1e-6 * abs(e) for g, e in zip(got[2:], expected[2:])), (expected, got)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_mid_save_leaves_the_previous_checkpoint_usable(runs, qwen2_llm, tiny_models, shapes_data):
+    """SIGKILL while checkpoint-4 is being written (weights written, optimizer not yet): checkpoint-2 stays the
+    latest complete one, and ``--resume_from_checkpoint True`` continues from it to the uninterrupted losses."""
+    out = runs["root"] / "killed"
+    flags = _resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, out)
+    proc = _torchrun(runs["root"], [flags], env={"LLAVA_TEST_PAUSE_IN_SAVE": "4:120"}, popen=True)
+    marker = out / "checkpoint-4.tmp" / "PAUSED"
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), f"never paused in the save of checkpoint-4 (exit code {proc.poll()})"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2" / "megatron_checkpoint.json").is_file()
+
+    _torchrun(runs["root"], [[*flags, "--resume_from_checkpoint", "True"]])
+    expected, got = _megatron_losses(runs["resume"]["full"]), _megatron_losses(out)
+    assert all(abs(g - e) <= 1e-6 * abs(e) for g, e in zip(got, expected)) and len(got) == 4, (expected, got)
+    assert (out / "checkpoint-4" / "megatron_checkpoint.json").is_file() and not (out / "checkpoint-4.tmp").exists()

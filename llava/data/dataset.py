@@ -18,11 +18,8 @@ the main process's counts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,86 +27,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from llava.data.images import ImageLoadError, expand2square, load_image_rgb, resolve_image_path
+from llava.data.images import ImageLoadError, expand2square, load_image_rgb
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import SampleRejected, tokenize_conversation
+from llava.data.validate import DataError, ProblemLog, image_problem_kind, load_raw_records, record_image_problem
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Problems found in the data before training; the message is a per-kind report."""
-
-
-@dataclass
-class ProblemLog:
-    """Counts of dropped records by problem kind, with the first few record ids and messages of each."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    max_examples: int = 3
-
-    def add(self, kind: str, message: str) -> None:
-        self.counts[kind] += 1
-        shown = self.examples.setdefault(kind, [])
-        if len(shown) < self.max_examples:
-            shown.append(message)
-
-    def report(self) -> str:
-        lines = []
-        for kind, n in self.counts.most_common():
-            lines.append(f"  {kind}: {n} record(s), e.g.")
-            lines += [f"    - {m}" for m in self.examples[kind]]
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "examples": self.examples}
-
-
-def iter_jsonl(path: str | os.PathLike):
-    """``(line_no, record, None)`` per non-blank line, or ``(line_no, None, JSONDecodeError)`` for a bad one."""
-    with Path(path).open() as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line), None
-            except json.JSONDecodeError as err:
-                yield line_no, None, err
-
-
-def load_raw_records(data_path: str | os.PathLike, bad_lines: list[tuple[int, str]] | None = None):
-    """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts.
-
-    A JSONL line that is not JSON raises ``DataError``, or is appended to ``bad_lines`` as ``(line_no, message)``
-    and skipped when that list is given.
-    """
-    path = Path(data_path)
-    if path.is_dir():
-        import datasets
-
-        return datasets.load_from_disk(str(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, record, err in iter_jsonl(path):
-            if err is None:
-                records.append(record)
-                continue
-            message = f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
-            if bad_lines is None:
-                raise DataError(message) from err
-            bad_lines.append((line_no, message))
-        return records
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
 
 
 class LazySupervisedDataset(Dataset):
@@ -138,11 +62,8 @@ class LazySupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
-        bad_lines: list[tuple[int, str]] = []
-        self.raw = load_raw_records(data_path, bad_lines)
-        self.problems = ProblemLog()
-        for _, message in bad_lines:
-            self.problems.add("invalid_json", message)
+        self.problems = ProblemLog()  # records that fail validation (llava/data/validate.py, as `llava data check`)
+        self.raw = load_raw_records(data_path, self.problems)
         self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
         self._failed: set[int] = set()
         self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
@@ -154,17 +75,14 @@ class LazySupervisedDataset(Dataset):
                 record = parse_record(self.raw[i], i)
                 sample = self._tokenize(record)
             except RecordError as err:
-                self.problems.add(err.kind, str(err))
+                self.problems.add(err.kind, str(err), err.record_id)
                 continue
             except SampleRejected as err:
-                self.dropped.add(err.kind, f"record {_rid(self.raw[i], i)!r}: {err}")
+                self.dropped.add(err.kind, f"record {_rid(self.raw[i], i)!r}: {err}", _rid(self.raw[i], i))
                 continue
-            if record.images and not self.image_folder:
-                self.problems.add("no_image_folder", f"record {record.id!r} has images but --image_folder is not set")
-                continue
-            image_error = _first_image_error(self.image_folder, record)
-            if image_error is not None:  # existence and confinement only (stat, no decode), as `llava data check`
-                self.problems.add(image_problem_kind(image_error), f"record {record.id!r}: {image_error}")
+            image_problem = record_image_problem(record, self.image_folder)  # stat only, no decode
+            if image_problem is not None:
+                self.problems.add(*image_problem, record.id)
                 continue
             self._keep.append(i)
             self._lengths.append(len(sample.input_ids))
@@ -286,21 +204,6 @@ def _input_size(image_processor) -> int:
     if isinstance(size, dict):
         return int(size.get("height") or size.get("shortest_edge"))
     return int(getattr(size, "height", None) or getattr(size, "shortest_edge", None) or size)
-
-
-def image_problem_kind(err: ImageLoadError) -> str:
-    from llava.data.check import image_problem_kind as kind_of
-
-    return kind_of(err)
-
-
-def _first_image_error(image_folder, record: Record) -> ImageLoadError | None:
-    for rel in record.images:
-        try:
-            resolve_image_path(image_folder, rel)
-        except ImageLoadError as err:
-            return err
-    return None
 
 
 def _rid(raw: Any, index: int) -> str:

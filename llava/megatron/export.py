@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaConfig
 
-from llava.constants import PROJECTOR_FILE
 from llava.megatron.convert import chunk_file, mcore_to_hf
 from llava.megatron.weights import write_mca_meta, write_rank_shards
 from llava.model.builder import num_image_tokens
 from llava.model.projector import save_projector_state
-from llava.train.args import resolved_args_dict, write_run_args
+from llava.run_dir import PROJECTOR_FILE, training_run_kind, write_run_args
+from llava.train.args import resolved_args_dict
 
 MCA_DIR = "megatron"
 
@@ -61,4 +61,6 @@ def export_run(model, layout, padded: int, divisor: int, hf_dir: Path, output_di
     config = LlavaConfig.from_pretrained(hf_dir)
     run_args = {**resolved_args_dict(model_args, data_args, training_args), "megatron_args": vars(mg_args),
                 "num_image_tokens": num_image_tokens(config.vision_config, config.vision_feature_select_strategy)}
-    write_run_args(out, run_args, {"projector_only": model_args.tune_mm_mlp_adapter, "backend": "megatron"})
+    kind = training_run_kind(projector_only=model_args.tune_mm_mlp_adapter, lora_enable=False)
+    write_run_args(out, run_args, {"projector_only": model_args.tune_mm_mlp_adapter, "run_kind": kind.value,
+                                   "backend": "megatron"})

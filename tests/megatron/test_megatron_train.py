@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
 
+from llava.run_dir import RunKind, run_kind  # noqa: E402
 from llava.train.train import train  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -161,6 +162,7 @@ def test_exported_weights_equal_hf_backend(runs, model, stage, layout):
     assert moved > 10 * WEIGHT_ATOL  # the weights did change over the 5 steps
     run_args = json.loads((mg_dir / "llava_args.json").read_text())
     assert run_args["backend"] == "megatron" and run_args["projector_only"] == (stage == 1)
+    assert run_kind(mg_dir) == run_kind(hf_dir) == (RunKind.STAGE1 if stage == 1 else RunKind.FULL)
 
 
 def test_export_loads_in_transformers_and_predicts(runs, shapes_data):

@@ -63,6 +63,8 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         "--packing True (not yet under megatron: per-sample attention needs THD / TransformerEngine)":
             training_args.packing,
         "--mm_projector_lr (not yet under megatron)": training_args.mm_projector_lr is not None,
+        "--eval_strategy epoch / --save_strategy epoch (use steps)":
+            "epoch" in (_value(training_args.eval_strategy), _value(training_args.save_strategy)),
         "--attn_implementation other than sdpa/eager (the LM runs megatron-core attention)":
             model_args.attn_implementation not in (None, "sdpa", "eager"),
     }

@@ -58,6 +58,7 @@ class StepBatches:
         self.accum = training_args.gradient_accumulation_steps
         self.seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
         self.grouped = training_args.group_by_modality_length
+        self.grouped_seed = training_args.seed  # LLaVATrainer's grouped sampler takes --seed
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.pad_multiple = pad_multiple
         self.pad_token_id = pad_token_id
@@ -68,7 +69,7 @@ class StepBatches:
         if epoch not in self._orders:
             if self.grouped:
                 sampler = LengthGroupedSampler(self.mbs, self.dp_size * self.accum, self.dataset.modality_lengths,
-                                               group_by_modality=True, seed=self.seed)
+                                               group_by_modality=True, seed=self.grouped_seed)
                 sampler.set_epoch(epoch)
                 self._orders[epoch] = sampler.indices()
             else:
@@ -98,13 +99,28 @@ class StepBatches:
         width = -(-width // self.pad_multiple) * self.pad_multiple
         return [self._pad(b, width) for b in batches]
 
-    def _pad(self, batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    def eval_batches(self, dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """This data-parallel rank's eval batches: file order, batch ``k`` to rank ``k % dp`` (what
+        ``Trainer.evaluate`` reads), each with ``num_samples`` (its real rows)."""
+        order = list(range(len(dataset)))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][self.dp_rank :: self.dp_size]
+        batches = []
+        for idx in chunks:
+            batch = self.collate([dataset[i] for i in idx])
+            width = -(-batch["input_ids"].shape[1] // self.pad_multiple) * self.pad_multiple
+            batch = self._pad(batch, width, rows=len(idx))
+            batch["num_samples"] = torch.tensor(len(idx))
+            batches.append(batch)
+        return batches
+
+    def _pad(self, batch: dict[str, torch.Tensor], width: int, rows: int | None = None) -> dict[str, torch.Tensor]:
+        target = rows or self.mbs
         rows, cols = batch["input_ids"].shape
-        if (rows, cols) == (self.mbs, width):
+        if (rows, cols) == (target, width):
             return batch
         out = dict(batch)
         for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
-            padded = torch.full((self.mbs, width), fill, dtype=batch[key].dtype)
+            padded = torch.full((target, width), fill, dtype=batch[key].dtype)
             padded[:rows, :cols] = batch[key]
             out[key] = padded
         return out

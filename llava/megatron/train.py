@@ -15,13 +15,12 @@ sample order are the hf backend's, so both backends see the same batches. Per-st
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -32,11 +31,12 @@ from llava.megatron.data import StepBatches, build_dataset, load_processor_bits
 from llava.megatron.dist import ParallelLayout, padded_vocab_size
 from llava.megatron.export import export_run
 from llava.megatron.init_checkpoint import prepare_init_checkpoint
+from llava.megatron.memory import gather_memory
+from llava.megatron.steps import evaluate_loss, run_steps, write_state
 from llava.megatron.weights import hf_mca_config, load_rank_state, read_rank_state
 
 logger = logging.getLogger("llava.megatron")
 VOCAB_DIVISOR = 1  # pad the vocabulary only to a multiple of TP; padded logits are masked out of the loss
-STATE_FILE = "megatron_state.json"
 
 
 def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
@@ -80,6 +80,12 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
                         parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank(),
                         pad_multiple=tp if mg_args.sequence_parallel else 1)
 
+    evaluate, eval_every = None, 0
+    if data_args.eval_data_path and _eval_every(training_args):
+        eval_set = build_dataset(data_args.eval_data_path, model_args, data_args, training_args, processor, bits)
+        eval_batches = steps.eval_batches(eval_set, training_args.per_device_eval_batch_size)
+        evaluate, eval_every = (lambda: evaluate_loss(model, eval_batches)), _eval_every(training_args)
+
     # --- train (from a checkpoint: weights, optimizer, scheduler, RNG, step), saving every --save_steps
     start_step, history = load_checkpoint(resume, model, optimizer, scheduler, layout) if resume else (0, [])
     if resume:
@@ -89,8 +95,13 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
         save_checkpoint(training_args.output_dir, step, model, optimizer, scheduler, history, layout, padded,
                         VOCAB_DIVISOR, hf_dir, training_args.save_total_limit)
 
-    history = run_steps(model, optimizer, scheduler, steps, total_steps, padded, training_args, start_step, history,
-                        save if _save_every(training_args, total_steps) else None)
+    wandb_run = start_wandb(training_args, mg_args)
+    history = run_steps(model, optimizer, scheduler, steps, total_steps, training_args, start_step, history,
+                        save=save, save_every=_save_every(training_args, total_steps), evaluate=evaluate,
+                        eval_every=eval_every, log=wandb_run.log if wandb_run else None)
+    write_state(training_args.output_dir, history, gather_memory(model, optimizer))
+    if wandb_run:
+        wandb_run.finish()
 
     # --- save: MCA shards of every rank, then the HF export on rank 0
     if mg_args.save_hf:
@@ -206,73 +217,27 @@ def _save_every(training_args, total_steps: int) -> int:
     return int(every) if every >= 1 else math.ceil(total_steps * every)
 
 
-def run_steps(model, optimizer, scheduler, steps, total_steps: int, padded: int, training_args,
-              start_step: int = 0, history: list[dict] | None = None, save=None) -> list[dict]:
-    """One ``get_forward_backward_func()`` call + optimizer step per training step; ``save(step, history)`` every
-    ``--save_steps``; the log history goes to ``megatron_state.json`` (rank 0)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from llava.megatron.model import shift_labels, token_losses
-
-    forward_backward = get_forward_backward_func()
-    vocab = model[0].module.vocab_size_real
-    history = list(history or [])
-    save_every = _save_every(training_args, total_steps)
-    out_dir = Path(training_args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
-        ids = batch["input_ids"]
-        b, s = ids.shape
-        position_ids = torch.arange(s).expand(b, s)
-        causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked
-        output = chunk(ids, position_ids, causal, pixel_values=batch.get("pixel_values"))
-
-        def loss_func(logits):
-            losses, mask = token_losses(logits, shift_labels(batch["labels"]), vocab)
-            total = (losses * mask).sum()
-            tokens = mask.sum().to(torch.int)
-            return total, tokens, {"loss_sum": total.detach().clone(), "tokens": tokens.clone()}
-
-        return output, loss_func
-
-    for step in range(start_step, total_steps):
-        micro = steps.step_batches(step)
-        start = time.perf_counter()
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        seq, mbs = micro[0]["input_ids"].shape[1], micro[0]["input_ids"].shape[0]
-        losses = forward_backward(forward_step_func=forward_step, data_iterator=[iter(micro) for _ in model],
-                                  model=model if len(model) > 1 else model[0], num_microbatches=len(micro),
-                                  seq_length=seq, micro_batch_size=mbs, forward_only=False)
-        lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else training_args.learning_rate
-        updated, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        loss = _reduce_step_loss(losses)
-        entry = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-                 "seconds": time.perf_counter() - start, "updated": bool(updated)}
-        history.append(entry)
-        if torch.distributed.get_rank() == 0 and (step + 1) % max(1, int(training_args.logging_steps)) == 0:
-            logger.info("step %d/%d loss %.6f grad_norm %s lr %.3g", step + 1, total_steps, loss, grad_norm, lr)
-        if save is not None and (step + 1) % save_every == 0:
-            save(step + 1, history)
-    if torch.distributed.get_rank() == 0:
-        (out_dir / STATE_FILE).write_text(json.dumps({"log_history": history}, indent=2))
-    return history
+def _eval_every(training_args) -> int:
+    """Steps between evaluations under --eval_strategy steps (--eval_steps, else --logging_steps); 0: none."""
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "steps":
+        return 0
+    return int(training_args.eval_steps or training_args.logging_steps)
 
 
-def _reduce_step_loss(losses: list[dict]) -> float:
-    """The step's per-token mean loss (sum over micro-batches and data-parallel ranks), known on every rank."""
-    from megatron.core import parallel_state
+def start_wandb(training_args, mg_args):
+    """With ``--report_to wandb``: a run on rank 0 logging ``train/loss``, ``train/grad_norm``,
+    ``train/learning_rate`` and ``eval/loss`` per step, as transformers' WandbCallback names them."""
+    if "wandb" not in (training_args.report_to or []) or torch.distributed.get_rank() != 0:
+        return None
+    import wandb
 
-    sums = torch.zeros(2, dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        for item in losses:
-            sums[0] += float(item["loss_sum"])
-            sums[1] += float(item["tokens"])
-        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(sums, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(sums[0] / sums[1].clamp(min=1))
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "huggingface"), name=training_args.run_name,
+                     dir=training_args.output_dir, config={**training_args.to_dict(), **vars(mg_args)})
+
+    def log(entry: dict) -> None:
+        names = {"loss": "train/loss", "grad_norm": "train/grad_norm", "learning_rate": "train/learning_rate",
+                 "eval_loss": "eval/loss"}
+        run.log({names[k]: v for k, v in entry.items() if k in names} | {"train/global_step": entry["step"]})
+
+    return SimpleNamespace(log=log, finish=run.finish)

@@ -42,6 +42,7 @@ STAGES = {
     2: lambda data: ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]), "--learning_rate", "1e-4"],
 }
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+WANDB_CASE = ("llama", 2, "tp2pp1")
 
 
 def _free_port() -> int:
@@ -72,20 +73,29 @@ def qwen2_llm(tiny_models, tmp_path_factory) -> Path:
     return out
 
 
-def _flags(llm: Path, tower: Path, data: dict, stage: int, out: Path) -> list[str]:
+def _flags(llm: Path, tower: Path, data: dict, stage: int, out: Path, extra: tuple = ()) -> list[str]:
     return ["--model_name_or_path", str(llm), "--vision_tower", str(tower), "--image_folder", str(data["image_folder"]),
             *STAGES[stage](data), "--max_steps", "5", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--report_to", "none",
-            "--model_max_length", "256", "--seed", "0", "--save_strategy", "no", "--output_dir", str(out)]
+            "--model_max_length", "256", "--seed", "0", "--save_strategy", "no", "--output_dir", str(out), *extra]
 
 
-def _hf_losses(run_dir: Path) -> list[float]:
+def _case_flags(name: str, stage: int, data: dict) -> list[str]:
+    """Stage 2 also evaluates on the held-out set at step 5; Qwen2's stage 2 uses the modality-grouped order."""
+    if stage != 2:
+        return []
+    flags = ["--eval_data_path", str(data["heldout_qa"]), "--eval_strategy", "steps", "--eval_steps", "5",
+             "--per_device_eval_batch_size", "3"]
+    return flags + (["--group_by_modality_length", "True"] if name == "qwen2" else [])
+
+
+def _hf_losses(run_dir: Path, key: str = "loss") -> list[float]:
     state = json.loads((run_dir / "trainer_state.json").read_text())
-    return [e["loss"] for e in state["log_history"] if "loss" in e]
+    return [e[key] for e in state["log_history"] if key in e]
 
 
-def _megatron_losses(run_dir: Path) -> list[float]:
-    return [e["loss"] for e in json.loads((run_dir / "megatron_state.json").read_text())["log_history"]]
+def _megatron_losses(run_dir: Path, key: str = "loss") -> list[float]:
+    return [e[key] for e in json.loads((run_dir / "megatron_state.json").read_text())["log_history"] if key in e]
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +107,20 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
     for name, llm in llms.items():
         for stage in STAGES:
             hf[name, stage] = root / f"hf_{name}_s{stage}"
-            train(_flags(llm, tiny_models["vision_tower"], shapes_data, stage, hf[name, stage]))
+            case = _case_flags(name, stage, shapes_data)
+            train(_flags(llm, tiny_models["vision_tower"], shapes_data, stage, hf[name, stage], case))
             for layout, extra in LAYOUTS.items():
                 out = root / f"mg_{name}_s{stage}_{layout}"
                 megatron[name, stage, layout] = out
-                jobs.append([*_flags(llm, tiny_models["vision_tower"], shapes_data, stage, out), "--backend",
-                             "megatron", *extra])
+                wandb = ["--report_to", "wandb"] if (name, stage, layout) == WANDB_CASE else []
+                jobs.append([*_flags(llm, tiny_models["vision_tower"], shapes_data, stage, out, case), "--backend",
+                             "megatron", *extra, *wandb])
     # resume: 4 steps saving every 2, then a new run resuming from its checkpoint-2 (Qwen2, stage 2, TP1 PP2)
     resume = {"full": root / "resume_full", "resumed": root / "resume_resumed"}
     jobs.append(_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["full"]))
     jobs.append([*_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["resumed"]),
                  "--resume_from_checkpoint", str(resume["full"] / "checkpoint-2")])
-    _torchrun(root, jobs)
+    _torchrun(root, jobs, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     return {"hf": hf, "megatron": megatron, "resume": resume, "root": root}
 
 
@@ -145,6 +157,10 @@ def test_losses_equal_hf_backend(runs, model, stage, layout):
     print(f"{model} stage {stage} {layout}: hf {expected} megatron {got} max rel {max(rel):.2e}")
     assert max(rel) <= LOSS_RTOL, (expected, got)
     assert expected[-1] < expected[0]  # it trained (so equal losses are not equal constants)
+    if stage == 2:  # held-out loss at step 5, as Trainer.evaluate computes it
+        (hf_eval,), (mg_eval,) = _hf_losses(runs["hf"][model, stage], "eval_loss"), _megatron_losses(
+            runs["megatron"][model, stage, layout], "eval_loss")
+        assert abs(mg_eval - hf_eval) <= LOSS_RTOL * hf_eval, (hf_eval, mg_eval)
 
 
 @pytest.mark.parametrize("model,stage,layout", CASES)
@@ -244,3 +260,23 @@ def test_kill_mid_save_leaves_the_previous_checkpoint_usable(runs, qwen2_llm, ti
     expected, got = _megatron_losses(runs["resume"]["full"]), _megatron_losses(out)
     assert all(abs(g - e) <= 1e-6 * abs(e) for g, e in zip(got, expected)) and len(got) == 4, (expected, got)
     assert (out / "checkpoint-4" / "megatron_checkpoint.json").is_file() and not (out / "checkpoint-4.tmp").exists()
+
+
+def test_wandb_logs_the_step_losses(runs):
+    """``--report_to wandb`` (offline): rank 0 logs train/loss per step, the values of megatron_state.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("e2e", REPO / "tests" / "train" / "test_train_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    run_dir = runs["megatron"][WANDB_CASE]
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 60
+    while True:  # wandb-core may still be writing the offline log
+        history, _ = e2e._read_wandb_run(log)
+        logged = {h["train/global_step"]: h["train/loss"] for h in history if "train/loss" in h}
+        if len(logged) == 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [logged[s] for s in sorted(logged)] == pytest.approx(_megatron_losses(run_dir), abs=1e-6)
+    assert any("eval/loss" in h for h in history)

@@ -18,6 +18,8 @@ image-token positions in token order (as ``LlavaModel``'s ``masked_scatter``) ->
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -70,6 +72,39 @@ def transformer_config(mca: dict, *, tp: int, pp: int, vpp: int | None, sequence
     return TransformerConfig(**kwargs)
 
 
+class SequenceParallelNorm:
+    """torch ``RMSNorm`` / ``LayerNorm`` whose weights are marked ``sequence_parallel``, so megatron-core's
+    ``finalize_model_grads`` all-reduces their gradients over the TP group. megatron-core's own local-spec norm
+    (``WrappedTorchNorm``) refuses ``--sequence_parallel`` (only TransformerEngine's norm supports it)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_block_spec(mca: dict, config: TransformerConfig, vp_stage: int | None):
+    """The local (no TransformerEngine) layer spec; with sequence parallelism, a block spec of this stage's layers
+    whose norms (the final norm too) are ``SequenceParallelNorm``."""
+    spec = get_gpt_layer_local_spec(qk_layernorm=mca["qk_layernorm"], normalization=mca["normalization"])
+    if not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    sub = dataclasses.replace(spec.submodules, input_layernorm=SequenceParallelNorm,
+                              pre_mlp_layernorm=SequenceParallelNorm)
+    if mca["qk_layernorm"]:
+        attn = spec.submodules.self_attention
+        attn_sub = dataclasses.replace(attn.submodules, q_layernorm=SequenceParallelNorm,
+                                       k_layernorm=SequenceParallelNorm)
+        sub = dataclasses.replace(sub, self_attention=dataclasses.replace(attn, submodules=attn_sub))
+    layer = dataclasses.replace(spec, submodules=sub)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=SequenceParallelNorm)
+
+
 class LlavaGPTModel(GPTModel):
     """``GPTModel`` + (first stage only) the HF vision tower and projector; see the module docstring."""
 
@@ -77,7 +112,7 @@ class LlavaGPTModel(GPTModel):
                  pre_process: bool, post_process: bool, vp_stage: int | None = None, vision: bool | None = None):
         super().__init__(
             config,
-            get_gpt_layer_local_spec(qk_layernorm=mca["qk_layernorm"], normalization=mca["normalization"]),
+            layer_block_spec(mca, config, vp_stage),
             vocab_size=padded_vocab_size,
             max_sequence_length=mca["max_sequence_length"],
             pre_process=pre_process,

@@ -63,6 +63,11 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         "--packing True (not yet under megatron: per-sample attention needs THD / TransformerEngine)":
             training_args.packing,
         "--mm_projector_lr (not yet under megatron)": training_args.mm_projector_lr is not None,
+        f"--virtual_pipeline_model_parallel_size with --gradient_accumulation_steps "
+        f"{training_args.gradient_accumulation_steps} (the interleaved schedule needs at least "
+        f"--pipeline_model_parallel_size micro-batches per step)":
+            (mg_args.virtual_pipeline_model_parallel_size or 1) > 1
+            and training_args.gradient_accumulation_steps < mg_args.pipeline_model_parallel_size,
         "--eval_strategy epoch / --save_strategy epoch (use steps)":
             "epoch" in (_value(training_args.eval_strategy), _value(training_args.save_strategy)),
         "--attn_implementation other than sdpa/eager (the LM runs megatron-core attention)":

@@ -52,7 +52,7 @@ class StepBatches:
     """Micro-batches of each optimizer step for one data-parallel rank (see the module docstring)."""
 
     def __init__(self, dataset, pad_token_id: int, training_args, dp_size: int = 1, dp_rank: int = 0,
-                 pad_multiple: int = 1):
+                 pad_multiple: int = 1, min_micro: int = 1):
         self.dataset = dataset
         self.mbs = training_args.per_device_train_batch_size
         self.accum = training_args.gradient_accumulation_steps
@@ -61,6 +61,7 @@ class StepBatches:
         self.grouped_seed = training_args.seed  # LLaVATrainer's grouped sampler takes --seed
         self.dp_size, self.dp_rank = dp_size, dp_rank
         self.pad_multiple = pad_multiple
+        self.min_micro = min_micro
         self.pad_token_id = pad_token_id
         self.collate = DataCollatorForSupervisedDataset(pad_token_id=pad_token_id)
         self._orders: dict[int, list[int]] = {}
@@ -94,24 +95,34 @@ class StepBatches:
         return group[self.dp_rank :: self.dp_size]
 
     def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """The step's micro-batches, one shape; at least ``min_micro`` of them (an epoch's last step may be short:
+        the interleaved schedule needs PP micro-batches, so empty ones -- no supervised token -- fill in)."""
         batches = [self.collate([self.dataset[i] for i in idx]) for idx in self.step_indices(step)]
         width = max(b["input_ids"].shape[1] for b in batches)
         width = -(-width // self.pad_multiple) * self.pad_multiple
-        return [self._pad(b, width) for b in batches]
+        padded = [self._pad(b, width) for b in batches]
+        return padded + [self._empty(width, self.mbs) for _ in range(self.min_micro - len(padded))]
 
     def eval_batches(self, dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """This data-parallel rank's eval batches: file order, batch ``k`` to rank ``k % dp`` (what
-        ``Trainer.evaluate`` reads), each with ``num_samples`` (its real rows)."""
+        ``Trainer.evaluate`` reads), each with ``num_samples`` (its real rows), all padded to one shape and to at
+        least ``min_micro`` batches (empty ones: no supervised token, ``num_samples`` 0)."""
         order = list(range(len(dataset)))
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][self.dp_rank :: self.dp_size]
-        batches = []
-        for idx in chunks:
-            batch = self.collate([dataset[i] for i in idx])
-            width = -(-batch["input_ids"].shape[1] // self.pad_multiple) * self.pad_multiple
-            batch = self._pad(batch, width, rows=len(idx))
-            batch["num_samples"] = torch.tensor(len(idx))
-            batches.append(batch)
-        return batches
+        batches = [self.collate([dataset[i] for i in idx]) for idx in chunks]
+        width = max(b["input_ids"].shape[1] for b in batches)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        out = []
+        for idx, batch in zip(chunks, batches):
+            out.append({**self._pad(batch, width, rows=batch_size), "num_samples": torch.tensor(len(idx))})
+        while len(out) < self.min_micro:
+            out.append({**self._empty(width, batch_size), "num_samples": torch.tensor(0)})
+        return out
+
+    def _empty(self, width: int, rows: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.full((rows, width), self.pad_token_id, dtype=torch.long),
+                "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long),
+                "attention_mask": torch.zeros((rows, width), dtype=torch.long)}
 
     def _pad(self, batch: dict[str, torch.Tensor], width: int, rows: int | None = None) -> dict[str, torch.Tensor]:
         target = rows or self.mbs

@@ -75,18 +75,19 @@ def reduce_sums(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def evaluate_loss(model, eval_batches: list[dict]) -> float:
-    """``eval_loss`` as ``transformers.Trainer.evaluate`` computes it (see the module docstring)."""
+    """``eval_loss`` as ``transformers.Trainer.evaluate`` computes it (see the module docstring). The batches
+    (padded to one shape, see ``StepBatches.eval_batches``) go through the schedule as the micro-batches of one
+    forward-only call, so the interleaved schedule gets its minimum of PP micro-batches."""
     for chunk in model:
         chunk.eval()
-    pairs = []
     with torch.no_grad():
-        for batch in eval_batches:
-            (out,) = _schedule(model, [batch], forward_only=True) or [None]
-            if out is not None:
-                rows = int(batch["num_samples"])
-                pairs.append((float(out["loss_sum"]) / max(int(out["tokens"]), 1) * rows, rows))
+        outputs = _schedule(model, eval_batches, forward_only=True)
     for chunk in model:
         chunk.train()
+    pairs = []
+    for batch, out in zip(eval_batches, outputs):  # outputs: last stage only (empty elsewhere)
+        rows = int(batch["num_samples"])
+        pairs.append((float(out["loss_sum"]) / max(int(out["tokens"]), 1) * rows, rows))
     num, den = reduce_sums(pairs)
     return num / max(den, 1.0)
 

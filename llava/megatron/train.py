@@ -78,7 +78,7 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
     dataset = build_dataset(data_args.data_path, model_args, data_args, training_args, processor, bits)
     steps = StepBatches(dataset, processor.tokenizer.pad_token_id, training_args,
                         parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank(),
-                        pad_multiple=tp if mg_args.sequence_parallel else 1)
+                        pad_multiple=tp if mg_args.sequence_parallel else 1, min_micro=pp if vpp else 1)
 
     evaluate, eval_every = None, 0
     if data_args.eval_data_path and _eval_every(training_args):

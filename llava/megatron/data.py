@@ -22,7 +22,7 @@ import torch
 from transformers import AutoProcessor, LlavaConfig
 
 from llava.constants import IGNORE_INDEX
-from llava.data.collator import DataCollatorForSupervisedDataset
+from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.model.builder import num_image_tokens
@@ -64,6 +64,11 @@ class StepBatches:
         self.min_micro = min_micro
         self.pad_token_id = pad_token_id
         self.collate = DataCollatorForSupervisedDataset(pad_token_id=pad_token_id)
+        self.eval_collate = self.collate
+        self.packing = training_args.packing
+        if self.packing:  # the whole micro-batch in one row: one THD sequence (llava/megatron/packed.py)
+            self.collate = DataCollatorWithPacking(pad_token_id=pad_token_id, max_length=None)
+        self.rows = 1 if self.packing else self.mbs
         self._orders: dict[int, list[int]] = {}
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -101,7 +106,7 @@ class StepBatches:
         width = max(b["input_ids"].shape[1] for b in batches)
         width = -(-width // self.pad_multiple) * self.pad_multiple
         padded = [self._pad(b, width) for b in batches]
-        return padded + [self._empty(width, self.mbs) for _ in range(self.min_micro - len(padded))]
+        return padded + [self._empty(width, self.rows) for _ in range(self.min_micro - len(padded))]
 
     def eval_batches(self, dataset, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """This data-parallel rank's eval batches: file order, batch ``k`` to rank ``k % dp`` (what
@@ -109,7 +114,7 @@ class StepBatches:
         least ``min_micro`` batches (empty ones: no supervised token, ``num_samples`` 0)."""
         order = list(range(len(dataset)))
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)][self.dp_rank :: self.dp_size]
-        batches = [self.collate([dataset[i] for i in idx]) for idx in chunks]
+        batches = [self.eval_collate([dataset[i] for i in idx]) for idx in chunks]
         width = max(b["input_ids"].shape[1] for b in batches)
         width = -(-width // self.pad_multiple) * self.pad_multiple
         out = []
@@ -120,17 +125,25 @@ class StepBatches:
         return out
 
     def _empty(self, width: int, rows: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.full((rows, width), self.pad_token_id, dtype=torch.long),
-                "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long),
-                "attention_mask": torch.zeros((rows, width), dtype=torch.long)}
+        empty = {"input_ids": torch.full((rows, width), self.pad_token_id, dtype=torch.long),
+                 "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)}
+        if self.packing and rows == self.rows:
+            empty["position_ids"] = torch.arange(width).expand(rows, width).clone()
+        else:
+            empty["attention_mask"] = torch.zeros((rows, width), dtype=torch.long)
+        return empty
 
     def _pad(self, batch: dict[str, torch.Tensor], width: int, rows: int | None = None) -> dict[str, torch.Tensor]:
-        target = rows or self.mbs
+        target = rows or self.rows
         rows, cols = batch["input_ids"].shape
         if (rows, cols) == (target, width):
             return batch
         out = dict(batch)
+        if "position_ids" in batch:  # packed: the tail padding is one more sample of its own (positions from 0)
+            out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(width - cols).expand(rows, -1)], 1)
         for key, fill in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0)):
+            if key not in batch:
+                continue
             padded = torch.full((target, width), fill, dtype=batch[key].dtype)
             padded[:rows, :cols] = batch[key]
             out[key] = padded

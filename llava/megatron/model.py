@@ -86,9 +86,15 @@ class SequenceParallelNorm:
 
 
 def layer_block_spec(mca: dict, config: TransformerConfig, vp_stage: int | None):
-    """The local (no TransformerEngine) layer spec; with sequence parallelism, a block spec of this stage's layers
-    whose norms (the final norm too) are ``SequenceParallelNorm``."""
+    """The local (no TransformerEngine) layer spec with ``PackedDotProductAttention``; with sequence parallelism, a
+    block spec of this stage's layers whose norms (the final norm too) are ``SequenceParallelNorm``."""
+    from llava.megatron.packed import PackedDotProductAttention
+
     spec = get_gpt_layer_local_spec(qk_layernorm=mca["qk_layernorm"], normalization=mca["normalization"])
+    attn = spec.submodules.self_attention  # core attention that also takes THD packed sequences (--packing)
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules,
+                                                                    core_attention=PackedDotProductAttention))
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
     if not config.sequence_parallel:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build

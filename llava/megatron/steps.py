@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from llava.megatron.model import shift_labels, token_losses
+from llava.megatron.packed import packed_params
 
 logger = logging.getLogger("llava.megatron")
 STATE_FILE = "megatron_state.json"
@@ -33,9 +34,13 @@ def make_forward_step(vocab_size: int):
         batch = next(data_iterator)
         ids = batch["input_ids"]
         b, s = ids.shape
-        position_ids = torch.arange(s).expand(b, s)
-        causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked
-        output = chunk(ids, position_ids, causal, pixel_values=batch.get("pixel_values"))
+        if "position_ids" in batch:  # --packing: one THD sequence, attention and rotary positions per sample
+            output = chunk(ids, batch["position_ids"], None, packed_seq_params=packed_params(batch["position_ids"]),
+                           pixel_values=batch.get("pixel_values"))
+        else:
+            position_ids = torch.arange(s).expand(b, s)
+            causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked
+            output = chunk(ids, position_ids, causal, pixel_values=batch.get("pixel_values"))
 
         def loss_func(logits):
             losses, mask = token_losses(logits, shift_labels(batch["labels"]), vocab_size)
@@ -112,7 +117,8 @@ def run_steps(model, optimizer, scheduler, steps, total_steps: int, training_arg
         scheduler.step(increment=1)
         num, den = reduce_sums([(float(x["loss_sum"]), float(x["tokens"])) for x in losses])
         entry = {"step": step + 1, "loss": num / max(den, 1.0), "grad_norm": grad_norm, "learning_rate": lr,
-                 "seconds": time.perf_counter() - start, "updated": bool(updated)}
+                 "seconds": time.perf_counter() - start, "updated": bool(updated),
+                 "micro_batches": len(micro), "micro_batch_shape": list(micro[0]["input_ids"].shape)}
         history.append(entry)
         if torch.distributed.get_rank() == 0 and (step + 1) % max(1, int(training_args.logging_steps)) == 0:
             logger.info("step %d/%d loss %.6f grad_norm %s lr %.3g", step + 1, total_steps, entry["loss"],

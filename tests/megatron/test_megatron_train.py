@@ -6,7 +6,8 @@ Two tiny Llava models: the demo's Llama-style LM (GQA, untied) and a Qwen2-style
 embeddings), each with the tiny CLIP tower. For stage 1 (projector only) and stage 2 (full fine-tune), the hf
 backend (transformers Trainer, 1 process) trains 5 steps in this process; the Megatron backend trains the same 5
 steps at TP2 PP1 and TP1 PP2 (2 processes, gloo, fp32), Qwen2's stage 2 also with --sequence_parallel and
-with VPP 2 (interleaved schedule) -- all Megatron runs in one torchrun launch (``megatron_train_jobs.py``).
+with VPP 2 (interleaved schedule), Llama's stage 2 also with --packing (THD, per-sample attention; against the hf
+backend's padded batches) -- all Megatron runs in one torchrun launch (``megatron_train_jobs.py``).
 Checked: per-step losses (<= 1e-4 relative) and stage 2's held-out eval loss; the exported weights (native Llava
 checkpoint, or the stage-1 projector file) against the hf backend's (<= 1e-5); that transformers loads the export
 and ``llava predict`` answers from it as from the hf backend's; the modality-grouped order (Qwen2 stage 2); wandb
@@ -39,8 +40,12 @@ BIN = Path(sys.executable).parent
 LAYOUTS = {"tp2pp1": ["--tensor_model_parallel_size", "2"], "tp1pp2": ["--pipeline_model_parallel_size", "2"],
            # Qwen2 stage 2 only: sequence parallelism, and the interleaved schedule (2 chunks of 2 layers per stage)
            "tp2pp1_sp": ["--tensor_model_parallel_size", "2", "--sequence_parallel", "True"],
-           "tp1pp2_vpp2": ["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2"]}
-EXTRA_LAYOUTS = ("tp2pp1_sp", "tp1pp2_vpp2")
+           "tp1pp2_vpp2": ["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2"],
+           # Llama stage 2 only: --packing (one THD sequence per micro-batch, attention per sample) vs hf padded
+           "tp2pp1_packed": ["--tensor_model_parallel_size", "2", "--packing", "True"],
+           "tp1pp2_packed": ["--pipeline_model_parallel_size", "2", "--packing", "True"]}
+EXTRA_LAYOUTS = {"tp2pp1_sp": ("qwen2", 2), "tp1pp2_vpp2": ("qwen2", 2), "tp2pp1_packed": ("llama", 2),
+                 "tp1pp2_packed": ("llama", 2)}
 STAGES = {
     # stage 1: projector only, plain template, captions; stage 2: everything but the tower, vicuna_v1, Q&A
     1: lambda data: ["--version", "plain", "--data_path", str(data["stage1_captions"]), "--tune_mm_mlp_adapter",
@@ -116,7 +121,7 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
             case = _case_flags(name, stage, shapes_data)
             train(_flags(llm, tiny_models["vision_tower"], shapes_data, stage, hf[name, stage], case))
             for layout, extra in LAYOUTS.items():
-                if layout in EXTRA_LAYOUTS and (name, stage) != ("qwen2", 2):
+                if EXTRA_LAYOUTS.get(layout, (name, stage)) != (name, stage):
                     continue
                 out = root / f"mg_{name}_s{stage}_{layout}"
                 megatron[name, stage, layout] = out
@@ -154,7 +159,7 @@ def _torchrun(root: Path, jobs: list[list[str]], env: dict | None = None, popen:
 
 
 CASES = [(m, s, lay) for m in ("llama", "qwen2") for s in STAGES for lay in LAYOUTS
-         if lay not in EXTRA_LAYOUTS or (m, s) == ("qwen2", 2)]
+         if EXTRA_LAYOUTS.get(lay, (m, s)) == (m, s)]
 
 
 @pytest.mark.parametrize("model,stage,layout", CASES)
@@ -166,6 +171,9 @@ def test_losses_equal_hf_backend(runs, model, stage, layout):
     print(f"{model} stage {stage} {layout}: hf {expected} megatron {got} max rel {max(rel):.2e}")
     assert max(rel) <= LOSS_RTOL, (expected, got)
     assert expected[-1] < expected[0]  # it trained (so equal losses are not equal constants)
+    shapes = {tuple(e["micro_batch_shape"]) for e in json.loads(
+        (runs["megatron"][model, stage, layout] / "megatron_state.json").read_text())["log_history"] if "loss" in e}
+    assert all(rows == (1 if "packed" in layout else 2) for rows, _ in shapes), shapes  # packed: one row of 2 samples
     if stage == 2:  # held-out loss at step 5, as Trainer.evaluate computes it
         (hf_eval,), (mg_eval,) = _hf_losses(runs["hf"][model, stage], "eval_loss"), _megatron_losses(
             runs["megatron"][model, stage, layout], "eval_loss")
@@ -215,7 +223,7 @@ def test_export_loads_in_transformers_and_predicts(runs, shapes_data):
 
 @pytest.mark.parametrize("flags,message", [
     (["--lora_enable", "True"], "--lora_enable True"),
-    (["--packing", "True"], "--packing True"),
+    (["--mm_projector_lr", "1e-4"], "--mm_projector_lr"),
     (["--optim", "sgd"], "--optim sgd"),
 ])
 def test_unsupported_combinations_fail_at_start(tiny_models, shapes_data, tmp_path, flags, message):

@@ -60,7 +60,6 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         f"--optim {optim} (megatron-core's Adam is torch AdamW: use adamw_torch)":
             optim not in ("adamw_torch", "adamw_torch_fused"),
         f"--lr_scheduler_type {scheduler} (supported: {', '.join(LR_SCHEDULERS)})": scheduler not in LR_SCHEDULERS,
-        "--mm_projector_lr (not yet under megatron)": training_args.mm_projector_lr is not None,
         f"--virtual_pipeline_model_parallel_size with --gradient_accumulation_steps "
         f"{training_args.gradient_accumulation_steps} (the interleaved schedule needs at least "
         f"--pipeline_model_parallel_size micro-batches per step)":

@@ -180,7 +180,7 @@ def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_arg
     """megatron-core DDP around each chunk, ``get_megatron_optimizer`` (torch AdamW on CPU) and its scheduler,
     set to what ``transformers.Trainer`` does with the same flags (AdamW, clipping, linear/cosine decay)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer, get_standard_config_overrides
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -192,7 +192,11 @@ def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_arg
         clip_grad=training_args.max_grad_norm or 0.0, bf16=training_args.bf16, params_dtype=chunks[0].config.params_dtype,
         use_distributed_optimizer=False,
     )
-    optimizer = get_megatron_optimizer(opt_config, model)
+    overrides = get_standard_config_overrides(opt_config)  # no weight decay on biases and 1-D weights
+    if training_args.mm_projector_lr is not None:  # the projector's own peak LR, decayed by the same schedule
+        overrides[ParamKey(name="*multi_modal_projector.*")] = {"max_lr": training_args.mm_projector_lr,
+                                                                "min_lr": 0.0}
+    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if training_args.bf16 else None

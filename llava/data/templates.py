@@ -8,8 +8,9 @@ that into ids and labels. Templates are values passed around, never module state
     >>> [s.text for s in t.render([Message("user", "hi"), Message("assistant", "yo")], bos="<s>", eos="</s>")]
     ['<s>A chat between ... USER: hi ASSISTANT:', ' yo</s>']
 
-Boundaries sit where a BPE/SentencePiece tokenizer splits anyway (before a space-prefixed word, a newline or a
-special token), so tokenizing each segment alone and concatenating gives the whole prompt's ids; a test holds that.
+The segments are never tokenized one by one: ``llava/data/tokenize.py`` tokenizes the joined prompt once and labels
+each token by the characters it covers (a token straddling a boundary is supervised when it covers a supervised
+character other than leading whitespace), so no boundary has to fall where the tokenizer splits.
 ``auto`` uses the tokenizer's own chat template and finds the assistant spans by rendering growing prefixes.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.records import Message
+from llava.errors import UsageValueError
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ class ConversationTemplate:
 def _render_auto(messages: list[Message], tokenizer, system: str | None) -> list[Segment]:
     """Segments from ``tokenizer.apply_chat_template`` by rendering growing prefixes of the conversation."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise UsageValueError(
             "--version auto uses the tokenizer's chat template, but this tokenizer has none; "
             "pick a named template (plain, vicuna_v1, llama_2, mistral, chatml, llama3)"
         )
@@ -182,7 +184,7 @@ def _render_auto(messages: list[Message], tokenizer, system: str | None) -> list
         before = render(i, generation_prompt=True)
         after = render(i + 1, generation_prompt=False)
         if not before.startswith(done) or not after.startswith(before):
-            raise ValueError(
+            raise UsageValueError(
                 "--version auto: the tokenizer's chat template rewrites earlier turns when a turn is added "
                 "(e.g. it strips reasoning), so assistant spans cannot be located; use a named template"
             )
@@ -193,7 +195,7 @@ def _render_auto(messages: list[Message], tokenizer, system: str | None) -> list
         done = before + stripped
     full = render(len(chat), generation_prompt=chat[-1]["role"] != "assistant")
     if not full.startswith(done):
-        raise ValueError("--version auto: the chat template's full rendering does not extend its prefixes")
+        raise UsageValueError("--version auto: the chat template's full rendering does not extend its prefixes")
     if full[len(done) :]:
         segs.append(Segment(full[len(done) :], False))
     return [s for s in segs if s.text]
@@ -219,5 +221,5 @@ def get_template(name: str) -> ConversationTemplate:
     """Look up a template by ``--version`` name (original LLaVA aliases accepted)."""
     key = TEMPLATE_ALIASES.get(name, name)
     if key not in TEMPLATES:
-        raise ValueError(f"--version {name!r} is not a known template; choose one of {sorted(TEMPLATES)}")
+        raise UsageValueError(f"--version {name!r} is not a known template; choose one of {sorted(TEMPLATES)}")
     return TEMPLATES[key]

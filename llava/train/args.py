@@ -22,6 +22,8 @@ from typing import Any
 
 import transformers
 
+from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
+from llava.megatron.args import MegatronArguments
 from llava.model.args import ModelArguments
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
@@ -57,7 +59,7 @@ class TrainingArguments(transformers.TrainingArguments):
                 "is oversubscribed) or mask (stock sdpa, block-diagonal mask of the whole row)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
-    optim: str = field(default="adamw_torch")
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "LLaVA scripts' flag (removed in transformers 5): --warmup_steps as a ratio"}
     )
@@ -118,36 +120,88 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
         )
 
 
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """The files and directories the flags name exist, the template is known: checked before any model loads."""
+    from llava.data.templates import get_template
+
+    get_template(model_args.version)
+    require_model_path("--model_name_or_path", model_args.model_name_or_path,
+                       hint="give the directory of an LLM or of a Llava checkpoint")
+    if model_args.vision_tower:
+        require_model_path("--vision_tower", model_args.vision_tower, hint="give a CLIP or SigLIP directory")
+    if model_args.pretrain_mm_mlp_adapter:
+        require_path("--pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter, kind="file",
+                     hint="stage 1 writes OUTPUT_DIR/mm_projector.safetensors")
+    require_path("--data_path", data_args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory")
+    if data_args.image_folder:
+        require_path("--image_folder", data_args.image_folder, kind="dir",
+                     hint="give the directory the records' image paths are relative to")
+    if data_args.eval_data_path:
+        require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file")
+    resume = training_args.resume_from_checkpoint
+    if resume and resume.lower() not in ("true", "false", "none"):
+        require_path("--resume_from_checkpoint", resume, kind="dir",
+                     hint="give a checkpoint-N directory of the run, or True for the latest in --output_dir")
+
+
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+
+class ArgumentParser(RaiseOnUsageError, transformers.HfArgumentParser):
+    """``HfArgumentParser`` whose parse errors raise ``UsageError`` (one line from ``llava train``, exit 2)."""
+
+
+def build_parser() -> ArgumentParser:
+    """The three argument dataclasses + ``--backend`` and the Megatron flags (``llava/megatron/args.py``)."""
+    return ArgumentParser((*ARG_CLASSES, MegatronArguments), prog="llava train",
+                          usage="llava train [CONFIG.yaml] [--flag VALUE ...]")
 
 
 def parse_args(argv: list[str] | None = None, *, with_backend: bool = False) -> tuple:
     """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it.
-    ``with_backend``: also the ``--backend`` / Megatron flags (``llava.megatron.args``), returned fourth."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    classes = ARG_CLASSES
-    if with_backend:
-        from llava.megatron.args import MegatronArguments
+    Returns (model, data, training) arguments, and the ``MegatronArguments`` fourth when ``with_backend``.
 
-        classes = (*ARG_CLASSES, MegatronArguments)
-    parser = transformers.HfArgumentParser(classes)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
+    Every mistake (unknown flag, bad value, bad combination, a missing config file) raises ``UsageError``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        if not os.path.isfile(argv[0]):
+            raise UsagePathError(f"config file {argv[0]}: no such file (the first argument names a YAML/JSON file of "
+                                 f"flags)")
         argv = _config_file_to_flags(argv[0]) + argv[1:]
-    parsed = parser.parse_args_into_dataclasses(args=argv)
-    check_combinations(*parsed[:3])
-    return tuple(parsed)
+    parser = build_parser()
+    try:  # __post_init__ checks and transformers' own raise ValueError: all about the flags given
+        model_args, data_args, training_args, backend_args, unknown = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+        if unknown:
+            raise UsageValueError(f"unknown flag(s) {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
+        check_combinations(model_args, data_args, training_args)
+    except ValueError as err:
+        if isinstance(err, UsageValueError):
+            raise
+        raise UsageValueError(one_line(err)) from err
+    if with_backend:
+        return model_args, data_args, training_args, backend_args
+    return model_args, data_args, training_args
+
+
+def _did_you_mean(parser: ArgumentParser, unknown: list[str]) -> str:
+    import difflib
+
+    flags = [s for a in parser._actions for s in a.option_strings]
+    close = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u.split("=")[0], flags, 2)]
+    return f"; did you mean {', '.join(close)}?" if close else "; `llava train --help` lists the flags"
 
 
 def _config_file_to_flags(path: str) -> list[str]:
-    text = Path(path).read_text()
-    if path.endswith(".json"):
-        values = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        values = yaml.safe_load(text) or {}
+    text = Path(path).read_text()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text) or {}
+    except (ValueError, yaml.YAMLError) as err:
+        raise UsageValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {one_line(err)}") from err
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values")
+        raise UsageValueError(f"{path}: expected a mapping of flag names to values")
     flags: list[str] = []
     for key, value in values.items():
         if isinstance(value, list):

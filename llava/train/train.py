@@ -18,6 +18,7 @@ the same flags; ``--on_bad_sample skip`` drops what it would report and writes t
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import transformers
@@ -25,10 +26,11 @@ import transformers
 from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
+from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
-from llava.train.args import parse_args, resolved_args_dict
+from llava.train.args import check_inputs, parse_args, resolved_args_dict
 from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
 
@@ -47,6 +49,7 @@ def load_dtype(training_args) -> torch.dtype:
 def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     # --- setup: arguments, logging, seed; --backend megatron: llava/megatron/train.py (returns the step log)
     model_args, data_args, training_args, backend_args = parse_args(argv, with_backend=True)
+    check_inputs(model_args, data_args, training_args)
     if backend_args.backend == "megatron":
         from llava.megatron.train import train_megatron
 
@@ -139,7 +142,13 @@ def _resume_arg(value: str | None) -> str | bool | None:
 
 
 def main() -> None:
-    train()
+    """``python -m llava.train.train FLAGS`` (what DeepSpeed launchers run): input errors as ``llava train``'s."""
+
+    def run() -> int:
+        train(sys.argv[1:])
+        return 0
+
+    sys.exit(report_usage_errors("train", run))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
     }
     bad = [flag for flag, hit in refused.items() if hit]
     if bad:
-        raise ValueError("--backend megatron does not support: " + "; ".join(bad))
+        from llava.errors import UsageValueError  # one line from `llava train`, exit code 2
+
+        raise UsageValueError("--backend megatron does not support: " + "; ".join(bad))
 
 
 def _value(option) -> str:

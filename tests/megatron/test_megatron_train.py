@@ -130,13 +130,20 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
                 wandb = ["--report_to", "wandb"] if (name, stage, layout) == WANDB_CASE else []
                 jobs.append([*_flags(llm, tiny_models["vision_tower"], shapes_data, stage, out, case), "--backend",
                              "megatron", *extra, *wandb])
+    # data parallelism: TP1 PP1 on 2 processes (DP 2) x 2 accumulation steps = the hf backend's 4 accumulation steps
+    dp = {"hf": root / "hf_llama_s1_ga4", "megatron": root / "mg_llama_s1_dp2"}
+    stage1 = _flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 1, dp["hf"])
+    stage1[stage1.index("--gradient_accumulation_steps") + 1] = "4"
+    train(stage1)
+    jobs.append([*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 1, dp["megatron"]), "--backend",
+                 "megatron"])
     # resume: 4 steps saving every 2, then a new run resuming from its checkpoint-2 (Qwen2, stage 2, TP1 PP2)
     resume = {"full": root / "resume_full", "resumed": root / "resume_resumed"}
     jobs.append(_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["full"]))
     jobs.append([*_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["resumed"]),
                  "--resume_from_checkpoint", str(resume["full"] / "checkpoint-2")])
     _torchrun(root, jobs, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root}
+    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp}
 
 
 def _resume_flags(llm, tower, data, out) -> list[str]:
@@ -301,3 +308,14 @@ def test_wandb_logs_the_step_losses(runs):
         time.sleep(0.2)
     assert [logged[s] for s in sorted(logged)] == pytest.approx(_megatron_losses(run_dir), abs=1e-6)
     assert any("eval/loss" in h for h in history)
+
+
+def test_data_parallel_equals_accumulation(runs):
+    """DP 2 x 2 accumulation steps reads the batches the hf backend's 4 accumulation steps read (batch k to rank
+    k % 2): same per-step losses and projector."""
+    expected, got = _hf_losses(runs["dp"]["hf"]), _megatron_losses(runs["dp"]["megatron"])
+    assert len(got) == 5 and max(abs(g - e) / e for g, e in zip(got, expected)) <= LOSS_RTOL, (expected, got)
+    assert expected != _hf_losses(runs["hf"]["llama", 1])  # 8 samples per step, not 4: a different run
+    a = load_file(runs["dp"]["hf"] / "mm_projector.safetensors")
+    b = load_file(runs["dp"]["megatron"] / "mm_projector.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL

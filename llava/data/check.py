@@ -167,7 +167,8 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
         tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
         vision_config = VISION_MODELS[tower_type].config_class.from_pretrained(args.vision_tower)
         n = num_image_tokens(vision_config, select_strategy(vision_config, args.mm_vision_select_feature))
-    return TokenSetup(tokenizer, get_template(args.version), tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
+    template = get_template(args.version, image_front=getattr(args, "image_placement", "front") == "front")
+    return TokenSetup(tokenizer, template, tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
                       args.model_max_length, args.mm_use_im_start_end)
 
 
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="vicuna_v1")
     p.add_argument("--model_max_length", type=int, default=2048)
     p.add_argument("--mm_use_im_start_end", type=_bool, default=False)
+    p.add_argument("--image_placement", choices=("front", "keep"), default="front")
     p.add_argument("--mm_vision_select_feature", default="patch")
     p.add_argument("--image_aspect_ratio", default="square")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
 
+from llava.data.chat_templates import set_chat_template
+from llava.data.templates import get_template
 from llava.errors import UsagePathError, UsageValueError, require_model_path
 from llava.model.builder import add_multimodal_tokens, load_vision_tower, make_llava_config, make_llava_processor
 from llava.run_dir import RunKind, write_run_args
@@ -124,6 +126,7 @@ def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1"
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
     processor = make_llava_processor(image_processor, tokenizer, config.vision_config, strategy)
+    set_chat_template(processor, get_template(version))  # renders its training prompts
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
     write_run_args(out, {

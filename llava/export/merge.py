@@ -12,14 +12,15 @@ same weights), dequantized layer by layer into plain ``nn.Linear``, then merged:
 adapter model the run trained, not the unquantized base plus the adapter.
 
 Streaming (the default for LoRA runs on an LLM directory, ``merge_stream.py``): the language model is merged one
-safetensors shard at a time, so peak memory is the vision tower + adapter + one output shard, flat in LLM size.
+safetensors shard at a time, each tensor written to its offset in the output, so peak memory is the vision tower +
+adapter + the tensor being merged, flat in LLM size.
 In memory (QLoRA runs, Llava-checkpoint bases, adapters with biases/DoRA): one copy of the model in the output dtype (``P * bytes(dtype)``) plus one layer's LoRA delta
 (``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
 tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
 4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
 Measured (``tests/export/measure_merge_memory.py``, fp32, hidden 512, LLM in 20 MB shards, 20 MB output shards):
-2/8/16 layers = 29/106/209 MiB of weights; peak RSS above imports, streaming 49/79/92 MiB (+13 MiB from 8 to 16
-layers: the adapter grows with depth), in memory 74/159/255 MiB (~1.0x the model per added MiB + ~45 MiB).
+2/8/16 layers = 29/106/209 MiB of weights; peak RSS above the libraries' imports, streaming 41/50/50 MiB, in memory
+99/171/274 MiB (~1.0x the model per added MiB + ~70 MiB).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ class Predictor:
                                   f"template")
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
         processor = AutoProcessor.from_pretrained(model_dir)
-        return cls(model, processor, get_template(name), data_args.get("image_aspect_ratio", "square"),
+        template = get_template(name, image_front=data_args.get("image_placement", "front") == "front")
+        return cls(model, processor, template, data_args.get("image_aspect_ratio", "square"),
                    bool(model_args.get("mm_use_im_start_end", False)))
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from llava.megatron.args import MegatronArguments
 from llava.model.args import ModelArguments
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
+logger = logging.getLogger("llava.train")
+
 
 @dataclass
 class DataArguments:
@@ -35,6 +38,9 @@ class DataArguments:
     image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
+    image_placement: str = field(default="front", metadata={
+        "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "
+                "LLaVA-1.5/NeXT train; keep: the record's own placement (multi-image records always keep theirs)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
 
@@ -43,6 +49,8 @@ class DataArguments:
             raise ValueError("--data_path is required")
         if self.image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio}")
+        if self.image_placement not in ("front", "keep"):
+            raise ValueError(f"--image_placement must be front or keep, got {self.image_placement}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"--on_bad_sample must be error or skip, got {self.on_bad_sample}")
 
@@ -74,6 +82,7 @@ class TrainingArguments(transformers.TrainingArguments):
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
 
     def __post_init__(self):
+        self.deepspeed = _bundled_deepspeed_config(self.deepspeed)
         if wants_cpu_ddp(self.deepspeed):  # torchrun on CPU: accelerate's MULTI_CPU (gloo) path, see distributed.py
             self.use_cpu = True
         if self.warmup_ratio is not None:
@@ -145,6 +154,33 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+# Flags of the LLaVA-1.5 launcher scripts that transformers has renamed since: old -> new.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
+
+
+def _bundled_deepspeed_config(value):
+    """LLaVA's ``--deepspeed ./scripts/zero2.json`` (absent here) -> this project's ``zero_configs/zero2.json``."""
+    if not isinstance(value, str) or os.path.isfile(value) or value.lstrip().startswith("{"):
+        return value
+    bundled = ZERO_CONFIGS / Path(value).name
+    if not bundled.is_file():
+        return value
+    logger.warning("--deepspeed %s does not exist: using the bundled %s", value, bundled)
+    return str(bundled)
+
+
+def rename_legacy_flags(argv: list[str]) -> list[str]:
+    """``--evaluation_strategy no`` -> ``--eval_strategy no`` (also ``--flag=value``), with a one-line notice."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in RENAMED_FLAGS:
+            logger.warning("%s is %s in transformers >= 5: passing it as %s", name, RENAMED_FLAGS[name],
+                           RENAMED_FLAGS[name])
+            arg = RENAMED_FLAGS[name] + eq + value
+        out.append(arg)
+    return out
 
 
 class ArgumentParser(RaiseOnUsageError, transformers.HfArgumentParser):
@@ -171,7 +207,7 @@ def parse_args(argv: list[str] | None = None, *, with_backend: bool = False) -> 
     parser = build_parser()
     try:  # __post_init__ checks and transformers' own raise ValueError: all about the flags given
         model_args, data_args, training_args, backend_args, unknown = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True)
+            args=rename_legacy_flags(argv), return_remaining_strings=True)
         if unknown:
             raise UsageValueError(f"unknown flag(s) {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
         check_combinations(model_args, data_args, training_args)

@@ -23,6 +23,7 @@ import sys
 import torch
 import transformers
 
+from llava.data.chat_templates import set_chat_template
 from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
@@ -95,7 +96,8 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
 
     # --- data: templated, tokenized, images expanded to the tower's feature count
-    template = get_template(model_args.version)
+    template = get_template(model_args.version, image_front=data_args.image_placement == "front")
+    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)  # saved with the processor: renders these ids
     train_dataset = LazySupervisedDataset.from_args(
         data_args.data_path, model_args, data_args, training_args, built, template
     )

@@ -103,6 +103,8 @@ class StepBatches:
         """The step's micro-batches, one shape; at least ``min_micro`` of them (an epoch's last step may be short:
         the interleaved schedule needs PP micro-batches, so empty ones -- no supervised token -- fill in)."""
         batches = [self.collate([self.dataset[i] for i in idx]) for idx in self.step_indices(step)]
+        if not batches:  # an epoch's tail left this data-parallel rank nothing: one empty micro-batch
+            return [self._empty(self.pad_multiple, self.rows) for _ in range(max(1, self.min_micro))]
         width = max(b["input_ids"].shape[1] for b in batches)
         width = -(-width // self.pad_multiple) * self.pad_multiple
         padded = [self._pad(b, width) for b in batches]

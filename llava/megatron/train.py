@@ -71,14 +71,16 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
     trainable = apply_freezing(chunks, model_args, run_facts["added_tokens"])
     logger.info("rank %d trainable parameters: %s", torch.distributed.get_rank(), trainable)
 
-    # --- megatron-core DDP, optimizer, scheduler
-    model, optimizer, scheduler, total_steps = build_optimizer(chunks, training_args, hf_dir, data_args, model_args,
-                                                               mg_args)
+    # --- data (the hf backend's dataset and order), then megatron-core DDP, optimizer, scheduler
     processor, bits = load_processor_bits(hf_dir, model_args)
     dataset = build_dataset(data_args.data_path, model_args, data_args, training_args, processor, bits)
     steps = StepBatches(dataset, processor.tokenizer.pad_token_id, training_args,
                         parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank(),
                         pad_multiple=tp if mg_args.sequence_parallel else 1, min_micro=pp if vpp else 1)
+    total_steps = training_args.max_steps
+    if total_steps <= 0:  # as transformers counts them: ceil(epochs x optimizer steps per epoch)
+        total_steps = math.ceil(training_args.num_train_epochs * steps.steps_per_epoch)
+    model, optimizer, scheduler = build_optimizer(chunks, training_args, total_steps)
 
     evaluate, eval_every = None, 0
     if data_args.eval_data_path and _eval_every(training_args):
@@ -176,7 +178,7 @@ def apply_freezing(chunks, model_args, added_tokens: int) -> dict[str, int]:
     return counts
 
 
-def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_args):
+def build_optimizer(chunks, training_args, total_steps: int):
     """megatron-core DDP around each chunk, ``get_megatron_optimizer`` (torch AdamW on CPU) and its scheduler,
     set to what ``transformers.Trainer`` does with the same flags (AdamW, clipping, linear/cosine decay)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -200,9 +202,6 @@ def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_arg
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if training_args.bf16 else None
-    total_steps = training_args.max_steps
-    if total_steps <= 0:
-        raise ValueError("--backend megatron needs --max_steps (epochs are not counted yet)")
     warmup = training_args.get_warmup_steps(total_steps)
     style = LR_SCHEDULERS[str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type))]
     scheduler = OptimizerParamScheduler(
@@ -210,7 +209,7 @@ def build_optimizer(chunks, training_args, hf_dir, data_args, model_args, mg_arg
         lr_decay_steps=total_steps, lr_decay_style=style, start_wd=training_args.weight_decay,
         end_wd=training_args.weight_decay, wd_incr_steps=total_steps, wd_incr_style="constant",
     )
-    return model, optimizer, scheduler, total_steps
+    return model, optimizer, scheduler
 
 
 def _save_every(training_args, total_steps: int) -> int:

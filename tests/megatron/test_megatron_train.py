@@ -137,13 +137,26 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
     train(stage1)
     jobs.append([*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 1, dp["megatron"]), "--backend",
                  "megatron"])
+    # epochs instead of --max_steps: 10 records, batches of 2, 2 accumulation steps -> 3 steps per epoch (the last
+    # of one batch), 2 epochs; at TP1 PP2 the short step goes through the pipeline schedule with 1 micro-batch
+    subset = root / "captions10.json"
+    subset.write_text(json.dumps(json.loads(Path(shapes_data["stage1_captions"]).read_text())[:10]))
+    epochs = {"hf": root / "hf_llama_s1_epochs", "megatron": root / "mg_llama_s1_epochs"}
+    for side, out in epochs.items():
+        flags = _flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 1, out)
+        flags[flags.index("--data_path") + 1] = str(subset)
+        flags[flags.index("--max_steps"):flags.index("--max_steps") + 2] = ["--num_train_epochs", "2"]
+        if side == "hf":
+            train(flags)
+        else:
+            jobs.append([*flags, "--backend", "megatron", "--pipeline_model_parallel_size", "2"])
     # resume: 4 steps saving every 2, then a new run resuming from its checkpoint-2 (Qwen2, stage 2, TP1 PP2)
     resume = {"full": root / "resume_full", "resumed": root / "resume_resumed"}
     jobs.append(_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["full"]))
     jobs.append([*_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["resumed"]),
                  "--resume_from_checkpoint", str(resume["full"] / "checkpoint-2")])
     _torchrun(root, jobs, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp}
+    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp, "epochs": epochs}
 
 
 def _resume_flags(llm, tower, data, out) -> list[str]:
@@ -319,3 +332,10 @@ def test_data_parallel_equals_accumulation(runs):
     a = load_file(runs["dp"]["hf"] / "mm_projector.safetensors")
     b = load_file(runs["dp"]["megatron"] / "mm_projector.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL
+
+
+def test_epochs_count_and_cut_steps_like_the_hf_backend(runs):
+    """--num_train_epochs 2 over 10 records (3 steps per epoch, the last one short): 6 steps, the hf losses."""
+    expected, got = _hf_losses(runs["epochs"]["hf"]), _megatron_losses(runs["epochs"]["megatron"])
+    assert len(expected) == len(got) == 6
+    assert max(abs(g - e) / e for g, e in zip(got, expected)) <= LOSS_RTOL, (expected, got)

@@ -39,11 +39,11 @@ class PackedDotProductAttention(DotProductAttention):
         return torch.cat(outputs, dim=0)  # the attention layer reshapes to [t, 1, heads * d]
 
 
-def packed_params(position_ids: torch.Tensor) -> PackedSeqParams:
+def packed_params(position_ids: torch.Tensor, device: torch.device | None = None) -> PackedSeqParams:
     """``PackedSeqParams`` of one packed row (positions restart at 0 at every sample)."""
     pos = position_ids.reshape(-1)
     starts = torch.nonzero(pos == 0).reshape(-1).tolist()
-    bounds = torch.tensor([*starts, pos.numel()], dtype=torch.int32)
+    bounds = torch.tensor([*starts, pos.numel()], dtype=torch.int32, device=device)
     longest = int((bounds[1:] - bounds[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=longest,
                            max_seqlen_kv=longest)

@@ -27,19 +27,26 @@ logger = logging.getLogger("llava.megatron")
 STATE_FILE = "megatron_state.json"
 
 
+def batch_device() -> torch.device:
+    """Where batches and collective buffers live: the rank's GPU, else the CPU (GPU runs are untested here)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def make_forward_step(vocab_size: int):
     """megatron-core's ``forward_step_func``: one micro-batch through a model chunk, and its loss function."""
 
     def forward_step(data_iterator, chunk):
-        batch = next(data_iterator)
+        device = batch_device()
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(data_iterator).items()}
         ids = batch["input_ids"]
         b, s = ids.shape
         if "position_ids" in batch:  # --packing: one THD sequence, attention and rotary positions per sample
-            output = chunk(ids, batch["position_ids"], None, packed_seq_params=packed_params(batch["position_ids"]),
+            output = chunk(ids, batch["position_ids"], None,
+                           packed_seq_params=packed_params(batch["position_ids"], device),
                            pixel_values=batch.get("pixel_values"))
         else:
-            position_ids = torch.arange(s).expand(b, s)
-            causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)  # True = masked
+            position_ids = torch.arange(s, device=device).expand(b, s)
+            causal = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), diagonal=1)  # True: masked
             output = chunk(ids, position_ids, causal, pixel_values=batch.get("pixel_values"))
 
         def loss_func(logits):
@@ -68,7 +75,7 @@ def reduce_sums(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     rank afterwards (broadcast along the pipeline)."""
     from megatron.core import parallel_state as ps
 
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=batch_device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for num, den in pairs:
             sums[0] += num

@@ -152,6 +152,8 @@ def build_model_chunks(hf_dir: Path, mg_args, training_args):
                               vp_stage=vp if vpp else None)
         chunks.append(chunk)
     load_rank_state(chunks, read_rank_state(hf_dir, layout, tp_rank, pp_rank, padded))
+    if torch.cuda.is_available():  # built and loaded on the CPU (use_cpu_initialization), trained on the rank's GPU
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     return chunks, layout, padded
 
 

@@ -1,6 +1,7 @@
 """The ``llava`` command.
 
     llava demo [--workdir DIR]                              # the whole pipeline on the embedded tiny default
+    llava demo --anyres True [--workdir DIR]                # high resolution: pad vs anyres where detail matters
     llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train; --help lists them grouped
     llava data check --data_path ... (the same flags)       # validate data + statistics before training; --json
     llava predict --model DIR --image X.png --prompt "..."

@@ -36,6 +36,8 @@ from llava.train.args import parse_args
 from llava.train.throughput import COMPONENTS, FlopCounts, matmul_peak_flops, profile_step_by_component, sample_lengths
 from llava.train.train import build_trainer
 
+ANYRES = ["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad",
+          "--image_grid_pinpoints", "(1x1),...,(2x2)"]
 VARIANTS = {  # name: extra training flags
     "padded": [],
     "grouped": ["--group_by_modality_length", "True"],
@@ -44,6 +46,9 @@ VARIANTS = {  # name: extra training flags
     "packed": ["--packing", "True"],
     "packed_mask": ["--packing", "True", "--packing_attention", "mask"],
     "packed_grouped": ["--packing", "True", "--group_by_modality_length", "True"],
+    # LLaVA-NeXT anyres on the same mix: each image a grid of tower crops + base view, tokens by image size
+    "anyres_padded": ANYRES,
+    "anyres_packed": [*ANYRES, "--packing", "True"],
     "padded_lora": ["--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
     "packed_lora": ["--packing", "True", "--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
 }
@@ -89,6 +94,8 @@ class VariantRun:
         t1 = time.perf_counter()
         lengths = sample_lengths(batch, self.pad_id)
         n_images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
+        if "image_sizes" in batch:  # anyres: the tower runs on every crop and the base view
+            n_images = sum(self.built.layout.num_views(int(h), int(w)) for h, w in batch["image_sizes"].tolist())
         loss = self.compute(batch, num_items)
         t2 = time.perf_counter()
         if record:

@@ -124,3 +124,35 @@ def sentencepiece_tokenizer_dir(tmp_path_factory):
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096,
     }))
     return out
+
+
+@pytest.fixture(scope="session")
+def anyres_data(tmp_path_factory) -> dict:
+    """Images of many sizes and aspect ratios (incl. 12x300 and 700x500) for the anyres tests.
+
+    ``{"image_folder", "train": JSON path (single-image, two-image and text-only records), "sizes": {name: (h, w)}}``.
+    """
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("anyres_data")
+    rng = random.Random(0)
+    sizes = {"wide.png": (12, 300), "tall.png": (300, 12), "big.png": (700, 500)}
+    sizes.update({f"img{i}.png": (rng.randint(16, 260), rng.randint(16, 260)) for i in range(21)})
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    records = []
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        colour = list(colours)[i % 3]
+        image = Image.new("RGB", (w, h), (235, 235, 235))
+        ImageDraw.Draw(image).rectangle([w // 4, h // 4, max(w // 4, 3 * w // 4), max(h // 4, 3 * h // 4)],
+                                        fill=colours[colour])
+        image.save(root / name)
+        records.append({"id": f"r{i}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the box?"}, {"from": "gpt", "value": colour}]})
+    records.append({"id": "two", "images": ["wide.png", "img0.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nDo they match?"}, {"from": "gpt", "value": "no"}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]})
+    (root / "train.json").write_text(json.dumps(records))
+    return {"image_folder": root, "train": root / "train.json", "sizes": sizes}

@@ -145,6 +145,8 @@ class TokenSetup:
     num_image_tokens: int
     model_max_length: int
     mm_use_im_start_end: bool = False
+    layout: Any = None  # AnyresLayout: each image's token count from its size (llava/data/anyres.py)
+    image_folder: str | None = None
 
 
 def load_token_setup(args: argparse.Namespace) -> TokenSetup:
@@ -157,8 +159,14 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, use_fast=True)
     add_multimodal_tokens(tokenizer, args.mm_use_im_start_end)
+    from llava.model.anyres_model import ANYRES_MODEL_TYPES, anyres_layout, layout_from_config
+
     config = AutoConfig.from_pretrained(args.model_name_or_path)
-    if config.model_type == "llava":
+    layout = None
+    if config.model_type in ANYRES_MODEL_TYPES:
+        layout = layout_from_config(config)
+        n = layout.base_tokens
+    elif config.model_type == "llava":
         n = num_image_tokens(config.vision_config, config.vision_feature_select_strategy)
     else:
         if not args.vision_tower:
@@ -166,10 +174,12 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
                                   f"--vision_tower is required: give a CLIP or SigLIP directory")
         tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
         vision_config = VISION_MODELS[tower_type].config_class.from_pretrained(args.vision_tower)
-        n = num_image_tokens(vision_config, select_strategy(vision_config, args.mm_vision_select_feature))
+        strategy = select_strategy(vision_config, args.mm_vision_select_feature)
+        n = num_image_tokens(vision_config, strategy)
+        layout = anyres_layout(args, vision_config, strategy)
     template = get_template(args.version, image_front=getattr(args, "image_placement", "front") == "front")
     return TokenSetup(tokenizer, template, tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
-                      args.model_max_length, args.mm_use_im_start_end)
+                      args.model_max_length, args.mm_use_im_start_end, layout, args.image_folder)
 
 
 def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
@@ -181,6 +191,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     seen: set[str] = set()
     lengths, n_images = [], Counter()
     truncated = dropped = 0
+    image_tokens: list[int] = []
     pool = ThreadPoolExecutor(max_workers=max(1, workers))  # images decode while the main thread tokenizes
     pending: list[tuple[str, str, Any]] = []
     for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
@@ -204,10 +215,14 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
             dropped += 1
             report.add(err.kind, f"record {record.id!r}: {err}", record.id)
             continue
+        except ImageLoadError:  # anyres counts need the image's size; the image check reports the problem
+            continue
         except ValueError as err:  # e.g. <image> not a special token: a setup error, reported per record
             report.add("tokenize_error", f"record {record.id!r}: {err}", record.id)
             continue
         records.append(record)
+        if setup.layout is not None and record.images:
+            image_tokens += image_token_counts(record, setup)
     with pool:
         bad_images = collect_image_checks(pending, report, progress=progress)
     with_image = sum(1 for r in records if r.images)
@@ -219,14 +234,27 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         "over_max_length": truncated + report.counts["image_tokens_exceed_max_length"], "truncated": truncated,
         "dropped": dropped, "num_image_tokens": setup.num_image_tokens,
     })
+    if setup.layout is not None:  # anyres: tokens per image depend on its size
+        report.stats["image_tokens_per_image"] = _percentiles(image_tokens)
+        report.stats["num_image_tokens"] = f"per image size ({setup.layout.vision_aspect_ratio})"
     report.stats.setdefault("image_width", {})
     report.stats.setdefault("image_height", {})
     return report
 
 
+def image_token_counts(record: Record, setup: TokenSetup) -> list[int]:
+    """Each image's token count: fixed (LLaVA-1.5), or from its size read from the header (anyres)."""
+    if setup.layout is None or not record.images or setup.image_folder is None:
+        return [setup.num_image_tokens] * len(record.images)
+    from llava.data.anyres import read_image_sizes
+
+    return setup.layout.record_image_tokens(read_image_sizes(setup.image_folder, record.images))
+
+
 def _tokenize(record: Record, setup: TokenSetup, max_length: int):
     return tokenize_conversation(record.messages, setup.template, setup.tokenizer, image_token_id=setup.image_token_id,
-                                 num_image_tokens=setup.num_image_tokens, model_max_length=max_length,
+                                 num_image_tokens=image_token_counts(record, setup) if record.images else
+                                 setup.num_image_tokens, model_max_length=max_length,
                                  mm_use_im_start_end=setup.mm_use_im_start_end)
 
 
@@ -243,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_placement", choices=("front", "keep"), default="front")
     p.add_argument("--mm_vision_select_feature", default="patch")
     p.add_argument("--image_aspect_ratio", default="square")
+    p.add_argument("--image_grid_pinpoints", default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")

@@ -23,6 +23,7 @@ from llava.constants import IGNORE_INDEX
 class DataCollatorForSupervisedDataset:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    batch_num_images: bool = False  # LlavaOnevision: images per sample (several images: base views only)
 
     def __call__(self, instances: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(x["input_ids"]) for x in instances)
@@ -38,9 +39,7 @@ class DataCollatorForSupervisedDataset:
             labels[row, :t] = x["labels"]
             attention_mask[row, :t] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        images = [x["pixel_values"] for x in instances if x.get("pixel_values") is not None]
-        if images:
-            batch["pixel_values"] = torch.cat(images, dim=0)
+        batch.update(collate_images(instances, self.batch_num_images))
         return batch
 
 
@@ -71,6 +70,7 @@ class DataCollatorWithPacking:
 
     pad_token_id: int
     max_length: int | None = None
+    batch_num_images: bool = False
 
     def rows_of(self, lengths: list[int]) -> list[list[int]]:
         """Sample indices of each row: the fewest rows of at most ``max_length`` tokens, balanced so that the rows
@@ -100,7 +100,7 @@ class DataCollatorWithPacking:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        images = []
+        ordered = []
         for r, row in enumerate(rows):
             start = 0
             for i in row:
@@ -110,12 +110,28 @@ class DataCollatorWithPacking:
                 labels[r, start : start + t] = x["labels"]
                 labels[r, start] = IGNORE_INDEX
                 position_ids[r, start : start + t] = torch.arange(t)
-                if x.get("pixel_values") is not None:
-                    images.append(x["pixel_values"])
+                ordered.append(x)
                 start += t
             position_ids[r, start:] = torch.arange(width - start)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        if images:
-            batch["pixel_values"] = torch.cat(images, dim=0)
+        batch.update(collate_images(ordered, self.batch_num_images))
         return batch
+
+
+def collate_images(instances: list[dict], batch_num_images: bool = False) -> dict[str, torch.Tensor]:
+    """Every image of the batch in sample order: ``pixel_values`` ``[n, 3, H, W]`` (LLaVA-1.5), or for anyres
+    ``[n, views, 3, S, S]`` with the views zero-padded to the batch's largest (the native model keeps the first
+    views of each image, counted from ``image_sizes`` ``[n, 2]``) and, for OneVision, ``batch_num_images``."""
+    with_images = [x for x in instances if x.get("pixel_values") is not None]
+    if not with_images:
+        return {}
+    pixels = [x["pixel_values"] for x in with_images]
+    if pixels[0].dim() == 4:
+        return {"pixel_values": torch.cat(pixels, dim=0)}
+    views = max(p.shape[1] for p in pixels)
+    padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, views - p.shape[1])) for p in pixels]
+    out = {"pixel_values": torch.cat(padded, dim=0), "image_sizes": torch.cat([x["image_sizes"] for x in with_images])}
+    if batch_num_images:
+        out["batch_num_images"] = torch.tensor([len(x["image_sizes"]) for x in with_images], dtype=torch.long)
+    return out
 

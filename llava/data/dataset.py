@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from llava.data.anyres import AnyresLayout, process_anyres_images, read_image_sizes
 from llava.data.images import ImageLoadError, expand2square, load_image_rgb
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.templates import ConversationTemplate
@@ -52,6 +53,7 @@ class LazySupervisedDataset(Dataset):
         mm_use_im_start_end: bool = False,
         on_bad_sample: str = "error",
         show_progress: bool = True,
+        anyres: AnyresLayout | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -62,6 +64,7 @@ class LazySupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
+        self.anyres = anyres  # image tokens per image from its size (headers read here, no decode)
         self.problems = ProblemLog()  # records that fail validation (llava/data/validate.py, as `llava data check`)
         self.raw = load_raw_records(data_path, self.problems)
         self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
@@ -79,6 +82,9 @@ class LazySupervisedDataset(Dataset):
                 continue
             except SampleRejected as err:
                 self.dropped.add(err.kind, f"record {_rid(self.raw[i], i)!r}: {err}", _rid(self.raw[i], i))
+                continue
+            except ImageLoadError as err:  # anyres reads each image's size to count its tokens
+                self.problems.add(image_problem_kind(err), f"record {record.id!r}: {err}", record.id)
                 continue
             image_problem = record_image_problem(record, self.image_folder)  # stat only, no decode
             if image_problem is not None:
@@ -113,17 +119,21 @@ class LazySupervisedDataset(Dataset):
             image_aspect_ratio=data_args.image_aspect_ratio,
             mm_use_im_start_end=model_args.mm_use_im_start_end,
             on_bad_sample=data_args.on_bad_sample,
+            anyres=built.layout,
         )
         kwargs.update(overrides)
         return cls(data_path, built.tokenizer, **kwargs)
 
-    def _tokenize(self, record: Record):
+    def _tokenize(self, record: Record, sizes: list[tuple[int, int]] | None = None):
+        n_tokens: int | list[int] = self.num_image_tokens
+        if self.anyres is not None and record.images and (sizes is not None or self.image_folder):
+            n_tokens = self.anyres.record_image_tokens(sizes or read_image_sizes(self.image_folder, record.images))
         return tokenize_conversation(
             record.messages,
             self.template,
             self.tokenizer,
             image_token_id=self.image_token_id,
-            num_image_tokens=self.num_image_tokens,
+            num_image_tokens=n_tokens,
             model_max_length=self.model_max_length,
             mm_use_im_start_end=self.mm_use_im_start_end,
         )
@@ -167,6 +177,8 @@ class LazySupervisedDataset(Dataset):
 
     def _load(self, i: int) -> dict[str, torch.Tensor | None]:
         record = self.record(i)
+        if self.anyres is not None:
+            return self._load_anyres(record)
         sample = self._tokenize(record)
         return {
             "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
@@ -174,9 +186,18 @@ class LazySupervisedDataset(Dataset):
             "pixel_values": self.load_pixel_values(record),
         }
 
-    def load_pixel_values(self, record: Record) -> torch.Tensor | None:
-        if not record.images:
-            return None
+    def _load_anyres(self, record: Record) -> dict[str, torch.Tensor | None]:
+        """anyres: ``pixel_values`` ``[n_images, views, 3, S, S]`` and ``image_sizes`` ``[n_images, 2]`` from the native
+        image processor; the token counts come from the decoded images' sizes."""
+        images = self._open_images(record)
+        sample = self._tokenize(record, [(im.height, im.width) for im in images])
+        item = {"input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
+                "labels": torch.tensor(sample.labels, dtype=torch.long), "pixel_values": None}
+        if images:
+            item.update(process_anyres_images(self.image_processor, images))
+        return item
+
+    def _open_images(self, record: Record) -> list:
         images = []
         for rel in record.images:
             try:
@@ -184,6 +205,14 @@ class LazySupervisedDataset(Dataset):
             except ImageLoadError as err:
                 raise ImageLoadError(err.kind, err.path, f"{err.detail} (record {record.id!r})",
                                      image_folder=self.image_folder) from err
+            images.append(image)
+        return images
+
+    def load_pixel_values(self, record: Record) -> torch.Tensor | None:
+        if not record.images:
+            return None
+        images = []
+        for image in self._open_images(record):
             if self.image_aspect_ratio == "pad":
                 image = expand2square(image, tuple(int(x * 255) for x in self.image_processor.image_mean))
             images.append(image)

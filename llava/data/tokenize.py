@@ -81,7 +81,7 @@ def tokenize_conversation(
     tokenizer,
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | list[int],
     model_max_length: int,
     mm_use_im_start_end: bool = False,
     system: str | None = None,
@@ -112,9 +112,10 @@ def tokenize_conversation(
 
 
 def expand_image_tokens(
-    ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int, expected_images: int
+    ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int | list[int], expected_images: int
 ) -> tuple[list[int], list[int]]:
-    """Replace each single image token by ``num_image_tokens`` copies (labels ``IGNORE_INDEX``)."""
+    """Replace each single image token by ``num_image_tokens`` copies (labels ``IGNORE_INDEX``); a list gives each
+    image its own count, in order (anyres: the count depends on the image's size)."""
     found = ids.count(image_token_id)
     if found != expected_images:
         raise ValueError(
@@ -123,12 +124,17 @@ def expand_image_tokens(
         )
     if found == 0:
         return ids, labels
+    counts = [num_image_tokens] * found if isinstance(num_image_tokens, int) else list(num_image_tokens)
+    if len(counts) != found:
+        raise ValueError(f"{found} {DEFAULT_IMAGE_TOKEN} placeholder(s) but {len(counts)} image(s)")
+    counts.reverse()
     out_ids: list[int] = []
     out_labels: list[int] = []
     for tid, lab in zip(ids, labels):
         if tid == image_token_id:
-            out_ids.extend([image_token_id] * num_image_tokens)
-            out_labels.extend([IGNORE_INDEX] * num_image_tokens)
+            n = counts.pop()
+            out_ids.extend([image_token_id] * n)
+            out_labels.extend([IGNORE_INDEX] * n)
         else:
             out_ids.append(tid)
             out_labels.append(lab)
@@ -141,7 +147,7 @@ def build_generation_prompt(
     tokenizer,
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | list[int],
     mm_use_im_start_end: bool = False,
     system: str | None = None,
 ) -> list[int]:

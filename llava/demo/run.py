@@ -112,6 +112,8 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default="demo_workdir", help="where data, models and outputs go")
+    parser.add_argument("--anyres", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                        help="the high-resolution demo instead (llava/demo/fine_detail.py): pad vs anyres")
     for name, value in vars(defaults).items():
         kind = _bool if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value, metavar=kind.__name__.strip("_").upper())
@@ -124,6 +126,11 @@ def _bool(text: str) -> bool:
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    if args.anyres:
+        from llava.demo.fine_detail import run_anyres_demo
+
+        run_anyres_demo(args.workdir)
+        return 0
     cfg = DemoConfig(**{k: getattr(args, k) for k in vars(DemoConfig())})
     if Path(args.workdir).is_file():
         raise UsagePathError(f"--workdir {args.workdir} is a file; give a directory (created if missing)")

@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from llava.errors import UsagePathError, require_model_path, require_path
+from llava.model.anyres_model import image_layout_args_from_run
 from llava.model.builder import build_llava_model
 from llava.model.quantization import quantization_config
 from llava.run_dir import (
@@ -67,7 +68,8 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
     qconfig = None
     if targs.get("bits", 16) != 16:
         qconfig = quantization_config(SimpleNamespace(**targs), torch.float32)
-    built = build_llava_model(model_args, torch_dtype=torch.float32 if qconfig else dtype, quantization_config=qconfig)
+    built = build_llava_model(model_args, torch_dtype=torch.float32 if qconfig else dtype, quantization_config=qconfig,
+                              data_args=image_layout_args_from_run(run))
     model = built.model
     if qconfig is not None:
         from transformers.integrations.bitsandbytes import dequantize_and_replace

@@ -46,6 +46,8 @@ def can_stream(adapter_dir: Path, run_args: dict, model_base: str | None) -> str
     base = model_base or margs["model_name_or_path"]
     if targs.get("bits", 16) != 16:
         return "QLoRA run (dequantize-then-merge)"
+    if str(run_args.get("data_args", {}).get("image_aspect_ratio", "")).startswith("anyres"):
+        return "anyres run (LlavaNext / LlavaOnevision checkpoint)"
     if _is_llava_checkpoint(base, margs.get("trust_remote_code", False)):
         return "base is a Llava checkpoint"
     if not _llm_files(Path(base)):

@@ -69,6 +69,11 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
             "epoch" in (_value(training_args.eval_strategy), _value(training_args.save_strategy)),
         "--attn_implementation other than sdpa/eager (the LM runs megatron-core attention)":
             model_args.attn_implementation not in (None, "sdpa", "eager"),
+        f"--image_aspect_ratio {data_args.image_aspect_ratio} (LlavaNext / LlavaOnevision: use the hf backend)":
+            str(data_args.image_aspect_ratio).startswith("anyres"),
+        "--mm_vision_tower_lr / --mm_vision_tower_lr_decay (parameter groups of the hf backend's optimizer)":
+            getattr(training_args, "mm_vision_tower_lr", None) is not None
+            or getattr(training_args, "mm_vision_tower_lr_decay", None) is not None,
     }
     bad = [flag for flag, hit in refused.items() if hit]
     if bad:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
+MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
+TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
 
 
 @dataclass
@@ -33,7 +35,15 @@ class ModelArguments:
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLS) or cls_patch"})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "wrap each image in <im_start> <im_end>"})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "accepted for LLaVA scripts; must be False"})
-    mm_patch_merge_type: str = field(default="flat", metadata={"help": "accepted for LLaVA scripts; only flat"})
+    mm_patch_merge_type: str = field(default="flat", metadata={
+        "help": "flat (one view per image: pad/square) or spatial_unpad (anyres: unpadded grid + image_newline, what "
+                "the native LlavaNext/LlavaOnevision compute); spatial is LLaVA-NeXT's but has no native class"})
+    mm_newline_position: str = field(default="grid", metadata={
+        "help": "LLaVA-NeXT's flag: grid (one image_newline per feature row of the anyres grid); the others place "
+                "newlines between video frames (not supported)"})
+    mm_tunable_parts: str | None = field(default=None, metadata={
+        "help": "LLaVA-NeXT's flag, comma-separated: mm_vision_tower, mm_mlp_adapter (+ image_newline), "
+                "mm_language_model; replaces the tune/freeze flags (mm_mlp_adapter alone = stage 1)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom code in model directories"})
     attn_implementation: str | None = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
 
@@ -47,7 +57,33 @@ class ModelArguments:
             raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got {self.mm_vision_select_feature}")
         if self.mm_use_im_patch_token:
             raise ValueError("--mm_use_im_patch_token True is not supported (LLaVA-1.5 scripts pass False)")
-        if self.mm_patch_merge_type != "flat":
-            raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type}: only flat is supported")
+        if self.mm_patch_merge_type not in MERGE_TYPES:
+            raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type!r}: expected one of {', '.join(MERGE_TYPES)}")
+        if self.mm_newline_position != "grid":
+            raise ValueError(f"--mm_newline_position {self.mm_newline_position!r}: only grid applies to images (one "
+                             f"image_newline per feature row); one_token/frame/no_token place newlines in videos")
+        if self.mm_tunable_parts is not None:
+            self._apply_tunable_parts()
         if self.tune_mm_mlp_adapter and self.freeze_mm_mlp_adapter:
             raise ValueError("--tune_mm_mlp_adapter and --freeze_mm_mlp_adapter together leave nothing to train")
+
+    def _apply_tunable_parts(self) -> None:
+        """``--mm_tunable_parts`` as the tune/freeze flags apply_freezing reads (one freezing policy)."""
+        parts = {p.strip() for p in self.mm_tunable_parts.split(",") if p.strip()}
+        unknown = parts - set(TUNABLE_PARTS)
+        if unknown or not parts:
+            raise ValueError(f"--mm_tunable_parts {self.mm_tunable_parts!r}: expected a comma-separated subset of "
+                             f"{', '.join(TUNABLE_PARTS)}" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+        if parts == {"mm_mlp_adapter"}:  # stage 1: projector-only checkpoints, as --tune_mm_mlp_adapter
+            implied = {"tune_mm_mlp_adapter": True, "freeze_backbone": False, "freeze_mm_mlp_adapter": False,
+                       "unfreeze_mm_vision_tower": False}
+        else:
+            implied = {"tune_mm_mlp_adapter": False, "freeze_backbone": "mm_language_model" not in parts,
+                       "freeze_mm_mlp_adapter": "mm_mlp_adapter" not in parts,
+                       "unfreeze_mm_vision_tower": "mm_vision_tower" in parts}
+        clash = [f"--{k}" for k, v in implied.items() if getattr(self, k) and not v]
+        if clash:
+            raise ValueError(f"--mm_tunable_parts {self.mm_tunable_parts!r} decides what trains; it contradicts "
+                             f"{', '.join(clash)}: drop them")
+        for key, value in implied.items():
+            setattr(self, key, value)

@@ -30,7 +30,16 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.data.anyres import AnyresLayout
 from llava.errors import UsageValueError
+from llava.model.anyres_model import (
+    MODEL_CLASSES,
+    anyres_layout,
+    layout_from_config,
+    make_anyres_config,
+    make_anyres_processor,
+    new_image_newline,
+)
 from llava.model.projector import load_projector_state
 
 logger = logging.getLogger(__name__)
@@ -48,8 +57,9 @@ HAS_CLS_TOKEN = {"clip_vision_model"}
 class BuiltModel:
     model: LlavaForConditionalGeneration
     processor: LlavaProcessor
-    num_image_tokens: int
+    num_image_tokens: int  # per image (LLaVA-1.5); per tower view under anyres, where ``layout`` counts per size
     added_tokens: int  # tokens added to the LLM's vocabulary (their embeddings are new)
+    layout: AnyresLayout | None = None  # LlavaNext / LlavaOnevision: image tokens depend on each image's size
 
     @property
     def tokenizer(self):
@@ -101,28 +111,33 @@ def load_vision_tower(path: str, *, torch_dtype=torch.float32, trust_remote_code
     return tower, image_processor
 
 
+LLAVA_CLASSES = {"llava": LlavaForConditionalGeneration, **MODEL_CLASSES}
+
+
 def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type == "llava"
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type in LLAVA_CLASSES
     except (OSError, ValueError):
         return False
 
 
-def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_config=None) -> BuiltModel:
+def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_config=None, data_args=None) -> BuiltModel:
     """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given.
 
+    ``data_args.image_aspect_ratio`` anyres / anyres_max_N composes ``LlavaNextForConditionalGeneration`` /
+    ``LlavaOnevisionForConditionalGeneration`` instead of ``LlavaForConditionalGeneration`` (see anyres_model.py).
     ``quantization_config`` (QLoRA, see ``llava/model/quantization.py``) applies to the language model's
     linear layers only; its ``llm_int8_skip_modules`` must name the tower, projector and lm_head by full prefix."""
     if _is_llava_checkpoint(model_args.model_name_or_path, model_args.trust_remote_code):
         built = _load_llava_checkpoint(model_args, torch_dtype, quantization_config)
     else:
-        built = _compose_llava(model_args, torch_dtype, quantization_config)
+        built = _compose_llava(model_args, torch_dtype, quantization_config, data_args)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_state(built.model, model_args.pretrain_mm_mlp_adapter)
     return built
 
 
-def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltModel:
+def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=None) -> BuiltModel:
     if not model_args.vision_tower:
         raise UsageValueError(
             f"--model_name_or_path {model_args.model_name_or_path} is a language model, so --vision_tower is required: "
@@ -143,17 +158,26 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
     tower, image_processor = load_vision_tower(
         model_args.vision_tower, torch_dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code
     )
-    config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
-                               select_layer=model_args.mm_vision_select_layer)
-    strategy, n_tokens = config.vision_feature_select_strategy, config.image_seq_length
+    strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
+    layout = anyres_layout(data_args, tower.config, strategy)
+    if layout is None:
+        config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
+                                   select_layer=model_args.mm_vision_select_layer)
+        n_tokens = config.image_seq_length
+    else:
+        config = make_anyres_config(llm.config, tower.config, tokenizer, model_args, layout, strategy)
+        n_tokens = layout.base_tokens
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
-        model = LlavaForConditionalGeneration(config)
+        model = LLAVA_CLASSES[config.model_type](config)
     model.model.vision_tower = tower
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     torch.set_rng_state(rng_at_start)  # (ZeRO-3's partitioned loading draws random numbers; a plain load does not)
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(torch_dtype)
+    projector_cls = LlavaMultiModalProjector if layout is None else type(model.model.multi_modal_projector)
+    model.model.multi_modal_projector = projector_cls(config).to(torch_dtype)
+    if layout is not None:  # drawn right after the projector, as LLaVA-NeXT's initialize_vision_modules does
+        model.model.image_newline = new_image_newline(config.text_config.hidden_size, torch_dtype)
     model.generation_config = llm.generation_config
     if added:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
@@ -164,6 +188,9 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
         model.is_loaded_in_4bit = bool(quantization_config.load_in_4bit)
         model.is_loaded_in_8bit = bool(quantization_config.load_in_8bit)
 
+    if layout is not None:
+        processor = make_anyres_processor(layout, image_processor, tokenizer, tower.config, strategy)
+        return BuiltModel(model, processor, n_tokens, added, layout)
     processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy)
     return BuiltModel(model, processor, n_tokens, added)
 
@@ -205,7 +232,8 @@ def make_llava_processor(image_processor, tokenizer, vision_config, strategy: st
 def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) -> BuiltModel:
     path = model_args.model_name_or_path
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code).model_type
+    model = LLAVA_CLASSES[model_type].from_pretrained(
         path, dtype=torch_dtype, attn_implementation=model_args.attn_implementation, **quant
     )
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
@@ -217,8 +245,10 @@ def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) ->
     if model.config.image_token_id != tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN):
         raise ValueError(f"{path}: config.image_token_id {model.config.image_token_id} is not the tokenizer's "
                          f"{DEFAULT_IMAGE_TOKEN} id {tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)}")
-    n_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
-    return BuiltModel(model, processor, n_tokens, added)
+    layout = layout_from_config(model.config)
+    n_tokens = (layout.base_tokens if layout is not None
+                else num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy))
+    return BuiltModel(model, processor, n_tokens, added, layout)
 
 
 @contextlib.contextmanager
@@ -261,6 +291,8 @@ def apply_freezing(model: LlavaForConditionalGeneration, model_args, *, added_to
     tune_vision = model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter
     inner.vision_tower.requires_grad_(tune_vision)
     inner.multi_modal_projector.requires_grad_(tune_projector)
+    if getattr(inner, "image_newline", None) is not None:  # LlavaNext / LlavaOnevision: trains with the projector
+        inner.image_newline.requires_grad_(tune_projector)
     _set_trainable(inner.language_model, tune_llm)
     model.lm_head.requires_grad_(tune_llm)
     if model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens:
@@ -283,6 +315,9 @@ def count_trainable_parameters(model: LlavaForConditionalGeneration) -> dict[str
         "lm_head": model.lm_head,
     }
     counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in parts.items()}
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:
+        counts["image_newline"] = newline.numel() if newline.requires_grad else 0
     seen: set[int] = set()
     total = 0
     for p in model.parameters():

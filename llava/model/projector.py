@@ -3,8 +3,9 @@
     save_projector_state(state, "out/pretrain/mm_projector.safetensors")
     load_projector_state(model, "out/pretrain/mm_projector.safetensors")   # or LLaVA's mm_projector.bin
 
-Our file holds ``linear_1.*``/``linear_2.*`` (transformers' ``LlavaMultiModalProjector``) and, when stage 1 trained
-new token embeddings (``--mm_use_im_start_end``), ``embed_tokens.weight``. LLaVA's ``model.mm_projector.0.*`` /
+Our file holds ``linear_1.*``/``linear_2.*`` (transformers' ``LlavaMultiModalProjector``), ``image_newline`` for
+anyres models (LlavaNext / LlavaOnevision) and, when stage 1 trained new token embeddings
+(``--mm_use_im_start_end``), ``embed_tokens.weight``. LLaVA's ``model.mm_projector.0.*`` /
 ``.2.*`` keys are mapped; pickles are read with ``weights_only=True``.
 """
 
@@ -38,6 +39,9 @@ def read_projector_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if "embed_tokens" in key:
             out["embed_tokens.weight"] = value
             continue
+        if key.split(".")[-1] == "image_newline":  # ours, and LLaVA-NeXT's model.image_newline
+            out["image_newline"] = value
+            continue
         short = key.split("mm_projector.")[-1].split("multi_modal_projector.")[-1]
         short = LLAVA_KEY_MAP.get(short, short)
         if short not in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
@@ -50,6 +54,17 @@ def load_projector_state(model, path: str | os.PathLike) -> None:
     """Load projector weights (and stage-1 token embeddings, if present) into a Llava model."""
     state = read_projector_file(path)
     embed = state.pop("embed_tokens.weight", None)
+    newline = state.pop("image_newline", None)
+    model_newline = getattr(model.model, "image_newline", None)
+    if model_newline is not None and newline is None:
+        raise ValueError(f"{path} has no image_newline, which this anyres model needs: was stage 1 run with the same "
+                         f"--image_aspect_ratio?")
+    if newline is not None and model_newline is not None:
+        if newline.shape != model_newline.shape:
+            raise ValueError(f"{path}: image_newline {tuple(newline.shape)} does not match the model's "
+                             f"{tuple(model_newline.shape)}")
+        with torch.no_grad():
+            model_newline.copy_(newline.to(model_newline.dtype))
     projector = model.model.multi_modal_projector
     expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

@@ -14,16 +14,19 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.data.anyres import AnyresLayout, process_anyres_images
+from llava.data.collator import collate_images
 from llava.data.dataset import process_images
 from llava.data.images import expand2square
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
 from llava.errors import UsageValueError, require_model_path, require_path
-from llava.model.builder import num_image_tokens
+from llava.model.anyres_model import layout_from_config
+from llava.model.builder import LLAVA_CLASSES, num_image_tokens
 from llava.run_dir import ARGS_FILE, read_run_args
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
@@ -32,7 +35,7 @@ MODEL_HINT = "give a checkpoint directory written by `llava train` or `llava mer
 
 @dataclass
 class Predictor:
-    model: LlavaForConditionalGeneration
+    model: LlavaForConditionalGeneration  # or LlavaNext / LlavaOnevision (anyres)
     processor: object
     template: ConversationTemplate
     image_aspect_ratio: str = "square"
@@ -47,8 +50,9 @@ class Predictor:
         if name is None:
             raise UsageValueError(f"--model {model_dir} has no {ARGS_FILE}; pass --version to name its conversation "
                                   f"template")
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
-        processor = AutoProcessor.from_pretrained(model_dir)
+        model_type = AutoConfig.from_pretrained(model_dir).model_type  # llava, llava_next or llava_onevision
+        model = LLAVA_CLASSES[model_type].from_pretrained(model_dir, dtype=dtype).eval()
+        processor = load_processor(model_dir, model_type)
         template = get_template(name, image_front=data_args.get("image_placement", "front") == "front")
         return cls(model, processor, template, data_args.get("image_aspect_ratio", "square"),
                    bool(model_args.get("mm_use_im_start_end", False)))
@@ -64,13 +68,21 @@ class Predictor:
             images = [expand2square(im, tuple(int(x * 255) for x in image_processor.image_mean)) for im in images]
         return process_images(image_processor, images, self.image_aspect_ratio)
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
+    @property
+    def layout(self) -> AnyresLayout | None:
+        """anyres checkpoints (LlavaNext / LlavaOnevision): image tokens depend on each image's size."""
+        return layout_from_config(self.model.config)
+
+    def prompt_ids(self, messages: list[Message], images: list[Image.Image] | None = None) -> list[int]:
+        n_tokens: int | list[int] = self.num_image_tokens
+        if self.layout is not None and images:
+            n_tokens = self.layout.record_image_tokens([(im.height, im.width) for im in images])
         return build_generation_prompt(
             messages,
             self.template,
             self.processor.tokenizer,
             image_token_id=self.model.config.image_token_id,
-            num_image_tokens=self.num_image_tokens,
+            num_image_tokens=n_tokens,
             mm_use_im_start_end=self.mm_use_im_start_end,
         )
 
@@ -79,22 +91,55 @@ class Predictor:
                  max_new_tokens: int = 16) -> list[str]:
         """Greedy answers for a batch of conversations (each ending in a user turn) and their images."""
         tokenizer = self.processor.tokenizer
-        prompts = [self.prompt_ids(m) for m in conversations]
+        prompts = [self.prompt_ids(m, ims) for m, ims in zip(conversations, images)]
         width = max(map(len, prompts))
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        flat = [im for ims in images for im in ims]
-        kwargs = {"pixel_values": self.pixel_values(flat).to(self.model.dtype)} if flat else {}
+        kwargs = self.image_inputs(images)
         stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS
                                            if t in tokenizer.get_vocab()]
         out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=pad, eos_token_id=stop, **kwargs)
         return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
+    def image_inputs(self, images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (+ ``image_sizes`` and, for OneVision, ``batch_num_images`` under anyres) of a batch."""
+        flat = [im for ims in images for im in ims]
+        if not flat:
+            return {}
+        if self.layout is None:
+            return {"pixel_values": self.pixel_values(flat).to(self.model.dtype)}
+        per_sample = [process_anyres_images(self.processor.image_processor, ims) for ims in images if ims]
+        inputs = collate_images(per_sample, batch_num_images=bool(self.layout.max_num_patches))
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
     def answer(self, image: Image.Image | None, prompt: str, max_new_tokens: int = 64) -> str:
         text = prompt if image is None or DEFAULT_IMAGE_TOKEN in prompt else f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
         return self.generate([[Message("user", text)]], [[image] if image is not None else []], max_new_tokens)[0]
+
+
+def load_processor(model_dir: Path, model_type: str):
+    """``AutoProcessor``; for a OneVision checkpoint on a machine without torchvision (which transformers'
+    LlavaOnevisionProcessor needs for its video half), its tokenizer and PIL image processor from the same files."""
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except (AttributeError, ImportError):
+        if model_type != "llava_onevision":
+            raise
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    settings = json.loads((model_dir / "processor_config.json").read_text())["image_processor"]
+    settings.pop("image_processor_type", None)
+    return SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                           image_processor=LlavaOnevisionImageProcessorPil(**settings))
 
 
 def predict_main(args) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 import transformers
 
+from llava.data.anyres import check_anyres_flags, parse_image_aspect_ratio
 from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
 from llava.megatron.args import MegatronArguments
 from llava.model.args import ModelArguments
@@ -35,7 +36,12 @@ logger = logging.getLogger("llava.train")
 class DataArguments:
     data_path: str = field(default=None, metadata={"help": "LLaVA JSON, JSONL, or a `datasets` directory on disk"})
     image_folder: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
-    image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
+    image_aspect_ratio: str = field(default="square", metadata={
+        "help": "pad (to square, mean colour), square, anyres (LLaVA-NeXT tiles -> LlavaNext) or anyres_max_N "
+                "(OneVision: at most ~N crops of features -> LlavaOnevision)"})
+    image_grid_pinpoints: str | None = field(default=None, metadata={
+        "help": "anyres grids: '(1x1),...,(3x3)' in units of the tower's input size, or '[[336, 672], [672, 336]]' "
+                "pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
     image_placement: str = field(default="front", metadata={
@@ -47,8 +53,10 @@ class DataArguments:
     def __post_init__(self):
         if self.data_path is None:
             raise ValueError("--data_path is required")
-        if self.image_aspect_ratio not in ("pad", "square"):
-            raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio}")
+        mode, _ = parse_image_aspect_ratio(self.image_aspect_ratio)
+        if self.image_grid_pinpoints is not None and mode != "anyres":
+            raise ValueError(f"--image_grid_pinpoints {self.image_grid_pinpoints!r} needs --image_aspect_ratio anyres "
+                             f"or anyres_max_N, got {self.image_aspect_ratio}")
         if self.image_placement not in ("front", "keep"):
             raise ValueError(f"--image_placement must be front or keep, got {self.image_placement}")
         if self.on_bad_sample not in ("error", "skip"):
@@ -59,6 +67,10 @@ class DataArguments:
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "longer samples are cut after their images"})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "separate learning rate for the projector"})
+    mm_vision_tower_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the vision tower when it trains (OneVision: 2e-6); its own parameter group"})
+    mm_vision_tower_lr_decay: float | None = field(default=None, metadata={
+        "help": "layer-wise decay in (0, 1]: tower layer k of L trains at lr * decay^(L-k), embeddings at decay^L"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
     packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
                                                            "at most --model_max_length, attention kept per sample"})
@@ -105,6 +117,8 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}")
         if self.lora_weight_path:
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
+        if self.mm_vision_tower_lr_decay is not None and not 0 < self.mm_vision_tower_lr_decay <= 1:
+            raise ValueError(f"--mm_vision_tower_lr_decay must be in (0, 1], got {self.mm_vision_tower_lr_decay}")
         if self.packing_attention not in ("per_sample", "mask"):
             raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
 
@@ -127,6 +141,12 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
             f"--packing keeps attention inside each sample through position ids, which only "
             f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
         )
+    check_anyres_flags(model_args, data_args)
+    tower_flags = [f"--{k} {getattr(training_args, k)}" for k in ("mm_vision_tower_lr", "mm_vision_tower_lr_decay")
+                   if getattr(training_args, k) is not None]
+    if tower_flags and not (model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter):
+        raise ValueError(f"{' and '.join(tower_flags)} set the vision tower's learning rate, but the tower is frozen: "
+                         f"add mm_vision_tower to --mm_tunable_parts (or --unfreeze_mm_vision_tower True)")
 
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:

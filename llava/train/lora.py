@@ -69,6 +69,8 @@ def setup_lora(model: nn.Module, model_args, training_args, *, added_tokens: int
     for param, trainable in zip(base.model.vision_tower.parameters(), vision_trainable):
         param.requires_grad_(trainable)
     base.model.multi_modal_projector.requires_grad_(not model_args.freeze_mm_mlp_adapter)
+    if getattr(base.model, "image_newline", None) is not None:  # anyres: trains with the projector
+        base.model.image_newline.requires_grad_(not model_args.freeze_mm_mlp_adapter)
     if added_tokens:
         base.get_input_embeddings().requires_grad_(True)
         base.get_output_embeddings().requires_grad_(True)
@@ -80,6 +82,8 @@ def split_trainables(peft_model) -> tuple[list[tuple[str, nn.Parameter]], list[t
     base = peft_model.get_base_model()
     non_lora_ids = {id(p) for m in (base.model.multi_modal_projector, base.get_input_embeddings(),
                                     base.get_output_embeddings(), base.model.vision_tower) for p in m.parameters()}
+    if getattr(base.model, "image_newline", None) is not None:
+        non_lora_ids.add(id(base.model.image_newline))
     adapter, non_lora = [], []
     for name, param in peft_model.named_parameters():
         if not param.requires_grad:

@@ -82,7 +82,7 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     # --- model: compose vision tower + LLM + projector (LM linears quantized for QLoRA), apply the freezing policy
     dtype = load_dtype(training_args)
     qconfig = quantization_config(training_args, torch.bfloat16 if training_args.bf16 else dtype)
-    built = build_llava_model(model_args, torch_dtype=dtype, quantization_config=qconfig)
+    built = build_llava_model(model_args, torch_dtype=dtype, quantization_config=qconfig, data_args=data_args)
     trainable = apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
     model = built.model
     if training_args.lora_enable:  # adapters on the LM's linears; projector (+ new embeddings) train fully
@@ -109,8 +109,9 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
 
     # --- trainer: padded batches, or padding-free rows of whole samples (--packing)
     pad_id = built.tokenizer.pad_token_id
-    collator = (DataCollatorWithPacking(pad_id, max_length=training_args.model_max_length) if training_args.packing
-                else DataCollatorForSupervisedDataset(pad_token_id=pad_id))
+    per_sample = bool(built.layout and built.layout.max_num_patches)  # OneVision: images per sample
+    collator = (DataCollatorWithPacking(pad_id, max_length=training_args.model_max_length, batch_num_images=per_sample)
+                if training_args.packing else DataCollatorForSupervisedDataset(pad_id, batch_num_images=per_sample))
     trainer = LLaVATrainer(
         model=model,
         args=training_args,

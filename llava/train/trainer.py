@@ -22,7 +22,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import DeepSpeedSchedulerWrapper
-from transformers import LlavaForConditionalGeneration, Trainer
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    Trainer,
+)
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -38,9 +43,12 @@ from llava.run_dir import (
 )
 from llava.train.checkpoint import gather_named_parameters
 from llava.train.lora import save_lora_checkpoint
+from llava.train.param_groups import deepspeed_optimizer_keeps_groups, needs_param_groups, optimizer_param_groups
 from llava.train.samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
+LLAVA_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                       LlavaOnevisionForConditionalGeneration)
 
 
 class LLaVATrainer(Trainer):
@@ -63,27 +71,17 @@ class LLaVATrainer(Trainer):
         )
 
     def create_optimizer(self, model=None):
-        """Adds a projector parameter group at ``--mm_projector_lr``; otherwise the stock optimizer."""
-        if self.args.mm_projector_lr is None or self.optimizer is not None:
+        """Projector / vision-tower learning rates and tower layer decay as parameter groups (param_groups.py)."""
+        if not needs_param_groups(self.args) or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(opt_model))
-        groups = []
-        for in_projector in (False, True):
-            for with_decay in (True, False):
-                params = [
-                    p
-                    for n, p in opt_model.named_parameters()
-                    if p.requires_grad and ("multi_modal_projector" in n) == in_projector and (n in decay) == with_decay
-                ]
-                if params:
-                    group = {"params": params, "weight_decay": self.args.weight_decay if with_decay else 0.0}
-                    if in_projector:
-                        group["lr"] = self.args.mm_projector_lr
-                    groups.append(group)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        self.optimizer = optimizer_cls(self._param_groups(opt_model), **optimizer_kwargs)
         return self.optimizer
+
+    def _param_groups(self, model=None) -> list[dict]:
+        model = self.model if model is None else model
+        return optimizer_param_groups(model, self.args, self.get_decay_parameter_names(model))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Stage 1 saves the projector only (gathered under ZeRO-3); every save writes the run's arguments."""
@@ -91,6 +89,8 @@ class LLaVATrainer(Trainer):
         if self.projector_only:
             model = self.accelerator.unwrap_model(self.model)
             named = list(model.model.multi_modal_projector.named_parameters())
+            if getattr(model.model, "image_newline", None) is not None:  # anyres: saved beside the projector
+                named.append(("image_newline", model.model.image_newline))
             embed = model.get_input_embeddings().weight
             if embed.requires_grad:
                 named.append(("embed_tokens.weight", embed))
@@ -167,6 +167,13 @@ class LLaVATrainer(Trainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """Stage 1 under DeepSpeed: the engine checkpoint holds no frozen weights, so its module state is loaded
         non-strictly, and the projector it restored is checked against the checkpoint's mm_projector.safetensors."""
+        if self.is_deepspeed_enabled and needs_param_groups(self.args) and not getattr(self, "_keeping_groups", False):
+            self._keeping_groups = True  # a DeepSpeed "optimizer" block gets our groups, not a flat list
+            try:
+                with deepspeed_optimizer_keeps_groups(self._param_groups):
+                    return self._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            finally:
+                self._keeping_groups = False
         if not (self.is_deepspeed_enabled and self.projector_only and resume_from_checkpoint):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         import transformers.trainer as hf_trainer
@@ -186,7 +193,10 @@ class LLaVATrainer(Trainer):
     def _check_projector_restored(self, checkpoint: str) -> None:
         saved = read_projector_file(os.path.join(checkpoint, PROJECTOR_FILE))
         model = self.accelerator.unwrap_model(self.model)
-        restored = gather_named_parameters(model.model.multi_modal_projector.named_parameters())
+        named = list(model.model.multi_modal_projector.named_parameters())
+        if getattr(model.model, "image_newline", None) is not None:
+            named.append(("image_newline", model.model.image_newline))
+        restored = gather_named_parameters(named)
         for name, tensor in restored.items():
             if not torch.equal(tensor, saved[name].to(tensor.dtype)):
                 raise RuntimeError(f"{checkpoint}: the DeepSpeed engine state did not restore projector weight {name} "
@@ -199,7 +209,7 @@ class LLaVATrainer(Trainer):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.projector_only:
             load_projector_state(model, os.path.join(resume_from_checkpoint, PROJECTOR_FILE))
-        elif isinstance(model, LlavaForConditionalGeneration):
+        elif isinstance(model, LLAVA_MODEL_CLASSES):
             reloaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
             model.load_state_dict(reloaded.state_dict(), strict=True)
             del reloaded

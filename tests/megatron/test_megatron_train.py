@@ -249,6 +249,7 @@ def test_export_loads_in_transformers_and_predicts(runs, shapes_data):
     (["--lora_enable", "True"], "--lora_enable True"),
     (["--gradient_checkpointing", "True"], "--gradient_checkpointing True"),
     (["--optim", "sgd"], "--optim sgd"),
+    (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad"], "--image_aspect_ratio anyres"),
 ])
 def test_unsupported_combinations_fail_at_start(tiny_models, shapes_data, tmp_path, flags, message):
     argv = [*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 2, tmp_path), "--backend", "megatron",

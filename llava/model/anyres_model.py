@@ -1,0 +1,141 @@
+"""The native high-resolution classes: ``LlavaNextForConditionalGeneration`` (anyres) and
+``LlavaOnevisionForConditionalGeneration`` (anyres_max_N), composed from a vision tower + an LLM by the builder.
+
+    layout = anyres_layout(data_args, vision_config, strategy)      # None for pad / square (LLaVA-1.5)
+    config = make_anyres_config(llm.config, tower.config, tokenizer, model_args, layout)
+    newline = new_image_newline(hidden_size, dtype)                  # randn(hidden) / sqrt(hidden), as LLaVA-NeXT
+    processor = make_anyres_processor(layout, tower_processor, tokenizer, tower.config, strategy)
+
+``image_newline`` is created as LLaVA-NeXT's ``initialize_vision_modules`` creates it for a ``spatial_unpad`` merge
+(``torch.randn(hidden_size) * 1 / sqrt(hidden_size)``, drawn right after the projector), trains with the projector,
+and is saved beside it by stage 1 (``mm_projector.safetensors`` key ``image_newline``).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+from transformers import (
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+)
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.data.anyres import (
+    AnyresLayout,
+    build_anyres_image_processor,
+    parse_grid_pinpoints,
+    parse_image_aspect_ratio,
+)
+
+MODEL_CLASSES = {"llava_next": LlavaNextForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
+ANYRES_MODEL_TYPES = tuple(MODEL_CLASSES)
+
+
+def anyres_layout(data_args, vision_config, strategy: str) -> AnyresLayout | None:
+    """The layout ``--image_aspect_ratio`` / ``--image_grid_pinpoints`` ask for on this tower (None unless anyres)."""
+    if data_args is None:
+        return None
+    mode, max_n = parse_image_aspect_ratio(data_args.image_aspect_ratio)
+    if mode != "anyres":
+        return None
+    pinpoints = parse_grid_pinpoints(data_args.image_grid_pinpoints, vision_config.image_size, max_num_patches=max_n)
+    return AnyresLayout.from_vision_config(vision_config, strategy, pinpoints, max_n)
+
+
+def image_layout_args_from_run(run: dict) -> SimpleNamespace:
+    """A run's ``--image_aspect_ratio`` / ``--image_grid_pinpoints`` (its ``llava_args.json``), what ``anyres_layout``
+    reads: an anyres run's base is rebuilt (``llava merge``) as the LlavaNext / LlavaOnevision it trained as."""
+    data = run.get("data_args", {})
+    return SimpleNamespace(image_aspect_ratio=data.get("image_aspect_ratio", "square"),
+                           image_grid_pinpoints=data.get("image_grid_pinpoints"))
+
+
+def layout_from_config(config) -> AnyresLayout | None:
+    """The layout of a saved LlavaNext / LlavaOnevision config (None for a Llava config)."""
+    if config.model_type not in ANYRES_MODEL_TYPES:
+        return None
+    max_n = None
+    if config.model_type == "llava_onevision":
+        max_n = parse_image_aspect_ratio(config.vision_aspect_ratio)[1]
+        if max_n is None:
+            raise ValueError(f"vision_aspect_ratio {config.vision_aspect_ratio!r} of a LlavaOnevision config is not "
+                             f"anyres_max_N")
+    return AnyresLayout.from_vision_config(config.vision_config, config.vision_feature_select_strategy,
+                                           config.image_grid_pinpoints, max_n)
+
+
+def make_anyres_config(llm_config, vision_config, tokenizer, model_args, layout: AnyresLayout, strategy: str):
+    common = dict(
+        vision_config=vision_config.to_dict(),
+        text_config=llm_config.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=model_args.mm_vision_select_layer,
+        image_grid_pinpoints=[list(p) for p in layout.grid_pinpoints],
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
+    )
+    if layout.max_num_patches:
+        return LlavaOnevisionConfig(**common, vision_aspect_ratio=layout.vision_aspect_ratio)
+    return LlavaNextConfig(**common, image_seq_length=layout.base_tokens)
+
+
+def new_image_newline(hidden_size: int, dtype: torch.dtype) -> torch.nn.Parameter:
+    """LLaVA-NeXT's ``image_newline``: ``randn(hidden) * 1/sqrt(hidden)`` (the native ``_init_weights`` agrees)."""
+    return torch.nn.Parameter((torch.randn(hidden_size) / math.sqrt(hidden_size)).to(dtype))
+
+
+def make_anyres_processor(layout: AnyresLayout, tower_processor, tokenizer, vision_config, strategy: str):
+    """The native processor, told the tower's extra CLS token so its counts equal the model's features."""
+    image_processor = build_anyres_image_processor(layout, tower_processor)
+    has_cls = vision_config.model_type == "clip_vision_model"
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if layout.max_num_patches:
+        side = vision_config.image_size // vision_config.patch_size
+        settings = dict(num_image_tokens=side * side + int(has_cls), vision_feature_select_strategy=strategy,
+                        image_token=DEFAULT_IMAGE_TOKEN, vision_aspect_ratio=layout.vision_aspect_ratio)
+        try:
+            return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                           chat_template=chat_template, **settings)
+        except (AttributeError, ImportError, TypeError):  # its video processor needs torchvision
+            return OnevisionProcessorFiles(image_processor, tokenizer, chat_template, settings)
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy, image_token=DEFAULT_IMAGE_TOKEN,
+        num_additional_image_tokens=int(has_cls), chat_template=chat_template,
+    )
+
+
+class OnevisionProcessorFiles:
+    """Stands in for ``LlavaOnevisionProcessor`` where transformers cannot build it (without torchvision: its video
+    processor needs it). Training reads ``tokenizer`` / ``image_processor``; ``save_pretrained`` writes the files
+    ``LlavaOnevisionProcessor.save_pretrained`` writes for images (tokenizer, chat template, processor_config.json
+    with the image processor and the counting settings), which ``AutoProcessor`` reads where torchvision exists."""
+
+    def __init__(self, image_processor, tokenizer, chat_template: str | None, settings: dict):
+        self.image_processor, self.tokenizer, self.chat_template, self.settings = (image_processor, tokenizer,
+                                                                                   chat_template, settings)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        import json
+        import os
+
+        os.makedirs(save_directory, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        image_processor = self.image_processor.to_dict()
+        image_processor["image_processor_type"] = "LlavaOnevisionImageProcessor"
+        config = {"image_processor": image_processor, **self.settings, "video_token": "<video>",
+                  "processor_class": "LlavaOnevisionProcessor"}
+        with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if self.chat_template:
+            with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
+                f.write(self.chat_template)

@@ -94,6 +94,10 @@ class TrainingArguments(transformers.TrainingArguments):
     packing_attention: str = field(default="per_sample", metadata={
         "help": "with --packing and sdpa: per_sample (SDPA on each sample, no masked-out work; faster unless the CPU "
                 "is oversubscribed) or mask (stock sdpa, block-diagonal mask of the whole row)"})
+    supervised_head: bool = field(default=True, metadata={
+        "help": "training loss from the supervised positions only: LM head + cross-entropy on the hidden states whose "
+                "shifted label is supervised, in chunks, no full-vocabulary logits (same loss and gradients); False: "
+                "the stock head over every position. Eval and predict always get full logits"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch")

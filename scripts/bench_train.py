@@ -14,7 +14,11 @@ variant. ``--warmup`` steps per variant are run first and not counted.
 Per variant: real (non-pad) tokens/s and samples/s over wall time (data wait included), padding fraction (pad
 slots / all slots), median step time, data-wait fraction (time blocked on the DataLoader / wall), MFU (useful FLOPs,
 formula in ``llava/train/throughput.py``, over wall time, against the measured fp32 matmul peak), mean loss.
-Peak RSS is the process's (all variants live in one process: run one variant alone for its own figure). With
+Also per variant: time to first step (building its trainer -- model, data index, DataLoader -- plus its first step,
+imports excluded) and a step's peak memory (the most any one step's resident memory rose above what was resident
+before it: Linux ``VmHWM`` reset through ``/proc/self/clear_refs``). Peak RSS is the process's (all variants live in
+one process: run one variant alone for its own figure). ``trl`` is TRL's ``SFTTrainer`` on the same model, data and
+settings (``scripts/bench_trl.py``; needs the ``bench`` extra). With
 ``--profile A,B`` one more step of each named variant (``--profile_rounds`` steps, interleaved, median per
 component) is profiled and split by component.
 """
@@ -46,7 +50,28 @@ VARIANTS = {  # name: extra training flags
     "packed_grouped": ["--packing", "True", "--group_by_modality_length", "True"],
     "padded_lora": ["--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
     "packed_lora": ["--packing", "True", "--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
+    "padded_stock_head": ["--supervised_head", "False"],  # the stock LM head + loss over every position
+    "packed_stock_head": ["--packing", "True", "--supervised_head", "False"],
+    "trl": [],  # TRL's SFTTrainer on the same model, data and settings (scripts/bench_trl.py; the `bench` extra)
 }
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> int | None:
+    """Resident KiB now, after resetting the process's peak (VmHWM) to it; None where Linux's clear_refs is missing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
 
 
 class VariantRun:
@@ -54,9 +79,15 @@ class VariantRun:
 
     def __init__(self, name: str, argv: list[str], seed: int):
         self.name = name
+        self.started = time.perf_counter()
         model_args, data_args, training_args = parse_args(argv)
         transformers.set_seed(seed)
-        self.trainer, self.built = build_trainer(model_args, data_args, training_args)
+        if name == "trl":
+            from bench_trl import build_trl_trainer
+
+            self.trainer, self.built = build_trl_trainer(model_args, data_args, training_args)
+        else:
+            self.trainer, self.built = build_trainer(model_args, data_args, training_args)
         self.pad_id = self.built.tokenizer.pad_token_id
         self.trainer.create_optimizer_and_scheduler(num_training_steps=training_args.max_steps)
         self.trainer.current_gradient_accumulation_steps = 1
@@ -65,6 +96,9 @@ class VariantRun:
         self.counts = FlopCounts.of(self.model, self.built.num_image_tokens)
         self.loader = iter(self.trainer.get_train_dataloader())
         self.records: list[dict] = []
+        self.first_step_s: float | None = None
+        self.step_peak_kib = 0
+        self.init_s = time.perf_counter() - self.started
 
     def next_batch(self):
         batches, num_items = self.trainer.get_batch_samples(self.loader, 1, self.trainer.args.device)
@@ -89,10 +123,16 @@ class VariantRun:
         t1 = time.perf_counter()
         lengths = sample_lengths(batch, self.pad_id)
         n_images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
+        before = reset_peak_rss()
         loss = self.compute(batch, num_items)
         t2 = time.perf_counter()
+        if before is not None:  # memory the step itself took above what was resident before it
+            self.step_peak_kib = max(self.step_peak_kib, (_status_kib("VmHWM") or before) - before)
+        if self.first_step_s is None:  # building the trainer (model, data index, DataLoader) + the first step
+            self.first_step_s = self.init_s + t2 - t0
         if record:
             self.records.append({"wait": t1 - t0, "wall": t2 - t0, "real": sum(lengths), "samples": len(lengths),
+                                 "supervised": int((batch["labels"][..., 1:] != -100).sum()),
                                  "slots": batch["input_ids"].numel(), "loss": loss,
                                  "flops": self.counts.step_flops(lengths, n_images)})
 
@@ -108,6 +148,9 @@ class VariantRun:
             "data_wait_fraction": round(sum(x["wait"] for x in r) / wall, 4),
             "mfu": round(sum(x["flops"] for x in r) / wall / peak, 4),
             "mean_loss": round(statistics.fmean(x["loss"] for x in r), 4),
+            "supervised_tokens": sum(x["supervised"] for x in r),
+            "time_to_first_step_s": round(self.first_step_s, 2),
+            "step_peak_mib": round(self.step_peak_kib / 1024, 1),
         }
 
     def profile(self) -> dict[str, float]:
@@ -142,7 +185,7 @@ def base_argv(paths: dict, args) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--size", choices=("small", "tiny"), default="small", help="benchmark model (made if missing)")
+    p.add_argument("--size", choices=("small", "issue", "tiny"), default="small", help="benchmark model (made if missing)")
     p.add_argument("--n", type=int, default=2000, help="records in the mix (made if missing)")
     p.add_argument("--variants", default="padded,packed", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=12, help="measured steps per variant")
@@ -192,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    cols = ("real_tokens_per_s", "samples_per_s", "padding_fraction", "step_time_median_s", "data_wait_fraction", "mfu")
+    cols = ("real_tokens_per_s", "samples_per_s", "padding_fraction", "step_time_median_s", "data_wait_fraction", "mfu",
+            "mean_loss", "time_to_first_step_s", "step_peak_mib")
     print(f"{'variant':16}" + "".join(f"{c:>20}" for c in cols))
     for name, v in result["variants"].items():
         print(f"{name:16}" + "".join(f"{v[c]:>20}" for c in cols))

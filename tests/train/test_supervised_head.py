@@ -129,8 +129,8 @@ def test_zero3_two_ranks_with_the_head_equal_one_stock_process(tiny_models, shap
     """ZeRO-3 (weights partitioned, the head's weight gathered by DeepSpeed's hooks around it), stage 2 full
     fine-tuning, 2 ranks x batch 2 with the supervised head == 1 process x batch 4 with the stock head: every step's
     loss (each depends on the previous steps' gradients, ``lm_head``'s included) within 1e-5."""
-    from tests.train.test_distributed import REPO, common, deepspeed, step_losses
     from llava.train.train import train
+    from tests.train.test_distributed import REPO, common, deepspeed, step_losses
 
     out = tmp_path / "zero3"
     model = ["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),

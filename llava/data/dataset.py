@@ -26,14 +26,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from llava.data.images import ImageLoadError, expand2square, load_image_rgb, resolve_image_path
-from llava.data.records import Record, RecordError, parse_record
+from llava.data.index import (
+    IndexSettings,
+    InMemoryRecords,
+    default_cache_dir,
+    file_digest,
+    load_or_build_index,
+    open_records,
+)
+from llava.data.records import Record, parse_record
 from llava.data.templates import ConversationTemplate
-from llava.data.tokenize import SampleRejected, tokenize_conversation
+from llava.data.tokenize import tokenize_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +136,8 @@ class LazySupervisedDataset(Dataset):
         mm_use_im_start_end: bool = False,
         on_bad_sample: str = "error",
         show_progress: bool = True,
+        index_cache_dir: str | os.PathLike | None = None,
+        index_workers: int = 1,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -138,37 +148,22 @@ class LazySupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
-        bad_lines: list[tuple[int, str]] = []
-        self.raw = load_raw_records(data_path, bad_lines)
-        self.problems = ProblemLog()
-        for _, message in bad_lines:
-            self.problems.add("invalid_json", message)
         self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
         self._failed: set[int] = set()
+        # records, lengths, modality and validation: from the shared index (llava/data/index.py), cached by content
+        index = self._load_index(data_path, index_cache_dir, index_workers, show_progress)
+        self.index_from_cache = index.from_cache
+        self.problems = ProblemLog()
+        for _, message in self.raw.bad_lines:
+            self.problems.add("invalid_json", message)
+        for kind, message in index.problems:
+            self.problems.add(kind, message)
         self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
-        self._keep: list[int] = []
-        self._lengths: list[int] = []
-        self._has_image: list[bool] = []
-        for i in tqdm(range(len(self.raw)), desc=f"indexing {Path(data_path).name}", disable=not show_progress):
-            try:
-                record = parse_record(self.raw[i], i)
-                sample = self._tokenize(record)
-            except RecordError as err:
-                self.problems.add(err.kind, str(err))
-                continue
-            except SampleRejected as err:
-                self.dropped.add(err.kind, f"record {_rid(self.raw[i], i)!r}: {err}")
-                continue
-            if record.images and not self.image_folder:
-                self.problems.add("no_image_folder", f"record {record.id!r} has images but --image_folder is not set")
-                continue
-            image_error = _first_image_error(self.image_folder, record)
-            if image_error is not None:  # existence and confinement only (stat, no decode), as `llava data check`
-                self.problems.add(image_problem_kind(image_error), f"record {record.id!r}: {image_error}")
-                continue
-            self._keep.append(i)
-            self._lengths.append(len(sample.input_ids))
-            self._has_image.append(bool(record.images))
+        for kind, message in index.dropped:
+            self.dropped.add(kind, message)
+        self._keep = index.keep
+        self._lengths = index.lengths
+        self._has_image = index.has_image
         if self.problems.counts:
             if on_bad_sample == "error":
                 raise DataError(
@@ -180,12 +175,32 @@ class LazySupervisedDataset(Dataset):
         if self.dropped.counts:
             logger.warning("dropping %d sample(s) that cannot train at --model_max_length %d:\n%s",
                            sum(self.dropped.counts.values()), model_max_length, self.dropped.report())
-        if not self._keep:
+        if not len(self._keep):
             raise DataError(f"{data_path}: no trainable record left")
+
+    def _load_index(self, data_path, cache_dir, workers: int, show_progress: bool):
+        """Raw records memory-mapped from Arrow and the cached index when ``cache_dir`` is given; else the records
+        in memory and the index computed here (``workers`` processes)."""
+        digest = file_digest(data_path)
+        settings = IndexSettings(image_folder=None if self.image_folder is None else str(self.image_folder),
+                                 image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
+                                 model_max_length=self.model_max_length, mm_use_im_start_end=self.mm_use_im_start_end)
+        if cache_dir:
+            self.raw = open_records(data_path, cache_dir, digest)
+        else:
+            bad_lines: list[tuple[int, str]] = []
+            self.raw = InMemoryRecords(load_raw_records(data_path, bad_lines), bad_lines)
+        return load_or_build_index(self.raw, digest, self.tokenizer, self.template, settings, cache_dir=cache_dir,
+                                   workers=workers, show_progress=show_progress,
+                                   desc=f"indexing {Path(data_path).name}")
 
     @classmethod
     def from_args(cls, data_path, model_args, data_args, training_args, built, template, **overrides) -> LazySupervisedDataset:
+        """Built by the local main process first (it computes and caches the index), then by the other ranks."""
+        cache = data_args.index_cache_dir
         kwargs = dict(
+            index_cache_dir=None if str(cache).lower() in ("none", "") else (cache or default_cache_dir() / "index"),
+            index_workers=data_args.index_workers,
             template=template,
             image_processor=built.image_processor,
             image_folder=data_args.image_folder,
@@ -197,7 +212,8 @@ class LazySupervisedDataset(Dataset):
             on_bad_sample=data_args.on_bad_sample,
         )
         kwargs.update(overrides)
-        return cls(data_path, built.tokenizer, **kwargs)
+        with training_args.main_process_first(local=True, desc=f"dataset index of {data_path}"):
+            return cls(data_path, built.tokenizer, **kwargs)
 
     def _tokenize(self, record: Record):
         return tokenize_conversation(
@@ -216,15 +232,16 @@ class LazySupervisedDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Token count of each sample after templating and image expansion."""
-        return list(self._lengths)
+        return self._lengths.tolist()
 
     @property
     def modality_lengths(self) -> list[int]:
         """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
-        return [n if img else -n for n, img in zip(self._lengths, self._has_image)]
+        return np.where(self._has_image, self._lengths, -self._lengths).tolist()
 
     def record(self, i: int) -> Record:
-        return parse_record(self.raw[self._keep[i]], self._keep[i])
+        j = int(self._keep[i])
+        return parse_record(self.raw[j], j)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
         """Sample ``i``; when its image fails now (deleted, disk error) the next good index is returned instead and

@@ -72,6 +72,12 @@ class DataArguments:
     image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
+    index_cache_dir: str | None = field(default=None, metadata={
+        "help": "where the dataset index (exact lengths, modality, validation) and the Arrow copy of JSON/JSONL records "
+                "are cached, keyed by content + tokenizer + template + image settings + max length; default "
+                "$LLAVA_CACHE/index or ~/.cache/llava/index; none: compute every start, records in memory"})
+    index_workers: int = field(default=0, metadata={"help": "processes that compute a missing index (0: one per CPU, "
+                                                            "at most 8)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
 

@@ -8,7 +8,8 @@ every record, tokenizes it exactly as training does, and opens every image in a 
 GIL while decoding). Reports, per problem kind, the count, the first record ids and what is wrong. Exit code 1
 when anything would stop ``--on_bad_sample error`` training (severity ``error``); samples training drops
 (too long, nothing supervised) are ``dropped``, duplicate ids a ``warning``, converted/animated images ``note``.
-Training reuses :func:`check_images` (existence and confinement only, no decode) before step 1.
+The reading, the problem log and the image checks are ``llava/data/validate.py``, which the training dataset
+runs too (existence and confinement only, no decode) before step 1.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image_rgb, resolve_image_path
+from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.tokenize import SampleRejected, tokenize_conversation
+from llava.data.validate import DataError, ProblemLog, check_one_image, image_problem_kind, load_raw_records
 
 SEVERITY = {"duplicate_id": "warning", "image_tokens_exceed_max_length": "dropped", "no_supervised_tokens": "dropped",
             "image_converted": "note", "image_animated": "note"}  # every other kind is an "error"
@@ -42,20 +44,11 @@ ADVICE = {
 
 
 @dataclass
-class ProblemReport:
-    """Per-kind counts, the first record ids and messages; statistics; ``exit_code`` 1 when training would stop."""
+class ProblemReport(ProblemLog):
+    """The problem log with severities and statistics; ``exit_code`` 1 when training would stop."""
 
-    counts: Counter = field(default_factory=Counter)
-    ids: dict[str, list[str]] = field(default_factory=dict)
-    messages: dict[str, list[str]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     max_examples: int = 5
-
-    def add(self, kind: str, record_id: str, message: str) -> None:
-        self.counts[kind] += 1
-        if len(self.ids.setdefault(kind, [])) < self.max_examples:
-            self.ids[kind].append(record_id)
-            self.messages.setdefault(kind, []).append(message)
 
     def severity(self, kind: str) -> str:
         return SEVERITY.get(kind, "error")
@@ -66,7 +59,7 @@ class ProblemReport:
 
     def as_dict(self) -> dict[str, Any]:
         problems = {k: {"count": n, "severity": self.severity(k), "record_ids": self.ids[k],
-                        "messages": self.messages[k], "advice": ADVICE.get(k)} for k, n in self.counts.most_common()}
+                        "messages": self.examples[k], "advice": ADVICE.get(k)} for k, n in self.counts.most_common()}
         return {"ok": self.exit_code == 0, "problems": problems, "stats": self.stats}
 
     def text(self) -> str:
@@ -90,41 +83,16 @@ class ProblemReport:
 
 
 def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str, Any]]:
-    """``[(name, raw)]``; a JSONL line that is not JSON is reported as ``invalid_json`` (``line N``) and skipped."""
-    from llava.data.dataset import DataError, iter_jsonl, load_raw_records
-
+    """``[(name, raw)]``: ``line N`` (JSONL) or ``#i``; unreadable lines and files are reported as ``invalid_json``."""
     path = Path(data_path)
-    if path.suffix == ".jsonl":
-        out = []
-        for line_no, record, err in iter_jsonl(path):
-            if err is None:
-                out.append((f"line {line_no}", record))
-            else:
-                report.add("invalid_json", f"line {line_no}", f"{path}, line {line_no}: {err.msg} at column {err.colno}")
-        return out
+    lines: list[int] = []
     try:
-        raw = load_raw_records(path)
+        raw = load_raw_records(path, report, lines)
     except DataError as err:
-        report.add("invalid_json", str(path), str(err))
+        report.add("invalid_json", str(err), str(path))
         return []
-    return [(f"#{i}", raw[i]) for i in range(len(raw))]
-
-
-def image_problem_kind(err: ImageLoadError) -> str:
-    """The report kind of an image error: ``image_<kind>`` (a directory counts as missing)."""
-    return "image_" + {"not_a_file": "missing", "invalid_path": "absolute_path"}.get(err.kind, err.kind)
-
-
-def check_one_image(image_folder: str, rel: str, decode: bool, max_pixels: int) -> tuple[Any, list[str]]:
-    """``((width, height) | None, notes)`` or an :class:`ImageLoadError`, returned (not raised) for the pool."""
-    try:
-        real = resolve_image_path(image_folder, rel)
-        if not decode:
-            return None, []
-        image, notes = open_image_rgb(real, max_pixels=max_pixels)
-        return image.size, notes
-    except ImageLoadError as err:
-        return err, []
+    names = [f"line {n}" for n in lines] if lines else [f"#{i}" for i in range(len(raw))]
+    return [(names[i], raw[i]) for i in range(len(raw))]
 
 
 def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: str | None, *, decode: bool = True,
@@ -142,32 +110,23 @@ def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemRep
     for rid, rel, future in tqdm(pending, desc="images", disable=not progress):
         if future is None:
             if rid not in bad:
-                report.add("no_image_folder", rid, f"record {rid!r} has images but --image_folder is not set")
+                report.add("no_image_folder", f"record {rid!r} has images but --image_folder is not set", rid)
             bad.add(rid)
             continue
         size, notes = future.result()
         if isinstance(size, ImageLoadError):
-            report.add(image_problem_kind(size), rid, f"record {rid!r}: {size}")
+            report.add(image_problem_kind(size), f"record {rid!r}: {size}", rid)
             bad.add(rid)
             continue
         if size is not None:
             sizes.append(size)
         for note in notes:
             kind = "image_animated" if note.startswith("animated") else "image_converted"
-            report.add(kind, rid, f"record {rid!r}, image {rel!r}: {note}")
+            report.add(kind, f"record {rid!r}, image {rel!r}: {note}", rid)
     if sizes:
         arr = np.array(sizes)
         report.stats["image_width"], report.stats["image_height"] = _percentiles(arr[:, 0]), _percentiles(arr[:, 1])
     return bad
-
-
-def check_images(records: list[Record], image_folder: str | None, report: ProblemReport, *, decode: bool = True,
-                 workers: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> set[str]:
-    """Check every image of ``records`` in a thread pool; returns the ids of records with a bad image."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = [job for r in records for job in submit_image_checks(pool, r, image_folder, decode=decode,
-                                                                       max_pixels=max_pixels)]
-        return collect_image_checks(pending, report, progress=progress)
 
 
 def _percentiles(values) -> dict[str, int]:
@@ -225,10 +184,10 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         try:
             record = parse_record(raw, i)
         except RecordError as err:
-            report.add(err.kind, err.record_id, str(err))
+            report.add(err.kind, str(err), err.record_id)
             continue
         if record.id in seen:
-            report.add("duplicate_id", record.id, f"record id {record.id!r} ({name}) appears more than once")
+            report.add("duplicate_id", f"record id {record.id!r} ({name}) appears more than once", record.id)
         seen.add(record.id)
         n_images[len(record.images)] += 1
         pending += submit_image_checks(pool, record, image_folder, decode=decode, max_pixels=max_pixels)
@@ -240,10 +199,10 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
                 truncated += 1
         except SampleRejected as err:
             dropped += 1
-            report.add(err.kind, record.id, f"record {record.id!r}: {err}")
+            report.add(err.kind, f"record {record.id!r}: {err}", record.id)
             continue
         except ValueError as err:  # e.g. <image> not a special token: a setup error, reported per record
-            report.add("tokenize_error", record.id, f"record {record.id!r}: {err}")
+            report.add("tokenize_error", f"record {record.id!r}: {err}", record.id)
             continue
         records.append(record)
     with pool:

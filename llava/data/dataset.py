@@ -18,11 +18,8 @@ the main process's counts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llava.data.images import ImageLoadError, expand2square, load_image_rgb, resolve_image_path
+from llava.data.images import ImageLoadError, expand2square, load_image_rgb
 from llava.data.index import (
     IndexSettings,
     InMemoryRecords,
@@ -42,82 +39,9 @@ from llava.data.index import (
 from llava.data.records import Record, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import tokenize_conversation
+from llava.data.validate import DataError, ProblemLog, image_problem_kind, load_raw_records
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Problems found in the data before training; the message is a per-kind report."""
-
-
-@dataclass
-class ProblemLog:
-    """Counts of dropped records by problem kind, with the first few record ids and messages of each."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    max_examples: int = 3
-
-    def add(self, kind: str, message: str) -> None:
-        self.counts[kind] += 1
-        shown = self.examples.setdefault(kind, [])
-        if len(shown) < self.max_examples:
-            shown.append(message)
-
-    def report(self) -> str:
-        lines = []
-        for kind, n in self.counts.most_common():
-            lines.append(f"  {kind}: {n} record(s), e.g.")
-            lines += [f"    - {m}" for m in self.examples[kind]]
-        return "\n".join(lines)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "examples": self.examples}
-
-
-def iter_jsonl(path: str | os.PathLike):
-    """``(line_no, record, None)`` per non-blank line, or ``(line_no, None, JSONDecodeError)`` for a bad one."""
-    with Path(path).open() as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line), None
-            except json.JSONDecodeError as err:
-                yield line_no, None, err
-
-
-def load_raw_records(data_path: str | os.PathLike, bad_lines: list[tuple[int, str]] | None = None):
-    """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts.
-
-    A JSONL line that is not JSON raises ``DataError``, or is appended to ``bad_lines`` as ``(line_no, message)``
-    and skipped when that list is given.
-    """
-    path = Path(data_path)
-    if path.is_dir():
-        import datasets
-
-        return datasets.load_from_disk(str(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, record, err in iter_jsonl(path):
-            if err is None:
-                records.append(record)
-                continue
-            message = f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
-            if bad_lines is None:
-                raise DataError(message) from err
-            bad_lines.append((line_no, message))
-        return records
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    return records
 
 
 class LazySupervisedDataset(Dataset):
@@ -150,17 +74,18 @@ class LazySupervisedDataset(Dataset):
         self.mm_use_im_start_end = mm_use_im_start_end
         self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
         self._failed: set[int] = set()
-        # records, lengths, modality and validation: from the shared index (llava/data/index.py), cached by content
+        # records, lengths, modality and validation (llava/data/validate.py, as `llava data check`): from the shared
+        # index (llava/data/index.py), computed once and cached by content, tokenizer, template and settings
         index = self._load_index(data_path, index_cache_dir, index_workers, show_progress)
         self.index_from_cache = index.from_cache
-        self.problems = ProblemLog()
-        for _, message in self.raw.bad_lines:
-            self.problems.add("invalid_json", message)
-        for kind, message in index.problems:
-            self.problems.add(kind, message)
+        self.problems = ProblemLog()  # records that fail validation
+        for record_id, message in self.raw.bad_lines:
+            self.problems.add("invalid_json", message, record_id)
+        for kind, message, record_id in index.problems:
+            self.problems.add(kind, message, record_id)
         self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
-        for kind, message in index.dropped:
-            self.dropped.add(kind, message)
+        for kind, message, record_id in index.dropped:
+            self.dropped.add(kind, message, record_id)
         self._keep = index.keep
         self._lengths = index.lengths
         self._has_image = index.has_image
@@ -188,8 +113,10 @@ class LazySupervisedDataset(Dataset):
         if cache_dir:
             self.raw = open_records(data_path, cache_dir, digest)
         else:
-            bad_lines: list[tuple[int, str]] = []
-            self.raw = InMemoryRecords(load_raw_records(data_path, bad_lines), bad_lines)
+            problems = ProblemLog(max_examples=1 << 30)
+            records = load_raw_records(data_path, problems)
+            self.raw = InMemoryRecords(records, list(zip(problems.ids.get("invalid_json", []),
+                                                         problems.examples.get("invalid_json", []))))
         return load_or_build_index(self.raw, digest, self.tokenizer, self.template, settings, cache_dir=cache_dir,
                                    workers=workers, show_progress=show_progress,
                                    desc=f"indexing {Path(data_path).name}")
@@ -304,21 +231,3 @@ def _input_size(image_processor) -> int:
         return int(size.get("height") or size.get("shortest_edge"))
     return int(getattr(size, "height", None) or getattr(size, "shortest_edge", None) or size)
 
-
-def image_problem_kind(err: ImageLoadError) -> str:
-    from llava.data.check import image_problem_kind as kind_of
-
-    return kind_of(err)
-
-
-def _first_image_error(image_folder, record: Record) -> ImageLoadError | None:
-    for rel in record.images:
-        try:
-            resolve_image_path(image_folder, rel)
-        except ImageLoadError as err:
-            return err
-    return None
-
-
-def _rid(raw: Any, index: int) -> str:
-    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-_CODE_MODULES = ("records", "templates", "tokenize", "images", "index")
+_CODE_MODULES = ("records", "templates", "tokenize", "images", "validate", "index")
 CHUNK = 2048  # records per worker task
 
 
@@ -82,7 +82,7 @@ class ArrowRecords(Sequence):
     """Raw records of a JSON/JSONL file: one JSON string per record in a memory-mapped Arrow file (via ``datasets``).
     Pickles as its path, so DataLoader workers map the same file instead of copying records."""
 
-    def __init__(self, arrow_path: str | os.PathLike, bad_lines: list[tuple[int, str]] | None = None):
+    def __init__(self, arrow_path: str | os.PathLike, bad_lines: list[tuple[str, str]] | None = None):
         import datasets
 
         self.path = str(arrow_path)
@@ -109,7 +109,7 @@ class InMemoryRecords(Sequence):
     """Raw records as loaded in memory (no cache directory): a list, or a ``datasets`` dataset; plus the JSONL lines
     that were not JSON."""
 
-    def __init__(self, records, bad_lines: list[tuple[int, str]]):
+    def __init__(self, records, bad_lines: list[tuple[str, str]]):
         self.records = records
         self.bad_lines = bad_lines
 
@@ -127,7 +127,7 @@ class SavedDatasetRecords(Sequence):
         import datasets
 
         self.path = str(path)
-        self.bad_lines: list[tuple[int, str]] = []
+        self.bad_lines: list[tuple[str, str]] = []
         self._ds = datasets.load_from_disk(self.path)
 
     def __len__(self) -> int:
@@ -167,7 +167,7 @@ def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, dig
         error = queue.get()
         child.join()
         if error is not None:
-            from llava.data.dataset import DataError
+            from llava.data.validate import DataError
 
             raise DataError(error)
     bad_lines = [tuple(x) for x in json.loads(meta.read_text())["bad_lines"]]
@@ -175,7 +175,7 @@ def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, dig
 
 
 def _convert_in_child(source: str, arrow: str, queue) -> None:
-    from llava.data.dataset import DataError
+    from llava.data.validate import DataError
 
     try:
         convert_to_arrow(source, arrow)
@@ -191,13 +191,13 @@ def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch:
     """JSONL (streamed) or a JSON list -> an Arrow stream file of one compact JSON string per record + bad lines."""
     import pyarrow as pa
 
-    from llava.data.dataset import iter_jsonl, load_raw_records
+    from llava.data.validate import iter_jsonl, load_raw_records
 
     source, arrow = Path(source), Path(arrow)
     arrow.parent.mkdir(parents=True, exist_ok=True)
     tmp = arrow.with_name(f"{arrow.name}.{os.getpid()}.tmp")
     schema = pa.schema([("json", pa.large_string())])
-    bad_lines: list[tuple[int, str]] = []
+    bad_lines: list[tuple[str, str]] = []  # (record id "line N", message)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         rows: list[str] = []
 
@@ -208,7 +208,8 @@ def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch:
         if source.suffix == ".jsonl":
             for line_no, record, err in iter_jsonl(source):
                 if err is not None:
-                    bad_lines.append((line_no, f"{source}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"))
+                    bad_lines.append((f"line {line_no}",
+                                      f"{source}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"))
                     continue
                 rows.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
                 if len(rows) >= batch:
@@ -244,8 +245,8 @@ class DatasetIndex:
     keep: np.ndarray  # raw record positions that train, ascending
     lengths: np.ndarray  # their token counts after templating and image expansion (and truncation)
     has_image: np.ndarray
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (kind, message): invalid records, in order
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (kind, message): valid but cannot train
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, message, record id), in order
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # the same, for valid records that cannot train
     image_dirs: dict[str, int] = field(default_factory=dict)  # directory -> mtime_ns when indexed
     from_cache: bool = False
 
@@ -320,10 +321,11 @@ def _init_worker(store, tokenizer, template, settings) -> None:
 
 
 def _index_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
-    """The per-record checks of the index, for records ``[a, b)``: the same as ``LazySupervisedDataset`` applies."""
-    from llava.data.dataset import _first_image_error, _rid, image_problem_kind
+    """The per-record checks of the index for records ``[a, b)``: parse, template + tokenize (exact length, samples
+    that cannot train), image paths (``stat`` only) -- ``llava/data/validate.py``'s checks, as training applies them."""
     from llava.data.records import RecordError, parse_record
     from llava.data.tokenize import SampleRejected, tokenize_conversation
+    from llava.data.validate import record_image_problem
 
     store, tokenizer, template, s = (_WORKER[k] for k in ("store", "tokenizer", "template", "settings"))
     a, b = bounds
@@ -336,26 +338,28 @@ def _index_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
                                            num_image_tokens=s.num_image_tokens, model_max_length=s.model_max_length,
                                            mm_use_im_start_end=s.mm_use_im_start_end)
         except RecordError as err:
-            problems.append((err.kind, str(err)))
+            problems.append((err.kind, str(err), err.record_id))
             continue
         except SampleRejected as err:
-            dropped.append((err.kind, f"record {_rid(raw, i)!r}: {err}"))
+            rid = _rid(raw, i)
+            dropped.append((err.kind, f"record {rid!r}: {err}", rid))
             continue
-        if record.images and not s.image_folder:
-            problems.append(("no_image_folder", f"record {record.id!r} has images but --image_folder is not set"))
-            continue
-        image_error = _first_image_error(s.image_folder, record)
+        image_problem = record_image_problem(record, s.image_folder)
         if record.images and s.image_folder:
             dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
                         if isinstance(rel, str))
-        if image_error is not None:
-            problems.append((image_problem_kind(image_error), f"record {record.id!r}: {image_error}"))
+        if image_problem is not None:
+            problems.append((*image_problem, record.id))
             continue
         keep.append(i)
         lengths.append(len(sample.input_ids))
         has_image.append(bool(record.images))
     return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
             "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
+
+
+def _rid(raw: Any, index: int) -> str:
+    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
 
 
 def _mtime_ns(path: str) -> int:

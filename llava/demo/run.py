@@ -21,6 +21,7 @@ from pathlib import Path
 
 from llava.demo.shapes import generate_shapes_dataset
 from llava.demo.tiny_models import write_demo_models
+from llava.run_dir import PROJECTOR_FILE
 
 
 @dataclass
@@ -77,7 +78,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     lora = ["--lora_enable", "True", "--lora_r", str(cfg.lora_r), "--lora_alpha", str(cfg.lora_alpha),
             "--lora_dropout", "0", "--mm_projector_lr", str(cfg.stage2_lr)] if cfg.lora else []
     train(common + lora + ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]),
-                           "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.safetensors"),
+                           "--pretrain_mm_mlp_adapter", str(stage1 / PROJECTOR_FILE),
                            "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
                            "--num_train_epochs", str(cfg.stage2_epochs),
                            "--learning_rate", str(cfg.lora_lr if cfg.lora else cfg.stage2_lr),

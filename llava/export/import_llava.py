@@ -22,17 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.model.builder import (
-    HAS_CLS_TOKEN,
-    add_multimodal_tokens,
-    load_vision_tower,
-    num_image_tokens,
-    select_strategy,
-)
-from llava.train.args import write_run_args
+from llava.model.builder import add_multimodal_tokens, load_vision_tower, make_llava_config, make_llava_processor
+from llava.run_dir import RunKind, write_run_args
 
 logger = logging.getLogger(__name__)
 TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
@@ -93,14 +86,11 @@ def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1"
     tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True, padding_side="right")
     add_multimodal_tokens(tokenizer, bool(raw.get("mm_use_im_start_end", False)))
     tower, image_processor = load_vision_tower(tower_path)  # config + processor (+ weights if not embedded)
-    strategy = select_strategy(tower.config, raw.get("mm_vision_select_feature", "patch"))
-    config = LlavaConfig(
-        vision_config=tower.config.to_dict(), text_config=text_config.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy, vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
-        image_seq_length=num_image_tokens(tower.config, strategy), multimodal_projector_bias=True,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-    )
+    text_config.tie_word_embeddings = bool(raw.get("tie_word_embeddings", False))
+    config = make_llava_config(text_config, tower.config, tokenizer,
+                               select_feature=raw.get("mm_vision_select_feature", "patch"),
+                               select_layer=int(raw.get("mm_vision_select_layer", -2)))
+    strategy = config.vision_feature_select_strategy
 
     state = {}
     for key, tensor in read_original_weights(src).items():
@@ -127,12 +117,7 @@ def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1"
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=strategy, image_token=DEFAULT_IMAGE_TOKEN,
-        num_additional_image_tokens=1 if config.vision_config.model_type in HAS_CLS_TOKEN else 0,
-        chat_template=getattr(tokenizer, "chat_template", None),
-    )
+    processor = make_llava_processor(image_processor, tokenizer, config.vision_config, strategy)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
     write_run_args(out, {
@@ -140,7 +125,8 @@ def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1"
                        "mm_vision_select_layer": config.vision_feature_layer,
                        "mm_use_im_start_end": bool(raw.get("mm_use_im_start_end", False))},
         "data_args": {"image_aspect_ratio": "pad" if raw.get("image_aspect_ratio") == "pad" else "square"},
-    }, {"imported_from": str(src), "num_image_tokens": config.image_seq_length, "projector_only": False})
+    }, {"imported_from": str(src), "num_image_tokens": config.image_seq_length, "projector_only": False,
+        "run_kind": RunKind.IMPORTED.value})
     return out
 
 

@@ -31,21 +31,20 @@ from types import SimpleNamespace
 
 import torch
 
-from llava.constants import ARGS_FILE
 from llava.model.builder import build_llava_model
-from llava.train.args import ModelArguments, read_run_args, write_run_args
-from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, quantization_config
+from llava.model.quantization import quantization_config
+from llava.run_dir import (
+    ARGS_FILE,
+    NON_LORA_FILE,
+    RunKind,
+    load_non_lora_trainables,
+    model_args_from_run,
+    read_lora_run,
+    write_run_args,
+)
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_lora_run(adapter_dir: Path) -> dict:
-    """The run's ``llava_args.json``, after checking the directory holds an adapter."""
-    run = read_run_args(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: was it written by a --lora_enable run?")
-    return run
 
 
 def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.float32, model_base: str | None = None):
@@ -57,12 +56,9 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
 
     adapter_dir = Path(adapter_dir)
     run = read_lora_run(adapter_dir)
-    fields = {f for f in ModelArguments.__dataclass_fields__}
-    margs = {k: v for k, v in run["model_args"].items() if k in fields}
-    if model_base:
-        margs["model_name_or_path"] = model_base
-    margs["pretrain_mm_mlp_adapter"] = None  # the trained projector is in non_lora_trainables
-    model_args = ModelArguments(**margs)
+    overrides = {"model_name_or_path": model_base} if model_base else {}
+    # the trained projector is in non_lora_trainables, not in the stage-1 file the run started from
+    model_args = model_args_from_run(run, pretrain_mm_mlp_adapter=None, **overrides)
     targs = run["training_args"]
     qconfig = None
     if targs.get("bits", 16) != 16:
@@ -113,7 +109,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
         merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
         processor.save_pretrained(out_dir)
     write_run_args(out_dir, run, {"merged_from": str(adapter_dir), "merge_dtype": str(dtype).split(".")[-1],
-                                  "projector_only": False})
+                                  "projector_only": False, "run_kind": RunKind.MERGED.value})
     logger.info("merged %s into %s (%s)", adapter_dir, out_dir, ARGS_FILE)
     return out_dir
 

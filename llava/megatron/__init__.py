@@ -7,8 +7,9 @@ Nothing here imports megatron-core: the converter needs only torch and safetenso
     python -m llava.megatron.cli mcore2mcore --tp 4 --pp 1 SRC OUT  # reshard
 
 Modules: ``ops`` (conversion ops), ``template`` (registry by HF ``model_type``), ``config`` (HF <-> MCA config),
-``dist`` (TP/PP/VPP split and merge), ``safetensors_io`` (streaming reader/writer), ``convert`` (the streaming
-converters), ``cli``. The on-disk MCA layout is described in ``convert``.
+``dist`` (TP/PP/VPP split and merge), ``convert`` (the streaming converters), ``cli``. The streaming safetensors
+reader/writers are ``llava/safetensors_io.py`` (shared with ``llava merge``). The on-disk MCA layout is described in
+``convert``.
 """
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "mcore_to_mcore", "register_template", "get_template"]

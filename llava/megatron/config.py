@@ -5,7 +5,7 @@ vocab, tied embeddings, head size), rope base and rope scaling (the factor is re
 template's constants. ``mca_to_hf_config`` writes them back into a copy of the original HF config (kept beside
 the shards), so an unchanged model exports a config equal to the one imported; with no original it builds a
 minimal config from the MCA fields alone. MCA names are Megatron's ``TransformerConfig`` / ``GPTModel`` argument
-names (``activation_func`` is a string here). Tested in ``tests/megatron/test_config.py``.
+names (``activation_func`` is a string here). Tested in ``tests/megatron/test_megatron_ops_config.py``.
 """
 
 from __future__ import annotations

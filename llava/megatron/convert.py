@@ -15,8 +15,9 @@ On-disk MCA layout (OUT/)::
                                         local Megatron-Core GPTModel (local spec) keys of TP rank tp, PP stage pp,
                                         virtual chunk vp (0 without VPP); layers numbered from 0 in each chunk
 
-``parallel`` holds tp, pp, vpp, vocab_divisor and padded_vocab_size. Tested in
-``tests/megatron/test_roundtrip.py`` and ``tests/megatron/test_errors.py``.
+``parallel`` holds tp, pp, vpp, vocab_divisor and padded_vocab_size. The HF side is written by
+``llava.safetensors_io.HFShardWriter``. Tested in ``tests/megatron/test_megatron_roundtrip.py``,
+``tests/megatron/test_megatron_layout.py`` and ``tests/megatron/test_megatron_errors.py``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from llava.megatron.dist import (
     merge_tp,
     pad_vocab,
     padded_vocab_size,
-    split_rule,
     split_tp,
 )
-from llava.megatron.safetensors_io import SafetensorsReader, SafetensorsWriter
 from llava.megatron.template import Claim, Template, TemplateError, get_template
+from llava.safetensors_io import HFShardWriter, SafetensorsReader, SafetensorsWriter
 
 FORMAT = "llava-mcore/1"
 Group = list[tuple[str, torch.Tensor]]  # (name, tensor) pairs produced together
@@ -302,30 +302,16 @@ def mcore_to_hf(src: str | os.PathLike, out: str | os.PathLike, max_shard_bytes:
                 group.append((tied_copy, tensors[0]))
             yield group
 
-    sizes: dict[str, int] = {}
-    for group in hf_groups(_meta):
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for group in hf_groups(_meta):  # plan every file from meta tensors, then fill them with real ones
         for name, t in group:
-            sizes[name] = t.numel() * t.element_size()
-    files, current, used = [], [], 0
-    for name in sizes:
-        if current and used + sizes[name] > max_shard_bytes:
-            files.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += sizes[name]
-    files.append(current)
-    if len(files) == 1:
-        file_of = {n: "model.safetensors" for n in files[0]}
-    else:
-        file_of = {
-            n: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, names in enumerate(files) for n in names
-        }
-
+            layout[name] = (t.dtype, tuple(t.shape))
     out = _prepare_out(out)
-    _plan_and_write(lambda load: ([(file_of[n], n, t) for n, t in g] for g in hf_groups(load)), out)
-    if len(files) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(file_of.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    writer = HFShardWriter(out, layout, max_shard_bytes)
+    for group in hf_groups(_real):
+        for name, t in group:
+            writer.write(name, t)
+    writer.close()
     for item in sorted((ckpt.path / "hf_files").iterdir()):
         if item.name != "config.json":
             shutil.copy2(item, out / item.name)
@@ -334,8 +320,3 @@ def mcore_to_hf(src: str | os.PathLike, out: str | os.PathLike, max_shard_bytes:
         shutil.copy2(ckpt.path / "hf_files" / "config.json", out / "config.json")
     else:
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def split_rules(keys: list[str]) -> dict[str, str]:
-    """The TP rule of each global MCA key (for reports and tests)."""
-    return {k: split_rule(k) for k in keys}

@@ -6,7 +6,7 @@ decoder layers live (``hf_layer_prefix``). Add a family with ``register_template
 
 Multimodal templates (``llava``) convert their language model through the text model's template (picked from
 ``text_config.model_type``) and pass the vision tower and projector through with ``{}`` renames, so a whole
-Llava checkpoint round-trips. Tested in ``tests/megatron/test_template.py``.
+Llava checkpoint round-trips. Tested in ``tests/megatron/test_megatron_ops_config.py`` and ``tests/megatron/test_megatron_errors.py``.
 """
 
 from __future__ import annotations

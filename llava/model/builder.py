@@ -110,7 +110,7 @@ def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
 def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_config=None) -> BuiltModel:
     """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given.
 
-    ``quantization_config`` (QLoRA, see ``llava.train.lora.quantization_config``) applies to the language model's
+    ``quantization_config`` (QLoRA, see ``llava/model/quantization.py``) applies to the language model's
     linear layers only; its ``llm_int8_skip_modules`` must name the tower, projector and lm_head by full prefix."""
     if _is_llava_checkpoint(model_args.model_name_or_path, model_args.trust_remote_code):
         built = _load_llava_checkpoint(model_args, torch_dtype, quantization_config)
@@ -141,7 +141,8 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
     tower, image_processor = load_vision_tower(
         model_args.vision_tower, torch_dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code
     )
-    config = make_llava_config(llm.config, tower.config, tokenizer, model_args)
+    config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
+                               select_layer=model_args.mm_vision_select_layer)
     strategy, n_tokens = config.vision_feature_select_strategy, config.image_seq_length
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
@@ -161,31 +162,41 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltMo
         model.is_loaded_in_4bit = bool(quantization_config.load_in_4bit)
         model.is_loaded_in_8bit = bool(quantization_config.load_in_8bit)
 
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=tower.config.patch_size,
-        vision_feature_select_strategy=strategy,
-        image_token=DEFAULT_IMAGE_TOKEN,
-        num_additional_image_tokens=1 if tower.config.model_type in HAS_CLS_TOKEN else 0,
-        chat_template=getattr(tokenizer, "chat_template", None),
-    )
+    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy)
     return BuiltModel(model, processor, n_tokens, added)
 
 
-def make_llava_config(llm_config, vision_config, tokenizer, model_args) -> LlavaConfig:
-    """The Llava config of a composed model (before any vocabulary resize)."""
-    strategy = select_strategy(vision_config, model_args.mm_vision_select_feature)
+def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: str, select_layer: int) -> LlavaConfig:
+    """The Llava config of a vision tower + LLM (before any vocabulary resize): the one assembly used by
+    ``build_llava_model``, ``llava merge`` (streaming) and ``llava import-llava``.
+
+    ``select_feature``: ``--mm_vision_select_feature`` (patch | cls_patch); ``select_layer``:
+    ``--mm_vision_select_layer``."""
+    strategy = select_strategy(vision_config, select_feature)
     return LlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=llm_config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy,
-        vision_feature_layer=model_args.mm_vision_select_layer,
+        vision_feature_layer=int(select_layer),
         image_seq_length=num_image_tokens(vision_config, strategy),
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
+    )
+
+
+def make_llava_processor(image_processor, tokenizer, vision_config, strategy: str) -> LlavaProcessor:
+    """The processor of a Llava model: the tower's image processor, the tokenizer (with ``<image>``), the patch
+    grid and select strategy the processor needs to expand ``<image>`` the way the model does."""
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        image_token=DEFAULT_IMAGE_TOKEN,
+        num_additional_image_tokens=1 if vision_config.model_type in HAS_CLS_TOKEN else 0,
+        chat_template=getattr(tokenizer, "chat_template", None),
     )
 
 

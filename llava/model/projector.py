@@ -11,29 +11,19 @@ new token embeddings (``--mm_use_im_start_end``), ``embed_tokens.weight``. LLaVA
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from llava.run_dir import atomic_save_safetensors
 
 LLAVA_KEY_MAP = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias", "2.weight": "linear_2.weight",
                  "2.bias": "linear_2.bias"}
 
 
-def projector_state_dict(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
-
-
 def save_projector_state(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Atomically write a projector state dict (refusing zero-size tensors, e.g. un-gathered ZeRO-3 shards)."""
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:
-        raise ValueError(f"refusing to write zero-size tensors {empty} to {path}: gather ZeRO-3 parameters first")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_save_safetensors(state, path)
 
 
 def read_projector_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

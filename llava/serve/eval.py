@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm.auto import tqdm
 
-from llava.data.dataset import load_raw_records
 from llava.data.images import load_image_rgb
 from llava.data.records import parse_record
+from llava.data.validate import load_raw_records
 from llava.serve.predict import Predictor
 
 

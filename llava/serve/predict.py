@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from llava.constants import ARGS_FILE, DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.dataset import process_images
 from llava.data.images import expand2square
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
 from llava.model.builder import num_image_tokens
-from llava.train.args import read_run_args
+from llava.run_dir import ARGS_FILE, read_run_args
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
 

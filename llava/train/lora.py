@@ -1,13 +1,14 @@
 """LoRA / QLoRA on the language model of a Llava model, through peft and bitsandbytes.
 
     names = find_all_linear_names(model)                        # every nn.Linear of the LM, full module names
-    qconfig = quantization_config(training_args, torch.float32)  # --bits 4|8 -> BitsAndBytesConfig, else None
+    qconfig = quantization_config(training_args, torch.float32)  # llava/model/quantization.py (--bits 4|8)
     model = setup_lora(model, model_args, training_args, added_tokens=built.added_tokens)   # -> PeftModel
 
 LoRA adapters go on every linear layer of the language model, never on the vision tower, the projector or
 ``lm_head``. Alongside the adapters the projector trains fully (at ``--mm_projector_lr``) and, when tokens were
 added to the vocabulary, the input and output embeddings train too; these "non-LoRA trainables" are saved beside
-the adapter in ``non_lora_trainables.safetensors`` under their names in the plain Llava model.
+the adapter in ``non_lora_trainables.safetensors`` under their names in the plain Llava model (the run directory's
+layout and its readers are in ``llava/run_dir.py``).
 
 ``--lora_bias``: ``none`` trains no bias; ``all`` every bias of the language model; ``lora_only`` the biases of
 the LoRA-wrapped layers only. Vision-tower biases stay as the freezing policy left them.
@@ -18,13 +19,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
+from llava.run_dir import NON_LORA_FILE, atomic_save_safetensors
+
 LM_PREFIX = "model.language_model."
-# bitsandbytes needs full module prefixes here, or the tower and the projector are quantized too (DESIGN.md).
-QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-NON_LORA_FILE = "non_lora_trainables.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -43,24 +42,6 @@ def find_all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list
     if not names:
         raise ValueError("no linear layer found in the language model (model.language_model.*) to put LoRA on")
     return sorted(names)
-
-
-def quantization_config(training_args, compute_dtype: torch.dtype):
-    """``--bits 4|8`` as a ``BitsAndBytesConfig`` that leaves the vision tower, projector and lm_head alone."""
-    if training_args.bits == 16:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=training_args.bits == 4,
-        load_in_8bit=training_args.bits == 8,
-        llm_int8_skip_modules=list(QUANT_SKIP_MODULES),
-        llm_int8_threshold=6.0,
-        llm_int8_has_fp16_weight=False,
-        bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_use_double_quant=training_args.double_quant,
-        bnb_4bit_quant_type=training_args.quant_type,
-    )
 
 
 def lora_config(model: nn.Module, training_args, *, exclude: Iterable[str] = ()):
@@ -112,7 +93,6 @@ def split_trainables(peft_model) -> tuple[list[tuple[str, nn.Parameter]], list[t
 
 def save_lora_checkpoint(peft_model, output_dir: str | os.PathLike, *, should_save: bool = True) -> None:
     """Adapter (peft format) + ``non_lora_trainables.safetensors``; gathered under ZeRO-3 (every rank calls)."""
-    from llava.model.projector import save_projector_state
     from llava.train.checkpoint import gather_named_parameters
 
     adapter, non_lora = split_trainables(peft_model)
@@ -125,21 +105,4 @@ def save_lora_checkpoint(peft_model, output_dir: str | os.PathLike, *, should_sa
         raise ValueError(f"refusing to write zero-size adapter tensors {empty[:5]}: gather ZeRO-3 parameters first")
     peft_model.save_pretrained(str(output_dir), state_dict=adapter_state, safe_serialization=True)
     if non_lora_state:
-        save_projector_state(non_lora_state, os.path.join(output_dir, NON_LORA_FILE))
-
-
-def load_non_lora_trainables(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Copy ``non_lora_trainables.safetensors`` into a plain Llava model (strict on the file's keys)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise ValueError(f"{path}: keys {unknown[:5]} are not parameters of this Llava model")
-    with torch.no_grad():
-        for key, value in state.items():
-            if params[key].shape != value.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model {tuple(params[key].shape)}")
-            params[key].copy_(value.to(params[key].dtype))
-    return sorted(state)
+        atomic_save_safetensors(non_lora_state, os.path.join(output_dir, NON_LORA_FILE))

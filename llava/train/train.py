@@ -27,9 +27,10 @@ from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
+from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
 from llava.train.args import parse_args, resolved_args_dict
-from llava.train.lora import quantization_config, setup_lora
+from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
 
 logger = logging.getLogger("llava.train")

@@ -25,15 +25,21 @@ from transformers import LlavaForConditionalGeneration, Trainer
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from llava.constants import PROJECTOR_FILE
 from llava.model.projector import load_projector_state, read_projector_file, save_projector_state
-from llava.train.args import write_run_args
+from llava.run_dir import (
+    BAD_SAMPLES_FILE,
+    NON_LORA_FILE,
+    PROJECTOR_FILE,
+    atomic_write_text,
+    load_non_lora_trainables,
+    training_run_kind,
+    write_run_args,
+)
 from llava.train.checkpoint import gather_named_parameters
-from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, save_lora_checkpoint
+from llava.train.lora import save_lora_checkpoint
 from llava.train.samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
-BAD_SAMPLES_FILE = "bad_samples.json"
 PAUSE_ENV = "LLAVA_TEST_PAUSE_IN_SAVE"  # tests: "STEP:SECONDS" sleeps mid-save of checkpoint-STEP (to kill -9 there)
 
 
@@ -98,7 +104,9 @@ class LLaVATrainer(Trainer):
         else:
             super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
-            write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only})
+            kind = training_run_kind(projector_only=self.projector_only, lora_enable=getattr(self.args, "lora_enable", False),
+                                     bits=getattr(self.args, "bits", 16))
+            write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only, "run_kind": kind.value})
             self._write_bad_samples(output_dir)
         _maybe_pause_in_save(output_dir, self.state.global_step)
 
@@ -111,8 +119,7 @@ class LLaVATrainer(Trainer):
         failed = report["failed_during_training"]["counts"]
         if failed:
             logger.warning("samples replaced after their image failed during training: %s", failed)
-        with open(os.path.join(output_dir, BAD_SAMPLES_FILE), "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(os.path.join(output_dir, BAD_SAMPLES_FILE), json.dumps(report, indent=2))
 
     def _save_checkpoint(self, model, trial) -> None:
         """Atomic: everything is written into ``checkpoint-N.tmp/`` and renamed to ``checkpoint-N`` when complete, so

@@ -35,7 +35,8 @@ def write_run(workdir: Path, layers: int, hidden: int) -> tuple[Path, float]:
 
     from llava.demo.tiny_models import train_tiny_tokenizer, write_tiny_vision_tower
     from llava.model.builder import apply_freezing, build_llava_model
-    from llava.train.args import ModelArguments, write_run_args
+    from llava.run_dir import write_run_args
+    from llava.train.args import ModelArguments
     from llava.train.lora import save_lora_checkpoint, setup_lora
 
     llm_dir, run_dir = workdir / f"llm-{layers}", workdir / f"run-{layers}"

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from llava.cli import main as cli_main
+from llava.run_dir import RunKind, run_kind
 
 SELECT_LAYER = -2
 
@@ -113,6 +114,7 @@ def test_imported_checkpoint_matches_original_forward(tiny_models, tmp_path, emb
 
     args = json.loads((out / "llava_args.json").read_text())
     assert args["data_args"]["image_aspect_ratio"] == "pad" and args["model_args"]["version"] == "vicuna_v1"
+    assert run_kind(out) is RunKind.IMPORTED
     for path in out.rglob("*.safetensors"):  # no zero-size tensor anywhere
         with safe_open(str(path), "pt") as f:
             assert all(f.get_tensor(k).numel() > 0 for k in f.keys()), path

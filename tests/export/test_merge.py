@@ -20,6 +20,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava.cli import main as cli_main
 from llava.export.merge import merge_lora
+from llava.run_dir import RunKind, run_kind
 from llava.train.train import train
 
 STEPS = 4
@@ -86,6 +87,7 @@ def test_lora_run_writes_adapter_trainables_and_args(lora_run, tiny_models):
     assert args["model_args"]["vision_tower"] == str(tiny_models["vision_tower"])
     assert args["training_args"]["lora_enable"] is True and args["training_args"]["lora_r"] == 8
     assert args["training_args"]["bits"] == 16
+    assert run_kind(out) is RunKind.LORA and run_kind(out / "checkpoint-2") is RunKind.LORA
     # the projector trained at its own learning rate
     projector = {id(p) for p in live.model.multi_modal_projector.parameters()}
     lrs = {g["initial_lr"] for g in trainer.optimizer.param_groups if {id(p) for p in g["params"]} <= projector}
@@ -111,6 +113,7 @@ def test_merged_checkpoint_reloads_with_adapter_logits(lora_run, tmp_path):
     processor = AutoProcessor.from_pretrained(out)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == merged.config.image_token_id
     assert json.loads((out / "llava_args.json").read_text())["merged_from"] == str(lora_run["dir"])
+    assert run_kind(out) is RunKind.MERGED
     assert scan_safetensors(out) >= 2 and scan_safetensors(lora_run["dir"]) >= 2
 
 
@@ -142,6 +145,7 @@ def test_lora_resume_matches_uninterrupted(lora_run, tiny_models, shapes_data, t
 def test_qlora_run_merges_to_the_dequantized_adapter_model(qlora_run, tmp_path):
     trainer = qlora_run["trainer"]
     assert json.loads((qlora_run["dir"] / "llava_args.json").read_text())["training_args"]["bits"] == 4
+    assert run_kind(qlora_run["dir"]) is RunKind.QLORA
     inputs = batch_of(trainer)
     with torch.no_grad():
         expected = trainer.model.eval()(**inputs).logits  # 4-bit base + adapter, as trained

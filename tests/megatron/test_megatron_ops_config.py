@@ -13,8 +13,8 @@ from safetensors import safe_open
 from llava.megatron.config import hf_to_mca_config, mca_to_hf_config
 from llava.megatron.dist import merge_tp, padded_vocab_size, split_tp
 from llava.megatron.ops import QKVConverOp, RenameConverOp, StackConverOp, fill_name, match_name
-from llava.megatron.safetensors_io import SafetensorsReader, SafetensorsWriter
 from llava.megatron.template import get_template
+from llava.safetensors_io import SafetensorsReader, SafetensorsWriter
 
 
 def test_qkv_on_known_values():

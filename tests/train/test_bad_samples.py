@@ -94,12 +94,12 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint(tiny_models, sha
     out = tmp_path / "run"
     flags = argv(tiny_models, shapes_data["stage2_qa"], shapes_data["image_folder"], out, steps=6, max_len=256)
     flags[flags.index("--save_steps") + 1] = "2"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), PYTHONUNBUFFERED="1",
-               LLAVA_TEST_PAUSE_IN_SAVE="4:120")
+    here = Path(__file__).resolve().parent  # pause_in_save.py: train with a pause mid-save of checkpoint-4
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here)]), PYTHONUNBUFFERED="1")
     log = tmp_path / "log.txt"
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "llava.train.train", *flags], stdout=f, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "pause_in_save", "--pause_in_save", "4:120", *flags], stdout=f,
+                                stderr=subprocess.STDOUT, env=env)
     marker = out / "checkpoint-4.tmp" / "checkpoint-4" / "PAUSED"
     deadline = time.time() + 240
     while not marker.exists():

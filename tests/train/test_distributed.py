@@ -275,8 +275,9 @@ def test_kill_mid_save_on_two_ranks_keeps_the_previous_checkpoint(tiny_models, s
              "--vision_tower", str(tiny_models["vision_tower"]), "--version", "chatml",
              "--data_path", str(shapes_data["stage2_qa"]), *common(shapes_data, out)]
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "llava.train.train", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLAVA_TEST_PAUSE_IN_SAVE": "4:120"}
+           "pause_in_save", "--pause_in_save", "4:120", *flags]  # tests/train/pause_in_save.py: pause mid-save
+    pythonpath = [str(REPO), str(REPO / "tests" / "train"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(pythonpath)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     marker = out / "checkpoint-4.tmp" / "checkpoint-4" / "PAUSED"

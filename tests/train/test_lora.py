@@ -17,8 +17,10 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llava.model.builder import apply_freezing, build_llava_model
+from llava.model.quantization import quantization_config
+from llava.run_dir import NON_LORA_FILE
 from llava.train.args import ModelArguments, TrainingArguments
-from llava.train.lora import NON_LORA_FILE, find_all_linear_names, quantization_config, save_lora_checkpoint, setup_lora
+from llava.train.lora import find_all_linear_names, save_lora_checkpoint, setup_lora
 
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from llava.run_dir import RunKind, run_kind
 from llava.train.train import train
 
 STEPS, SAVE_STEPS, LR = 6, 3, 1e-3
@@ -149,6 +150,9 @@ def test_run_args_file_holds_resolved_arguments(stage1, stage2, tiny_models, sha
     s1 = json.loads((stage1["dir"] / "llava_args.json").read_text())
     assert s1["model_args"]["tune_mm_mlp_adapter"] is True and s1["projector_only"] is True
     assert s1["model_args"]["version"] == "plain"
+    # the run directory's kind, read back through llava/run_dir.py from what training wrote
+    assert run_kind(stage1["dir"]) is RunKind.STAGE1 and run_kind(stage1["dir"] / "checkpoint-3") is RunKind.STAGE1
+    assert run_kind(stage2["dir"]) is RunKind.FULL and args["run_kind"] == "full"
 
 
 def test_continue_from_stage2_checkpoint(stage2, shapes_data, tmp_path):

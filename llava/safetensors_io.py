@@ -1,9 +1,17 @@
-"""Streaming safetensors reader and writer: one tensor at a time, no mmap, so memory stays at what is in use.
+"""Streaming safetensors reader and writers: one tensor at a time, no mmap, so memory stays at what is in use.
+
+    reader = SafetensorsReader("model.safetensors"); reader.meta("lm_head.weight"); reader.get("lm_head.weight")
+    writer = HFShardWriter(out_dir, {name: (dtype, shape), ...}, max_shard_bytes=parse_size("2GB"))
+    writer.write(name, tensor) ...; writer.close()       # model.safetensors, or model-0000i-of-0000n + index
 
 ``SafetensorsReader`` parses a file's header (names, dtypes, shapes) and reads one tensor with ``pread``.
 ``SafetensorsWriter`` takes the full list of (name, dtype, shape) up front, writes the header, then accepts
-tensors in any order and writes each straight to its offset. The files are ordinary safetensors files
-(``safetensors.safe_open`` and ``transformers`` read them). Tested in ``tests/megatron/test_safetensors_io.py``.
+tensors in any order and writes each straight to its offset. ``HFShardWriter`` is the one writer of Hugging Face
+sharded checkpoints in the package (``llava merge``'s streaming path, ``llava convert mcore2hf``): it splits a
+known layout into ``max_shard_bytes`` files in layout order and writes ``model.safetensors.index.json``. The files
+are ordinary safetensors files (``safetensors.safe_open`` and ``transformers`` read them). Tested in
+``tests/megatron/test_megatron_ops_config.py`` and, through merge and conversion, ``tests/export/test_merge.py``
+and ``tests/megatron/test_megatron_roundtrip.py``.
 """
 
 from __future__ import annotations
@@ -120,3 +128,60 @@ class SafetensorsWriter:
 
     def missing(self) -> list[str]:
         return sorted(set(self.layout) - self._written)
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` / ``"500MiB"`` / ``"1000"`` -> bytes (powers of 10 for KB/MB/GB, of 2 for KiB/MiB/GiB)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+class HFShardWriter:
+    """A Hugging Face safetensors checkpoint of a known layout, written tensor by tensor at its offset.
+
+    Tensors go to files in the layout's order, a new file when the next tensor would pass ``max_shard_bytes``
+    (a tensor larger than that gets a file of its own). One file is ``model.safetensors``; several are
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (``total_size``, sorted weight map).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int):
+        self.out_dir = os.fspath(out_dir)
+        groups: list[list[str]] = [[]]
+        used = self.total_size = 0
+        for name, (dtype, shape) in layout.items():
+            size = _nbytes(dtype, shape)
+            if groups[-1] and used + size > max_shard_bytes:
+                groups.append([])
+                used = 0
+            groups[-1].append(name)
+            used += size
+            self.total_size += size
+        n = len(groups)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.file_of = {name: file for file, group in zip(names, groups) for name in group}
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.writers = {file: SafetensorsWriter(os.path.join(self.out_dir, file),
+                                                {name: layout[name] for name in group})
+                        for file, group in zip(names, groups)}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.file_of:
+            raise KeyError(f"{self.out_dir}: tensor {name!r} is not in the planned layout")
+        self.writers[self.file_of[name]].write(name, tensor)
+
+    def close(self) -> None:
+        """Check every planned tensor was written; write the index when there are several files."""
+        missing = [m for w in self.writers.values() for m in w.missing()]
+        if missing:
+            raise RuntimeError(f"{self.out_dir}: tensors planned but never written: {missing[:5]}")
+        if len(self.writers) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.file_of.items()))}
+            path = os.path.join(self.out_dir, "model.safetensors.index.json")
+            with open(path + ".tmp", "w") as f:
+                f.write(json.dumps(index, indent=2) + "\n")
+            os.replace(path + ".tmp", path)

@@ -22,6 +22,9 @@ mean over supervised tokens. ``outputs.logits`` of such a call holds the loss (0
 (``model.eval()``, or no labels) take the stock path and get full logits. Held by ``tests/train/test_supervised_head.py``
 (loss and every gradient vs the stock head, <= 1e-5 fp32: padding, packing, accumulation, LoRA, ZeRO-3).
 
+Plain torch on every device. liger-kernel's fused linear cross-entropy (a Triton kernel of the same idea) is not
+used: it needs a CUDA GPU, and none was available to test it (no code path for it exists here).
+
 Computed in the dtype the stock head would use (the weight's, or autocast's), logits upcast to fp32 as
 ``ForCausalLMLoss`` does; the weight gradient accumulates over chunks in fp32. Not used (stock path, logged) when
 ``lm_head`` is not a plain ``nn.Linear`` (a LoRA- or quantization-wrapped head).

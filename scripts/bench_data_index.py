@@ -10,7 +10,7 @@ to Arrow and indexed by ``--index_workers`` processes, then cached) and ``restar
 reports the wall and CPU seconds (its worker processes included) to build the training dataset (``LazySupervisedDataset.from_args``, as ``llava train`` does)
 and the process's resident memory growth across it: total, anonymous (private to the rank) and file-backed (the
 memory-mapped Arrow pages, shared by the ranks of a node). ``--train_step`` also times a whole 1-step
-``python -m llava.train.train`` run per mode (process start to exit). Prints one JSON line per mode and the ratios.
+``python -m llava.train.train`` run per mode (process start to exit; wall and CPU seconds). Prints one JSON line per mode and the ratios.
 """
 
 from __future__ import annotations
@@ -96,9 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError(f"{mode}: {out.stderr[-3000:]}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         if args.train_step:
+            import resource
+
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "llava.train.train", *argv_mode], check=True, capture_output=True)
             results[mode]["one_step_run_s"] = round(time.perf_counter() - t0, 1)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            results[mode]["one_step_run_cpu_s"] = round(after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime, 1)
         print(json.dumps({"mode": mode, "n": args.n, **results[mode]}), flush=True)
     if "per_start" in results:
         for mode in ("first_start", "restart"):

@@ -11,7 +11,8 @@ the optimizer and scheduler), driven one step at a time so that variants alterna
 (A B, then B A, ...): machine noise hits every variant alike, and the figure to quote is the ratio to the first
 variant. ``--warmup`` steps per variant are run first and not counted.
 
-Per variant: real (non-pad) tokens/s and samples/s over wall time (data wait included), padding fraction (pad
+Per variant: real (non-pad) tokens/s and samples/s over wall time (data wait included), real tokens per CPU-second
+of the training steps (the work a step costs, robust when other jobs share the cores), padding fraction (pad
 slots / all slots), median step time, data-wait fraction (time blocked on the DataLoader / wall), MFU (useful FLOPs,
 formula in ``llava/train/throughput.py``, over wall time, against the measured fp32 matmul peak), mean loss.
 Also per variant: time to first step (building its trainer -- model, data index, DataLoader -- plus its first step,
@@ -62,6 +63,12 @@ def _status_kib(key: str) -> int | None:
             return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
     except (OSError, StopIteration):
         return None
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, every thread (the step's compute; DataLoader workers are other processes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def reset_peak_rss() -> int | None:
@@ -124,15 +131,17 @@ class VariantRun:
         lengths = sample_lengths(batch, self.pad_id)
         n_images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
         before = reset_peak_rss()
+        cpu0 = _cpu_seconds()
         loss = self.compute(batch, num_items)
         t2 = time.perf_counter()
+        cpu = _cpu_seconds() - cpu0
         if before is not None:  # memory the step itself took above what was resident before it
             self.step_peak_kib = max(self.step_peak_kib, (_status_kib("VmHWM") or before) - before)
         if self.first_step_s is None:  # building the trainer (model, data index, DataLoader) + the first step
             self.first_step_s = self.init_s + t2 - t0
         if record:
             self.records.append({"wait": t1 - t0, "wall": t2 - t0, "real": sum(lengths), "samples": len(lengths),
-                                 "supervised": int((batch["labels"][..., 1:] != -100).sum()),
+                                 "supervised": int((batch["labels"][..., 1:] != -100).sum()), "cpu": cpu,
                                  "slots": batch["input_ids"].numel(), "loss": loss,
                                  "flops": self.counts.step_flops(lengths, n_images)})
 
@@ -142,6 +151,7 @@ class VariantRun:
         return {
             "steps": len(r),
             "real_tokens_per_s": round(sum(x["real"] for x in r) / wall, 1),
+            "real_tokens_per_cpu_s": round(sum(x["real"] for x in r) / sum(x["cpu"] for x in r), 1),
             "samples_per_s": round(sum(x["samples"] for x in r) / wall, 3),
             "padding_fraction": round(1 - sum(x["real"] for x in r) / sum(x["slots"] for x in r), 4),
             "step_time_median_s": round(statistics.median(x["wall"] for x in r), 3),
@@ -222,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
               "variants": {run.name: run.summary(peak) for run in runs}}
     base = result["variants"][names[0]]
     result["ratios"] = {f"{n}/{names[0]}": {k: round(result["variants"][n][k] / base[k], 3) if base[k] else None
-                                            for k in ("real_tokens_per_s", "samples_per_s", "step_time_median_s")}
+                                            for k in ("real_tokens_per_s", "real_tokens_per_cpu_s", "samples_per_s",
+                                                      "step_time_median_s")}
                         for n in names[1:]}
     if args.profile:
         rounds = [{name: runs[names.index(name)].profile() for name in args.profile.split(",")}
@@ -241,7 +252,8 @@ def print_table(result: dict) -> None:
     for name, v in result["variants"].items():
         print(f"{name:16}" + "".join(f"{v[c]:>20}" for c in cols))
     for name, r in result["ratios"].items():
-        print(f"{name}: real tokens/s x{r['real_tokens_per_s']}, samples/s x{r['samples_per_s']}")
+        print(f"{name}: real tokens/s x{r['real_tokens_per_s']}, per CPU-second x{r['real_tokens_per_cpu_s']}, "
+              f"samples/s x{r['samples_per_s']}")
     print(f"matmul peak {result['matmul_peak_gflops']} GFLOP/s, peak RSS {result['peak_rss_mib']} MiB")
     for name, table in result.get("profile_ms", {}).items():
         total = sum(table.values())

@@ -1,19 +1,33 @@
 """The ``llava`` command.
 
     llava demo [--workdir DIR]                              # the whole pipeline on the embedded tiny default
-    llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train
+    llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train; --help lists them grouped
     llava data check --data_path ... (the same flags)       # validate data + statistics before training; --json
     llava predict --model DIR --image X.png --prompt "..."
     llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images]
-    llava convert hf2mcore|mcore2hf ...                     # optional Megatron path (pip install .[megatron])
+    llava convert hf2mcore|mcore2hf|mcore2mcore ...         # optional Megatron path (pip install .[megatron])
     llava merge --adapter RUN_DIR --out DIR [--dtype bfloat16] [--max_shard_size 2GB]   # LoRA -> native Llava
     llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA checkpoint -> native Llava
+
+A mistake in the input (a missing path, flag or value, bad data) is one line on stderr, `llava CMD: error: ...`,
+with exit code 2; `llava --debug CMD ...` or LLAVA_DEBUG=1 shows its traceback. Help never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from llava.errors import ArgumentParser, UsageError, debug_requested, report_usage_errors
+
+COMMANDS = ("train", "data", "convert", "demo", "predict", "eval", "merge", "import-llava")
+CONVERT_COMMANDS = ("hf2mcore", "mcore2hf", "mcore2mcore")
+
+
+def _demo_parser(sub) -> None:
+    from llava.demo.run import add_demo_arguments  # the DemoConfig fields; torch is imported only to run
+
+    add_demo_arguments(sub.add_parser("demo", help="run the tiny end-to-end demo (a few minutes on a CPU)"))
 
 
 def _predict_parser(sub) -> None:
@@ -27,7 +41,7 @@ def _predict_parser(sub) -> None:
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="exact-match accuracy on held-out records, per question type")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a Llava checkpoint directory written by `llava train`")
     p.add_argument("--data", required=True, help="LLaVA JSON/JSONL; the last gpt turn of each record is the gold")
     p.add_argument("--image_folder", default=None)
     p.add_argument("--version", default=None)
@@ -36,38 +50,80 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        from llava.train.train import train
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA/QLoRA run into a native Llava checkpoint")
+    p.add_argument("--adapter", required=True, help="output directory of a --lora_enable run")
+    p.add_argument("--out", required=True, help="where to write the merged Llava checkpoint")
+    p.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--max_shard_size", default="2GB")
+    p.add_argument("--model_base", default=None, help="override the base LLM / Llava path recorded in the run")
+    p.add_argument("--in_memory", action="store_true", help="merge the whole model in memory instead of streaming")
 
-        train(argv[1:])
-        return 0
-    if argv[0:2] == ["data", "check"]:
-        from llava.data.check import check_main
 
-        return check_main(argv[2:])
-    if argv and argv[0] == "convert":
-        from llava.megatron.cli import main as convert_main
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import-llava", help="convert an original LLaVA checkpoint")
+    p.add_argument("--src", required=True, help="original LLaVA checkpoint directory (llava_llama / llava_mistral)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--version", default="vicuna_v1", help="conversation template the model was trained with")
+    p.add_argument("--vision_tower", default=None, help="override config.json's mm_vision_tower (a local directory)")
+    p.add_argument("--max_shard_size", default="5GB")
 
-        return convert_main(argv[1:])
 
-    from llava.demo.run import add_demo_arguments
-
-    parser = argparse.ArgumentParser(prog="llava", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train (stage 1 or 2); takes the original LLaVA flags")
-    sub.add_parser("data", help="data check: validate a dataset with the training flags")
-    sub.add_parser("convert", help="Megatron-Core conversion: hf2mcore | mcore2hf")
-    add_demo_arguments(sub.add_parser("demo", help="run the tiny end-to-end demo"))
+def build_parser() -> ArgumentParser:
+    """The top-level parser; ``train``, ``data`` and ``convert`` only appear here (they parse their own flags)."""
+    parser = ArgumentParser(prog="llava", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors too (or LLAVA_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("train", help="train (stage 1 or 2); takes the original LLaVA flags", add_help=False)
+    sub.add_parser("data", help="data check: validate a dataset with the training flags", add_help=False)
+    sub.add_parser("convert", help="Megatron-Core conversion: hf2mcore | mcore2hf | mcore2mcore", add_help=False)
+    _demo_parser(sub)
     _predict_parser(sub)
     _eval_parser(sub)
-    from llava.export.import_llava import add_import_arguments
-    from llava.export.merge import add_merge_arguments
+    _merge_parser(sub)
+    _import_parser(sub)
+    return parser
 
-    add_merge_arguments(sub.add_parser("merge", help="merge a LoRA/QLoRA run into a native Llava checkpoint"))
-    add_import_arguments(sub.add_parser("import-llava", help="convert an original LLaVA checkpoint"))
-    args = parser.parse_args(argv)
+
+def command_name(argv: list[str]) -> str:
+    """``train``, ``data check``, ``convert hf2mcore``, ... as the error line names it ("" before a command)."""
+    if not argv or argv[0] not in COMMANDS:
+        return ""
+    if argv[0] == "data" and argv[1:2] == ["check"]:
+        return "data check"
+    if argv[0] == "convert" and argv[1:2] and argv[1] in CONVERT_COMMANDS:
+        return f"convert {argv[1]}"
+    return argv[0]
+
+
+def run_command(argv: list[str]) -> int:
+    """Dispatch to the subcommand; imports its module only now (so ``--help`` and argument errors stay fast)."""
+    head, rest = (argv[0], argv[1:]) if argv else (None, [])
+    if head == "train":
+        if "-h" in rest or "--help" in rest:
+            from llava.train.flag_help import train_help
+
+            print(train_help(), end="")
+            return 0
+        from llava.train.train import train
+
+        train(rest)
+        return 0
+    if head == "data":
+        if rest[:1] in (["-h"], ["--help"]):
+            print("usage: llava data check --data_path FILE --model_name_or_path DIR [flags]  (see --help of it)")
+            return 0
+        if rest[:1] != ["check"]:
+            raise UsageError(f"unknown data command {' '.join(rest[:1]) or '(none)'}: use `llava data check ...`")
+        from llava.data.check import check_main
+
+        return check_main(rest[1:])
+    if head == "convert":
+        from llava.megatron.cli import main as convert_main
+
+        return convert_main(rest)
+
+    args = build_parser().parse_args(argv)
     if args.command == "merge":
         from llava.export.merge import merge_main
 
@@ -87,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     from llava.serve.eval import eval_main
 
     return eval_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``llava ARGV``; an input error is printed as one line and returns 2 (raised under --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested()
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
+    return report_usage_errors(command_name(argv), lambda: run_command(argv), debug=debug)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llava.errors import UsagePathError
+
 ARGS_FILE = "llava_args.json"
 PROJECTOR_FILE = "mm_projector.safetensors"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -109,7 +111,8 @@ def write_run_args(output_dir: str | os.PathLike, args: dict[str, Any], extra: d
 def read_run_args(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / ARGS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {ARGS_FILE}: was it written by `llava train`?")
+        raise UsagePathError(f"{directory} has no {ARGS_FILE}: give a directory written by `llava train`, `llava merge` "
+                             f"or `llava import-llava`")
     return json.loads(path.read_text())
 
 
@@ -130,7 +133,8 @@ def run_kind(directory: str | os.PathLike) -> RunKind:
                                  lora_enable=bool(targs.get("lora_enable")), bits=int(targs.get("bits", 16)))
     missing = [name for name in REQUIRED_FILES[kind] if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory}: a {kind.value} run directory, but {missing} are missing")
+        raise UsagePathError(f"{directory}: a {kind.value} run directory, but {missing} are missing (an interrupted "
+                             f"save? use a complete checkpoint-N directory of the run)")
     return kind
 
 
@@ -149,7 +153,8 @@ def read_lora_run(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     run = read_run_args(directory)
     if not (directory / ADAPTER_CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{directory} has no {ADAPTER_CONFIG_FILE}: was it written by a --lora_enable run?")
+        raise UsagePathError(f"{directory} has no {ADAPTER_CONFIG_FILE}: give the output of a `llava train "
+                             f"--lora_enable True` run")
     return run
 
 

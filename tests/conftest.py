@@ -105,3 +105,22 @@ def bad_corpus(tmp_path_factory) -> dict:
         "image_tokens_exceed_max_length": ["toomany"], "no_supervised_tokens": ["nosupervised"],
     }
     return {"data_path": data_path, "image_folder": folder, "expected": expected}
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_dir(tmp_path_factory):
+    """A real Llama-family SentencePiece tokenizer (Mistral-7B v0.1's, shipped by ``mistral-common``) as a
+    ``LlamaTokenizer`` directory: ``tokenizer("A")`` gives ``['<s>', '▁A']``. Nothing is downloaded."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import mistral_common
+
+    out = tmp_path_factory.mktemp("sentencepiece_tokenizer")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096,
+    }))
+    return out

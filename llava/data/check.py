@@ -30,6 +30,7 @@ from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.data.validate import DataError, ProblemLog, check_one_image, image_problem_kind, load_raw_records
+from llava.errors import ArgumentParser, UsageValueError, report_usage_errors, require_model_path, require_path
 
 SEVERITY = {"duplicate_id": "warning", "image_tokens_exceed_max_length": "dropped", "no_supervised_tokens": "dropped",
             "image_converted": "note", "image_animated": "note"}  # every other kind is an "error"
@@ -161,11 +162,13 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
         n = num_image_tokens(config.vision_config, config.vision_feature_select_strategy)
     else:
         if not args.vision_tower:
-            raise ValueError("--vision_tower is required when --model_name_or_path is a language model")
+            raise UsageValueError(f"--model_name_or_path {args.model_name_or_path} is a language model, so "
+                                  f"--vision_tower is required: give a CLIP or SigLIP directory")
         tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
         vision_config = VISION_MODELS[tower_type].config_class.from_pretrained(args.vision_tower)
         n = num_image_tokens(vision_config, select_strategy(vision_config, args.mm_vision_select_feature))
-    return TokenSetup(tokenizer, get_template(args.version), tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
+    template = get_template(args.version, image_front=getattr(args, "image_placement", "front") == "front")
+    return TokenSetup(tokenizer, template, tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
                       args.model_max_length, args.mm_use_im_start_end)
 
 
@@ -228,7 +231,7 @@ def _tokenize(record: Record, setup: TokenSetup, max_length: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llava data check", description=__doc__,
+    p = ArgumentParser(prog="llava data check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data_path", required=True)
     p.add_argument("--image_folder", default=None)
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="vicuna_v1")
     p.add_argument("--model_max_length", type=int, default=2048)
     p.add_argument("--mm_use_im_start_end", type=_bool, default=False)
+    p.add_argument("--image_placement", choices=("front", "keep"), default="front")
     p.add_argument("--mm_vision_select_feature", default="patch")
     p.add_argument("--image_aspect_ratio", default="square")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -253,9 +257,14 @@ def _bool(text: str) -> bool:
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
     args, _ignored = build_parser().parse_known_args(argv)
-    if not Path(args.data_path).exists():
-        print(f"--data_path {args.data_path} does not exist", file=sys.stderr)
-        return 2
+    require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory")
+    if args.image_folder:
+        require_path("--image_folder", args.image_folder, kind="dir",
+                     hint="give the directory the records' image paths are relative to")
+    require_model_path("--model_name_or_path", args.model_name_or_path,
+                       hint="give the LLM or Llava checkpoint you will train (its tokenizer is used)")
+    if args.vision_tower:
+        require_model_path("--vision_tower", args.vision_tower, hint="give a CLIP or SigLIP directory")
     setup = load_token_setup(args)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)
@@ -264,4 +273,4 @@ def check_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(check_main(sys.argv[1:]))
+    sys.exit(report_usage_errors("data check", lambda: check_main(sys.argv[1:])))

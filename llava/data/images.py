@@ -23,6 +23,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llava.errors import UsageError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_ERROR_KINDS",
@@ -51,7 +53,7 @@ IMAGE_ERROR_KINDS = (
 _SIBLING_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(UsageError):
     """An image that cannot be used; ``kind`` says why (see :data:`IMAGE_ERROR_KINDS`)."""
 
     def __init__(self, kind: str, path: str | Path, detail: str, *, image_folder: str | Path | None = None) -> None:

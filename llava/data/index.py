@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-_CODE_MODULES = ("records", "templates", "tokenize", "images", "validate", "index")
+_CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "index")
 CHUNK = 2048  # records per worker task
 
 
@@ -253,8 +253,15 @@ class DatasetIndex:
 
 def index_key(digest: str, tokenizer, template, settings: IndexSettings) -> str:
     parts = {"format": INDEX_FORMAT, "data": digest, "tokenizer": tokenizer_fingerprint(tokenizer),
-             "template": [template.name, template.uses_bos], "settings": settings.__dict__, "code": code_fingerprint()}
+             "template": _template_fields(template), "settings": settings.__dict__, "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _template_fields(template) -> dict[str, Any]:
+    """Every field of the template but its renderer function (whose source is in the code fingerprint)."""
+    import dataclasses
+
+    return {f.name: getattr(template, f.name) for f in dataclasses.fields(template) if f.name != "renderer"}
 
 
 def load_or_build_index(store, digest: str, tokenizer, template, settings: IndexSettings, *,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.errors import UsageValueError
 
 ROLE_ALIASES = {
     "human": "user",
@@ -42,7 +43,7 @@ class Record:
         return sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in self.messages)
 
 
-class RecordError(ValueError):
+class RecordError(UsageValueError):
     """A record that cannot be trained on. ``kind`` is a stable machine-readable problem name."""
 
     def __init__(self, kind: str, record_id: str, field_name: str, message: str):

@@ -1,7 +1,8 @@
 """Conversation -> ``input_ids`` + ``labels`` with exact masks, image placeholders expanded to feature count.
 
-The template renders supervised/unsupervised text segments; the joined prompt is tokenized once (so the ids are
-exactly what inference sees for the same prompt) and each token is labelled from the character span it covers:
+The template renders supervised/unsupervised text segments after a leading BOS; the BOS enters as its id and the
+joined text is tokenized once (so the ids are exactly ``tokenizer(prompt)``, what inference sees for the same prompt),
+and each token is labelled from the character span it covers:
 a token is supervised when it covers a character of a supervised segment (leading whitespace excluded,
 so a space-prefixed reply token counts as the reply's). There is no
 re-tokenize-and-count step, so LLaVA's "tokenization mismatch" cannot occur. Each ``<image>`` token is then
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava.data.records import Message
-from llava.data.templates import ConversationTemplate, Segment
+from llava.data.templates import ConversationTemplate, Segment, place_images
 
 
 class SampleRejected(ValueError):
@@ -44,7 +45,17 @@ def wrap_image_placeholders(messages: list[Message], mm_use_im_start_end: bool) 
 
 
 def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
-    """Tokenize the joined segments once and label each token by the characters it covers."""
+    """Leading ``special`` segments (the BOS) as their ids, then the joined text tokenized once, each token labelled
+    by the characters it covers."""
+    head: list[int] = []
+    while segments and segments[0].special:
+        tid = tokenizer.convert_tokens_to_ids(segments[0].text)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ValueError(f"the template places {segments[0].text!r}, which is not a token of this tokenizer")
+        head.append(tid)
+        segments = segments[1:]
+    if any(s.special for s in segments):
+        raise ValueError("internal error: special segments must lead the rendering")
     text = "".join(s.text for s in segments)
     supervised = bytearray(len(text))  # 1 for characters of a supervised segment, from its first non-space on
     pos = 0
@@ -56,7 +67,12 @@ def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     labels = [tid if any(supervised[start:end]) else IGNORE_INDEX for tid, (start, end) in zip(ids, enc["offset_mapping"])]
-    return ids, labels
+    return head + ids, [IGNORE_INDEX] * len(head) + labels
+
+
+def prepare_messages(messages: list[Message], template: ConversationTemplate, mm_use_im_start_end: bool) -> list[Message]:
+    """LLaVA's preprocess_multimodal: place the image (``template.image_front``), then wrap it (im_start/end)."""
+    return wrap_image_placeholders(place_images(messages, template.image_front), mm_use_im_start_end)
 
 
 def tokenize_conversation(
@@ -75,7 +91,7 @@ def tokenize_conversation(
     Raises ``SampleRejected`` when the image tokens alone do not fit in ``model_max_length`` or when no
     supervised token is left after truncation.
     """
-    segments = template.render_with_tokenizer(wrap_image_placeholders(messages, mm_use_im_start_end), tokenizer, system)
+    segments = template.render_with_tokenizer(prepare_messages(messages, template, mm_use_im_start_end), tokenizer, system)
     ids, labels = label_segments(segments, tokenizer)
     n_placeholders = sum(s.text.count(DEFAULT_IMAGE_TOKEN) for s in segments)
     ids, labels = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n_placeholders)
@@ -132,7 +148,7 @@ def build_generation_prompt(
     """Prompt ids for generation: the conversation ending in a user turn, rendered up to the assistant marker."""
     if not messages or messages[-1].role != "user":
         raise ValueError("a generation prompt must end with a user message")
-    segments = template.render_with_tokenizer(wrap_image_placeholders(messages, mm_use_im_start_end), tokenizer, system)
+    segments = template.render_with_tokenizer(prepare_messages(messages, template, mm_use_im_start_end), tokenizer, system)
     ids, labels = label_segments(segments, tokenizer)
     n = ids.count(image_token_id)
     ids, _ = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n)

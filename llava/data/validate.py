@@ -24,9 +24,10 @@ from typing import Any
 
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image_rgb, resolve_image_path
 from llava.data.records import Record
+from llava.errors import UsagePathError, UsageValueError
 
 
-class DataError(ValueError):
+class DataError(UsageValueError):
     """Problems found in the data before training; the message is a per-kind report."""
 
 
@@ -82,7 +83,7 @@ def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None =
 
         return datasets.load_from_disk(str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+        raise UsagePathError(f"--data_path {data_path} does not exist")
     if path.suffix == ".jsonl":
         records = []
         for line_no, record, err in iter_jsonl(path):

@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava.demo.shapes import generate_shapes_dataset
-from llava.demo.tiny_models import write_demo_models
+from llava.errors import UsagePathError, UsageValueError
 from llava.run_dir import PROJECTOR_FILE
 
 
@@ -41,12 +40,22 @@ class DemoConfig:
     lora_alpha: int = 16
     lora_lr: float = 2e-3  # the adapters' learning rate; the projector trains at stage2_lr
 
+    def __post_init__(self):
+        positive = [n for n in ("n_caption", "n_qa", "n_heldout", "stage1_epochs", "stage2_epochs", "batch_size",
+                                "stage1_lr", "stage2_lr", "lora_r", "lora_alpha", "lora_lr") if not getattr(self, n) > 0]
+        if positive:
+            raise UsageValueError(", ".join(f"--{n} {getattr(self, n)}" for n in positive) + ": must be > 0")
+        if self.report_to not in ("none", "wandb", "tensorboard"):
+            raise UsageValueError(f"--report_to {self.report_to}: use none, wandb or tensorboard")
+
 
 def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
 def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, dict[str, float]]:
+    from llava.demo.shapes import generate_shapes_dataset
+    from llava.demo.tiny_models import write_demo_models
     from llava.serve.eval import evaluate, format_table
     from llava.serve.predict import Predictor
     from llava.train.train import train
@@ -104,11 +113,19 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default="demo_workdir", help="where data, models and outputs go")
     for name, value in vars(defaults).items():
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name}", type=kind, default=value)
+        kind = _bool if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name}", type=kind, default=value, metavar=kind.__name__.strip("_").upper())
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
 
 
 def demo_main(args: argparse.Namespace) -> int:
     cfg = DemoConfig(**{k: getattr(args, k) for k in vars(DemoConfig())})
+    if Path(args.workdir).is_file():
+        raise UsagePathError(f"--workdir {args.workdir} is a file; give a directory (created if missing)")
     run_demo(args.workdir, cfg)
     return 0

@@ -24,6 +24,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
 
+from llava.data.chat_templates import set_chat_template
+from llava.data.templates import get_template
+from llava.errors import UsagePathError, UsageValueError, require_model_path
 from llava.model.builder import add_multimodal_tokens, load_vision_tower, make_llava_config, make_llava_processor
 from llava.run_dir import RunKind, write_run_args
 
@@ -40,7 +43,7 @@ def read_original_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint: ``*.safetensors`` if any, else ``*.bin`` (``weights_only=True``)."""
     files = sorted(src.glob("*.safetensors")) or sorted(src.glob("pytorch_model*.bin")) or sorted(src.glob("*.bin"))
     if not files:
-        raise FileNotFoundError(f"--src {src}: no *.safetensors or *.bin weight files")
+        raise UsagePathError(f"--src {src}: no *.safetensors or *.bin weight files")
     state: dict[str, torch.Tensor] = {}
     for path in files:
         part = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
@@ -70,16 +73,21 @@ def map_original_key(key: str) -> str | None:
 def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1", vision_tower: str | None = None,
                  max_shard_size: str = "5GB") -> Path:
     src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise UsagePathError(f"--src {src}: {'no config.json in it' if src.is_dir() else 'no such directory'}; give "
+                             f"the directory of an original LLaVA checkpoint (config.json with mm_vision_tower + weights)")
     raw = json.loads((src / "config.json").read_text())
     model_type = raw.get("model_type")
     if model_type not in TEXT_MODEL_TYPES:
-        raise ValueError(f"{src}: model_type {model_type!r} is not one of {sorted(TEXT_MODEL_TYPES)}")
+        raise UsageValueError(f"--src {src}: model_type {model_type!r} is not one of {sorted(TEXT_MODEL_TYPES)}")
     if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        raise ValueError(f"{src}: mm_projector_type {raw.get('mm_projector_type')!r}: only mlp2x_gelu maps to "
+        raise UsageValueError(f"--src {src}: mm_projector_type {raw.get('mm_projector_type')!r}: only mlp2x_gelu maps to "
                          "transformers' LlavaMultiModalProjector")
     tower_path = vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
     if not tower_path:
-        raise ValueError(f"{src}: config.json names no mm_vision_tower; pass --vision_tower")
+        raise UsageValueError(f"--src {src}: config.json names no mm_vision_tower; pass --vision_tower")
+    require_model_path("--vision_tower" if vision_tower else f"mm_vision_tower in {src / 'config.json'}", tower_path,
+                       hint="pass --vision_tower with a local CLIP or SigLIP directory")
     text_fields = {k: v for k, v in raw.items() if not k.startswith(MM_KEYS) and k not in ("model_type", "architectures")}
     text_config = AutoConfig.for_model(TEXT_MODEL_TYPES[model_type], **text_fields)
 
@@ -118,6 +126,7 @@ def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1"
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
     processor = make_llava_processor(image_processor, tokenizer, config.vision_config, strategy)
+    set_chat_template(processor, get_template(version))  # renders its training prompts
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)
     write_run_args(out, {
@@ -128,14 +137,6 @@ def import_llava(src: str | Path, out: str | Path, *, version: str = "vicuna_v1"
     }, {"imported_from": str(src), "num_image_tokens": config.image_seq_length, "projector_only": False,
         "run_kind": RunKind.IMPORTED.value})
     return out
-
-
-def add_import_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--src", required=True, help="original LLaVA checkpoint directory (llava_llama / llava_mistral)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--version", default="vicuna_v1", help="conversation template the model was trained with")
-    p.add_argument("--vision_tower", default=None, help="override config.json's mm_vision_tower (a local directory)")
-    p.add_argument("--max_shard_size", default="5GB")
 
 
 def import_main(args: argparse.Namespace) -> int:

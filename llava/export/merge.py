@@ -12,14 +12,15 @@ same weights), dequantized layer by layer into plain ``nn.Linear``, then merged:
 adapter model the run trained, not the unquantized base plus the adapter.
 
 Streaming (the default for LoRA runs on an LLM directory, ``merge_stream.py``): the language model is merged one
-safetensors shard at a time, so peak memory is the vision tower + adapter + one output shard, flat in LLM size.
+safetensors shard at a time, each tensor written to its offset in the output, so peak memory is the vision tower +
+adapter + the tensor being merged, flat in LLM size.
 In memory (QLoRA runs, Llava-checkpoint bases, adapters with biases/DoRA): one copy of the model in the output dtype (``P * bytes(dtype)``) plus one layer's LoRA delta
 (``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
 tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
 4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
 Measured (``tests/export/measure_merge_memory.py``, fp32, hidden 512, LLM in 20 MB shards, 20 MB output shards):
-2/8/16 layers = 29/106/209 MiB of weights; peak RSS above imports, streaming 49/79/92 MiB (+13 MiB from 8 to 16
-layers: the adapter grows with depth), in memory 74/159/255 MiB (~1.0x the model per added MiB + ~45 MiB).
+2/8/16 layers = 29/106/209 MiB of weights; peak RSS above the libraries' imports, streaming 41/50/50 MiB, in memory
+99/171/274 MiB (~1.0x the model per added MiB + ~70 MiB).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from types import SimpleNamespace
 
 import torch
 
+from llava.errors import UsagePathError, require_model_path, require_path
 from llava.model.builder import build_llava_model
 from llava.model.quantization import quantization_config
 from llava.run_dir import (
+    ADAPTER_CONFIG_FILE,
     ARGS_FILE,
     NON_LORA_FILE,
     RunKind,
@@ -45,6 +48,7 @@ from llava.run_dir import (
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_HINT = "give the --output_dir of a `llava train --lora_enable True` run (or one of its checkpoint-N directories)"
 
 
 def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.float32, model_base: str | None = None):
@@ -114,17 +118,17 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
     return out_dir
 
 
-def add_merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="output directory of a --lora_enable run")
-    p.add_argument("--out", required=True, help="where to write the merged Llava checkpoint")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--max_shard_size", default="2GB")
-    p.add_argument("--model_base", default=None, help="override the base LLM / Llava path recorded in the run")
-    p.add_argument("--in_memory", action="store_true", help="merge the whole model in memory instead of streaming")
-
-
 def merge_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    adapter = require_path("--adapter", args.adapter, kind="dir", hint=ADAPTER_HINT)  # mistakes before any loading
+    for name in (ARGS_FILE, ADAPTER_CONFIG_FILE):
+        if not (adapter / name).is_file():
+            raise UsagePathError(f"--adapter {args.adapter} has no {name}: {ADAPTER_HINT} (a full fine-tune needs no "
+                                 f"merge)")
+    if args.model_base:
+        require_model_path("--model_base", args.model_base, hint="give the base LLM or Llava checkpoint directory")
+    if Path(args.out).is_file():
+        raise UsagePathError(f"--out {args.out} is a file; give a directory for the merged checkpoint")
     merge_lora(args.adapter, args.out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,
                model_base=args.model_base, streaming=not args.in_memory)
     print(f"merged checkpoint written to {args.out}")

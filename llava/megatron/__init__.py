@@ -12,7 +12,7 @@ reader/writers are ``llava/safetensors_io.py`` (shared with ``llava merge``). Th
 ``convert``.
 """
 
-__all__ = ["hf_to_mcore", "mcore_to_hf", "mcore_to_mcore", "register_template", "get_template"]
+__all__ = ["hf_to_mcore", "mcore_to_hf", "mcore_to_mcore", "register_template", "get_conversion_template"]
 
 
 def __getattr__(name: str):  # lazy: importing llava.megatron stays free
@@ -20,7 +20,7 @@ def __getattr__(name: str):  # lazy: importing llava.megatron stays free
         from llava.megatron import convert
 
         return getattr(convert, name)
-    if name in ("register_template", "get_template"):
+    if name in ("register_template", "get_conversion_template"):
         from llava.megatron import template
 
         return getattr(template, name)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from llava.errors import ArgumentParser, report_usage_errors
+
 
 def _rss_mib(field: str) -> float:
     """VmRSS (current) or VmHWM (peak) of this process in MiB, from /proc (Linux); -1 elsewhere."""
@@ -36,7 +38,7 @@ def _reset_peak_rss() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava convert", description="Convert between Hugging Face and Megatron-Core")
+    parser = ArgumentParser(prog="llava convert", description="Convert between Hugging Face and Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("hf2mcore", "HF checkpoint -> Megatron-Core TP x PP shards"),
@@ -83,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_usage_errors(" ".join(["convert", *sys.argv[1:2]]), main))

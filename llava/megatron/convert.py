@@ -42,7 +42,7 @@ from llava.megatron.dist import (
     padded_vocab_size,
     split_tp,
 )
-from llava.megatron.template import Claim, Template, TemplateError, get_template
+from llava.megatron.template import Claim, Template, TemplateError, get_conversion_template
 from llava.safetensors_io import HFShardWriter, SafetensorsReader, SafetensorsWriter
 
 FORMAT = "llava-mcore/1"
@@ -112,7 +112,7 @@ class HFCheckpoint:
 def _hf_template(config: dict, keys, variant: str | None = None) -> Template:
     if "model_type" not in config:
         raise TemplateError("config.json has no model_type; cannot pick a conversion template")
-    return get_template(config["model_type"]).resolve(config, keys, variant)
+    return get_conversion_template(config["model_type"]).resolve(config, keys, variant)
 
 
 def _hf_groups(ckpt: HFCheckpoint, template: Template, mca: dict, load: Loader) -> Iterator[Group]:

@@ -12,7 +12,8 @@ PP: ``num_layers`` is cut into ``pp * vpp`` equal chunks; chunk ``c = vp * pp + 
 the first chunk, final norm and output layer on the last; with tied embeddings and more than one stage the last
 chunk also holds ``output_layer.weight`` (a copy of the embeddings, as Megatron keeps it).
 Vocab-sized tensors are zero-padded to a multiple of ``tp * divisor`` on import and truncated on export.
-Tested in ``tests/megatron/test_megatron_layout.py`` (TP/PP/VPP layout) and ``tests/megatron/test_megatron_roundtrip.py``.
+Tested in ``tests/megatron/test_megatron_layout.py`` (TP/PP/VPP layout) and
+``tests/megatron/test_megatron_roundtrip.py``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Each op claims a fixed set of HF names and produces a fixed set of MCA names (or
 which matches any non-empty text and is carried over to the other side (``Rename("vision_tower.{}", ...)``).
 
 Ops work on full (unsharded) tensors; ``cfg`` is the MCA config dict (``num_attention_heads``,
-``num_query_groups``, ``kv_channels`` are read by the QKV op). Tested in ``tests/megatron/test_megatron_ops_config.py``.
+``num_query_groups``, ``kv_channels`` are read by the QKV op).
+Tested in ``tests/megatron/test_megatron_ops_config.py``.
 """
 
 from __future__ import annotations

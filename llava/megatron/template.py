@@ -2,11 +2,14 @@
 
 A template says how one HF model family maps onto Megatron-Core's ``GPTModel`` (local layer spec names):
 which HF config fields become which MCA config fields, the conversion ops for the weights, and where the
-decoder layers live (``hf_layer_prefix``). Add a family with ``register_template(...)`` at the bottom of this file.
+decoder layers live (``hf_layer_prefix``). Add a family with ``register_template(...)`` at the bottom of this file;
+``get_conversion_template(model_type)`` looks one up (named apart from ``llava.data.templates.get_template``, which
+returns a *conversation* template).
 
 Multimodal templates (``llava``) convert their language model through the text model's template (picked from
 ``text_config.model_type``) and pass the vision tower and projector through with ``{}`` renames, so a whole
-Llava checkpoint round-trips. Tested in ``tests/megatron/test_megatron_ops_config.py`` and ``tests/megatron/test_megatron_errors.py``.
+Llava checkpoint round-trips. Tested in ``tests/megatron/test_megatron_ops_config.py`` and
+``tests/megatron/test_megatron_errors.py``.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class Template:
         if self.text_config_key is None:
             return self
         text_cfg = hf_config.get(self.text_config_key) or {}
-        text = get_template(text_cfg.get("model_type", "<missing text_config.model_type>"))
+        text = get_conversion_template(text_cfg.get("model_type", "<missing text_config.model_type>"))
         if variant is None:
             keys = set(hf_keys or ())
             for name, (rewrites, _) in self.hf_variants.items():
@@ -183,7 +186,7 @@ def register_template(
     return template
 
 
-def get_template(hf_model_type: str) -> Template:
+def get_conversion_template(hf_model_type: str) -> Template:
     """The registered template for an HF ``model_type``; a clear error listing the known types otherwise."""
     if hf_model_type not in _TEMPLATES:
         raise TemplateError(

@@ -30,6 +30,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.errors import UsageValueError
 from llava.model.projector import load_projector_state
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def load_vision_tower(path: str, *, torch_dtype=torch.float32, trust_remote_code
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = VISION_MODELS.get(config.model_type)
     if cls is None:
-        raise ValueError(f"--vision_tower {path}: model_type {config.model_type!r} is not one of {sorted(VISION_MODELS)}")
+        raise UsageValueError(f"--vision_tower {path}: model_type {config.model_type!r} is not one of {sorted(VISION_MODELS)}")
     tower = cls.from_pretrained(path, dtype=torch_dtype)
     image_processor = AutoImageProcessor.from_pretrained(path)
     return tower, image_processor
@@ -123,8 +124,9 @@ def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_con
 
 def _compose_llava(model_args, torch_dtype, quantization_config=None) -> BuiltModel:
     if not model_args.vision_tower:
-        raise ValueError(
-            f"--model_name_or_path {model_args.model_name_or_path} is a language model, so --vision_tower is required"
+        raise UsageValueError(
+            f"--model_name_or_path {model_args.model_name_or_path} is a language model, so --vision_tower is required: "
+            f"give a CLIP or SigLIP directory"
         )
     rng_at_start = torch.get_rng_state()  # new weights below depend on the seed, not on how the parts were loaded
     tokenizer = AutoTokenizer.from_pretrained(

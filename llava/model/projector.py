@@ -15,6 +15,7 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from llava.errors import UsagePathError
 from llava.run_dir import atomic_save_safetensors
 
 LLAVA_KEY_MAP = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias", "2.weight": "linear_2.weight",
@@ -30,7 +31,7 @@ def read_projector_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read our safetensors file or LLaVA's ``mm_projector.bin`` into our key names."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {path} does not exist")
+        raise UsagePathError(f"--pretrain_mm_mlp_adapter {path} does not exist")
     raw = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     out: dict[str, torch.Tensor] = {}
     for key, value in raw.items():

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from llava.data.images import load_image_rgb
 from llava.data.records import parse_record
 from llava.data.validate import load_raw_records
-from llava.serve.predict import Predictor
+from llava.errors import require_model_path, require_path
+from llava.serve.predict import MODEL_HINT, Predictor
 
 
 def normalize_answer(text: str) -> str:
@@ -80,6 +81,11 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def eval_main(args) -> int:
+    require_model_path("--model", args.model, hint=MODEL_HINT)
+    require_path("--data", args.data, hint="give a LLaVA JSON/JSONL file of held-out records")
+    if args.image_folder:
+        require_path("--image_folder", args.image_folder, kind="dir", hint="give the directory the records' image "
+                     "paths are relative to")
     predictor = Predictor.load(args.model, version=args.version)
     rows = {"real images": evaluate(predictor, args.data, args.image_folder, batch_size=args.batch_size).accuracy()}
     if args.blank_images:

@@ -22,10 +22,12 @@ from llava.data.images import expand2square
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
+from llava.errors import UsageValueError, require_model_path, require_path
 from llava.model.builder import num_image_tokens
 from llava.run_dir import ARGS_FILE, read_run_args
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
+MODEL_HINT = "give a checkpoint directory written by `llava train` or `llava merge`"
 
 
 @dataclass
@@ -43,10 +45,12 @@ class Predictor:
         model_args, data_args = run.get("model_args", {}), run.get("data_args", {})
         name = version or model_args.get("version")
         if name is None:
-            raise ValueError(f"{model_dir} has no {ARGS_FILE}; pass --version to name its conversation template")
+            raise UsageValueError(f"--model {model_dir} has no {ARGS_FILE}; pass --version to name its conversation "
+                                  f"template")
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
         processor = AutoProcessor.from_pretrained(model_dir)
-        return cls(model, processor, get_template(name), data_args.get("image_aspect_ratio", "square"),
+        template = get_template(name, image_front=data_args.get("image_placement", "front") == "front")
+        return cls(model, processor, template, data_args.get("image_aspect_ratio", "square"),
                    bool(model_args.get("mm_use_im_start_end", False)))
 
     @property
@@ -96,6 +100,9 @@ class Predictor:
 def predict_main(args) -> int:
     from llava.data.images import open_image_rgb
 
+    require_model_path("--model", args.model, hint=MODEL_HINT)
+    if args.image:
+        require_path("--image", args.image, kind="file", hint="give an image file (PNG, JPEG, ...)")
     predictor = Predictor.load(args.model, version=args.version)
     image = open_image_rgb(args.image)[0] if args.image else None
     print(predictor.answer(image, args.prompt, max_new_tokens=args.max_new_tokens))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from typing import Any
 
 import transformers
 
+from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
 from llava.model.args import ModelArguments
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
+
+logger = logging.getLogger("llava.train")
 
 
 @dataclass
@@ -33,6 +37,9 @@ class DataArguments:
     image_aspect_ratio: str = field(default="square", metadata={"help": "pad (to square, mean colour) or square"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
+    image_placement: str = field(default="front", metadata={
+        "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "
+                "LLaVA-1.5/NeXT train; keep: the record's own placement (multi-image records always keep theirs)"})
     index_cache_dir: str | None = field(default=None, metadata={
         "help": "where the dataset index (exact lengths, modality, validation) and the Arrow copy of JSON/JSONL records "
                 "are cached, keyed by content + tokenizer + template + image settings + max length; default "
@@ -47,6 +54,8 @@ class DataArguments:
             raise ValueError("--data_path is required")
         if self.image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio}")
+        if self.image_placement not in ("front", "keep"):
+            raise ValueError(f"--image_placement must be front or keep, got {self.image_placement}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"--on_bad_sample must be error or skip, got {self.on_bad_sample}")
 
@@ -67,7 +76,7 @@ class TrainingArguments(transformers.TrainingArguments):
                 "the stock head over every position. Eval and predict always get full logits"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
-    optim: str = field(default="adamw_torch")
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "LLaVA scripts' flag (removed in transformers 5): --warmup_steps as a ratio"}
     )
@@ -82,6 +91,7 @@ class TrainingArguments(transformers.TrainingArguments):
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4"})
 
     def __post_init__(self):
+        self.deepspeed = _bundled_deepspeed_config(self.deepspeed)
         if wants_cpu_ddp(self.deepspeed):  # torchrun on CPU: accelerate's MULTI_CPU (gloo) path, see distributed.py
             self.use_cpu = True
         if self.warmup_ratio is not None:
@@ -128,30 +138,110 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
         )
 
 
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """The files and directories the flags name exist, the template is known: checked before any model loads."""
+    from llava.data.templates import get_template
+
+    get_template(model_args.version)
+    require_model_path("--model_name_or_path", model_args.model_name_or_path,
+                       hint="give the directory of an LLM or of a Llava checkpoint")
+    if model_args.vision_tower:
+        require_model_path("--vision_tower", model_args.vision_tower, hint="give a CLIP or SigLIP directory")
+    if model_args.pretrain_mm_mlp_adapter:
+        require_path("--pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter, kind="file",
+                     hint="stage 1 writes OUTPUT_DIR/mm_projector.safetensors")
+    require_path("--data_path", data_args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory")
+    if data_args.image_folder:
+        require_path("--image_folder", data_args.image_folder, kind="dir",
+                     hint="give the directory the records' image paths are relative to")
+    if data_args.eval_data_path:
+        require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file")
+    resume = training_args.resume_from_checkpoint
+    if resume and resume.lower() not in ("true", "false", "none"):
+        require_path("--resume_from_checkpoint", resume, kind="dir",
+                     hint="give a checkpoint-N directory of the run, or True for the latest in --output_dir")
+
+
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+# Flags of the LLaVA-1.5 launcher scripts that transformers has renamed since: old -> new.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
+
+
+def _bundled_deepspeed_config(value):
+    """LLaVA's ``--deepspeed ./scripts/zero2.json`` (absent here) -> this project's ``zero_configs/zero2.json``."""
+    if not isinstance(value, str) or os.path.isfile(value) or value.lstrip().startswith("{"):
+        return value
+    bundled = ZERO_CONFIGS / Path(value).name
+    if not bundled.is_file():
+        return value
+    logger.warning("--deepspeed %s does not exist: using the bundled %s", value, bundled)
+    return str(bundled)
+
+
+def rename_legacy_flags(argv: list[str]) -> list[str]:
+    """``--evaluation_strategy no`` -> ``--eval_strategy no`` (also ``--flag=value``), with a one-line notice."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in RENAMED_FLAGS:
+            logger.warning("%s is %s in transformers >= 5: passing it as %s", name, RENAMED_FLAGS[name],
+                           RENAMED_FLAGS[name])
+            arg = RENAMED_FLAGS[name] + eq + value
+        out.append(arg)
+    return out
+
+
+class ArgumentParser(RaiseOnUsageError, transformers.HfArgumentParser):
+    """``HfArgumentParser`` whose parse errors raise ``UsageError`` (one line from ``llava train``, exit 2)."""
+
+
+def build_parser() -> ArgumentParser:
+    return ArgumentParser(ARG_CLASSES, prog="llava train", usage="llava train [CONFIG.yaml] [--flag VALUE ...]")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it."""
+    """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it.
+
+    Every mistake (unknown flag, bad value, bad combination, a missing config file) raises ``UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser(ARG_CLASSES)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and os.path.isfile(argv[0]):
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        if not os.path.isfile(argv[0]):
+            raise UsagePathError(f"config file {argv[0]}: no such file (the first argument names a YAML/JSON file of "
+                                 f"flags)")
         argv = _config_file_to_flags(argv[0]) + argv[1:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    check_combinations(model_args, data_args, training_args)
+    parser = build_parser()
+    try:  # __post_init__ checks and transformers' own raise ValueError: all about the flags given
+        model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+            args=rename_legacy_flags(argv), return_remaining_strings=True)
+        if unknown:
+            raise UsageValueError(f"unknown flag(s) {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
+        check_combinations(model_args, data_args, training_args)
+    except ValueError as err:
+        if isinstance(err, UsageValueError):
+            raise
+        raise UsageValueError(one_line(err)) from err
     return model_args, data_args, training_args
 
 
-def _config_file_to_flags(path: str) -> list[str]:
-    text = Path(path).read_text()
-    if path.endswith(".json"):
-        values = json.loads(text)
-    else:
-        import yaml
+def _did_you_mean(parser: ArgumentParser, unknown: list[str]) -> str:
+    import difflib
 
-        values = yaml.safe_load(text) or {}
+    flags = [s for a in parser._actions for s in a.option_strings]
+    close = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u.split("=")[0], flags, 2)]
+    return f"; did you mean {', '.join(close)}?" if close else "; `llava train --help` lists the flags"
+
+
+def _config_file_to_flags(path: str) -> list[str]:
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text) or {}
+    except (ValueError, yaml.YAMLError) as err:
+        raise UsageValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {one_line(err)}") from err
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values")
+        raise UsageValueError(f"{path}: expected a mapping of flag names to values")
     flags: list[str] = []
     for key, value in values.items():
         if isinstance(value, list):

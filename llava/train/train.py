@@ -18,18 +18,21 @@ the same flags; ``--on_bad_sample skip`` drops what it would report and writes t
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import transformers
 
+from llava.data.chat_templates import set_chat_template
 from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
+from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
-from llava.train.args import parse_args, resolved_args_dict
+from llava.train.args import check_inputs, parse_args, resolved_args_dict
 from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
 
@@ -48,6 +51,7 @@ def load_dtype(training_args) -> torch.dtype:
 def train(argv: list[str] | None = None) -> LLaVATrainer:
     # --- setup: arguments, logging, seed
     model_args, data_args, training_args = parse_args(argv)
+    check_inputs(model_args, data_args, training_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
 
@@ -92,7 +96,8 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
 
     # --- data: templated, tokenized, images expanded to the tower's feature count
-    template = get_template(model_args.version)
+    template = get_template(model_args.version, image_front=data_args.image_placement == "front")
+    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)  # saved with the processor: renders these ids
     train_dataset = LazySupervisedDataset.from_args(
         data_args.data_path, model_args, data_args, training_args, built, template
     )
@@ -139,7 +144,13 @@ def _resume_arg(value: str | None) -> str | bool | None:
 
 
 def main() -> None:
-    train()
+    """``python -m llava.train.train FLAGS`` (what DeepSpeed launchers run): input errors as ``llava train``'s."""
+
+    def run() -> int:
+        train(sys.argv[1:])
+        return 0
+
+    sys.exit(report_usage_errors("train", run))
 
 
 if __name__ == "__main__":

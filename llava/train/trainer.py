@@ -8,6 +8,8 @@ Stage 1 (``projector_only``) checkpoints hold ``mm_projector.safetensors`` inste
 optimizer, scheduler, RNG and trainer state, so they resume (under DeepSpeed the engine checkpoint excludes the
 frozen weights too, and is loaded back non-strictly, then checked against the projector file); every checkpoint and
 the final output carry ``llava_args.json``. Checkpoints are staged in ``checkpoint-N.tmp`` and renamed when complete.
+What a run directory holds is ``llava/run_dir.py``; the private ``transformers.Trainer`` hooks overridden here are
+listed, with the transformers version, in ``llava/train/hf_hooks.py`` (``tests/train/test_hf_hooks.py`` checks them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from typing import Any
 
 import torch
@@ -40,7 +41,6 @@ from llava.train.lora import save_lora_checkpoint
 from llava.train.samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
-PAUSE_ENV = "LLAVA_TEST_PAUSE_IN_SAVE"  # tests: "STEP:SECONDS" sleeps mid-save of checkpoint-STEP (to kill -9 there)
 
 
 class LLaVATrainer(Trainer):
@@ -108,7 +108,6 @@ class LLaVATrainer(Trainer):
                                      bits=getattr(self.args, "bits", 16))
             write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only, "run_kind": kind.value})
             self._write_bad_samples(output_dir)
-        _maybe_pause_in_save(output_dir, self.state.global_step)
 
     def _write_bad_samples(self, output_dir: str) -> None:
         """Counts of skipped samples by kind (``bad_samples.json``), so a run says what it did not train on."""
@@ -216,15 +215,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _maybe_pause_in_save(output_dir: str, step: int) -> None:
-    """Test hook: with ``LLAVA_TEST_PAUSE_IN_SAVE=STEP:SECONDS`` the save of checkpoint STEP sleeps after the weights
-    are written and before the optimizer and trainer state, leaving a marker file ``<dir>/PAUSED`` to kill on."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec or not os.path.basename(os.path.dirname(output_dir)).endswith(".tmp"):
-        return
-    pause_step, seconds = (int(x) for x in spec.split(":"))
-    if step == pause_step:
-        open(os.path.join(output_dir, "PAUSED"), "w").close()
-        time.sleep(seconds)

@@ -68,4 +68,4 @@ def test_clean_data_exits_zero_and_no_decode_skips_pixels(tiny_models, bad_corpu
 def test_missing_data_path_exits_two(tiny_models, bad_corpus, tmp_path, capsys):
     corpus = dict(bad_corpus, data_path=tmp_path / "nope.json")
     assert main(check_argv(tiny_models, corpus)) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "llava data check: error: --data_path" in capsys.readouterr().err

@@ -33,10 +33,14 @@ NAMED = [name for name in TEMPLATES if name != "auto"]
 SUPERVISED_TURN = {
     "plain": lambda reply: f"{reply}\n",
     "vicuna_v1": lambda reply: f" {reply}</s>",
-    "llama_2": lambda reply: f" {reply}</s>",
+    "llava_v1": lambda reply: f" {reply}</s>",
+    "llama_2": lambda reply: f" {reply} </s>",
+    "llava_llama_2": lambda reply: f" {reply} </s>",
+    "mistral_instruct": lambda reply: f" {reply} </s>",
     "mistral": lambda reply: f" {reply}</s>",
     "chatml": lambda reply: f"{reply}<|im_end|>",
     "llama3": lambda reply: f"{reply}<|eot_id|>",
+    "llava_llama_3": lambda reply: f"{reply}<|eot_id|>",
     "auto": lambda reply: f"{reply}<|im_end|>",  # the tiny tokenizer ships a ChatML chat_template
 }
 
@@ -44,36 +48,45 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-LLAMA2_SYSTEM = (
+LLAVA_LLAMA_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
     "provides, and assist the user with a variety of tasks using natural language."
 )
+# The text after the BOS (which every template but chatml places first, as its id).
 EXPECTED_PROMPT = {
-    "plain": f"<s><image>{A1}\n{A2}\n",
-    "vicuna_v1": f"<s>{VICUNA_SYSTEM} USER: <image>\n{Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
-    "llama_2": f"<s>[INST] <<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\n<image>\n{Q1} [/INST] {A1}</s>"
-    f"<s>[INST] {Q2} [/INST] {A2}</s>",
-    "mistral": f"<s>[INST] <image>\n{Q1} [/INST] {A1}</s>[INST] {Q2} [/INST] {A2}</s>",
+    "plain": f"<image>{A1}\n{A2}\n",
+    "vicuna_v1": f"{VICUNA_SYSTEM} USER: <image>\n{Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
+    "llava_llama_2": f"[INST] <<SYS>>\n{LLAVA_LLAMA_SYSTEM}\n<</SYS>>\n\n<image>\n{Q1} [/INST] {A1} </s>"
+    f"<s>[INST] {Q2} [/INST] {A2} </s>",
+    "mistral_instruct": f"[INST] <image>\n{Q1} [/INST] {A1} </s>[INST] {Q2} [/INST] {A2} </s>",
+    "mistral": f" [INST] <image>\n{Q1} [/INST] {A1}</s> [INST] {Q2} [/INST] {A2}</s>",
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     f"<|im_start|>user\n<image>\n{Q1}<|im_end|>\n<|im_start|>assistant\n{A1}<|im_end|>\n"
-    f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>",
-    "llama3": "<|begin_of_text|>"
-    f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{Q1}<|eot_id|>"
+    f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>\n",
+    "llama3": f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{Q1}<|eot_id|>"
     f"<|start_header_id|>assistant<|end_header_id|>\n\n{A1}<|eot_id|>"
     f"<|start_header_id|>user<|end_header_id|>\n\n{Q2}<|eot_id|>"
     f"<|start_header_id|>assistant<|end_header_id|>\n\n{A2}<|eot_id|>",
 }
 EXPECTED_WITH_SYSTEM = {
-    "vicuna_v1": f"<s>Answer briefly. USER: <image>\n{Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
+    "vicuna_v1": f"Answer briefly. USER: <image>\n{Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
     "chatml": "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
     f"<|im_start|>user\n<image>\n{Q1}<|im_end|>\n<|im_start|>assistant\n{A1}<|im_end|>\n"
-    f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>",
-    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>"
+    f"<|im_start|>user\n{Q2}<|im_end|>\n<|im_start|>assistant\n{A2}<|im_end|>\n",
+    "llama3": "<|start_header_id|>system<|end_header_id|>\n\nAnswer briefly.<|eot_id|>"
     f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{Q1}<|eot_id|>"
     f"<|start_header_id|>assistant<|end_header_id|>\n\n{A1}<|eot_id|>"
     f"<|start_header_id|>user<|end_header_id|>\n\n{Q2}<|eot_id|>"
     f"<|start_header_id|>assistant<|end_header_id|>\n\n{A2}<|eot_id|>",
 }
+
+
+def _text(segments) -> str:
+    """The rendered text after the leading special (BOS) segment, which must be the tokenizer's BOS."""
+    if segments and segments[0].special:
+        assert segments[0].text == "<s>"
+        segments = segments[1:]
+    return "".join(s.text for s in segments)
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +130,15 @@ def test_supervised_tokens_decode_to_replies(tokenizer, name, conversation):
 @pytest.mark.parametrize("name", sorted(EXPECTED_PROMPT))
 def test_rendered_prompt_matches_hand_written(tokenizer, name):
     segments = TEMPLATES[name].render_with_tokenizer(WITH_IMAGE, tokenizer)
-    assert "".join(s.text for s in segments) == EXPECTED_PROMPT[name]
+    assert segments[0].special == (name != "chatml")
+    assert _text(segments) == EXPECTED_PROMPT[name]
     assert "".join(s.text for s in segments if s.supervised).strip() != ""
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_WITH_SYSTEM))
 def test_system_message_replaces_default_system(tokenizer, name):
     segments = TEMPLATES[name].render_with_tokenizer(WITH_SYSTEM, tokenizer)
-    assert "".join(s.text for s in segments) == EXPECTED_WITH_SYSTEM[name]
+    assert _text(segments) == EXPECTED_WITH_SYSTEM[name]
 
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
@@ -148,8 +162,9 @@ def test_auto_without_chat_template_is_an_error(tokenizer):
 
 
 def test_template_names_and_llava_aliases():
-    assert {"plain", "vicuna_v1", "llama_2", "mistral", "chatml", "llama3", "auto"} <= set(TEMPLATES)
-    assert get_template("v1").name == "vicuna_v1" and get_template("llava_llama_2").name == "llama_2"
-    assert get_template("qwen_2").name == "chatml" and get_template("llava_llama_3").name == "llama3"
+    llava_names = {"plain", "vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "mistral_instruct", "llava_llama_3"}
+    assert llava_names | {"mistral", "chatml", "llama3", "auto"} <= set(TEMPLATES)
+    assert get_template("v1").name == "vicuna_v1" and get_template("qwen_2").name == "chatml"
+    assert get_template("vicuna_v1", image_front=False).image_front is False and get_template("vicuna_v1").image_front
     with pytest.raises(ValueError, match="--version 'nope'"):
         get_template("nope")

@@ -5,7 +5,7 @@ Run:  .venv/bin/python tests/export/measure_merge_memory.py [--layers 2 8] [--hi
 Builds Llama LLMs of one width and several depths (fp32, untied) plus a tiny CLIP, writes a LoRA run directory
 for each (adapter with random non-zero ``lora_B``, non-LoRA trainables, ``llava_args.json``: what a
 ``--lora_enable`` run writes), then merges each in a fresh process. ``merge_rss_mib`` is peak RSS minus the RSS
-after imports (Linux ``VmHWM``, reset after imports), for the streaming merge (the default) and the in-memory one:
+after imports (Linux ``VmHWM``, reset after importing the libraries the merge uses), for the streaming merge (the default) and the in-memory one:
 the LLM is saved in 20 MB shards and merged into 20 MB shards, so streaming should stay flat as layers grow, while
 the in-memory merge holds one copy of the model (ratio ~1), not two (~2).
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 CHILD = r"""
 import sys, torch
-from llava.export.merge import merge_lora
+import accelerate, peft, transformers.integrations.bitsandbytes, transformers.training_args  # library imports: not
+from llava.export.merge import merge_lora                                                   # the merge's memory
 def hwm():
     return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) / 1024
 open("/proc/self/clear_refs", "w").write("5")

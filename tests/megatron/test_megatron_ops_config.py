@@ -13,7 +13,7 @@ from safetensors import safe_open
 from llava.megatron.config import hf_to_mca_config, mca_to_hf_config
 from llava.megatron.dist import merge_tp, padded_vocab_size, split_tp
 from llava.megatron.ops import QKVConverOp, RenameConverOp, StackConverOp, fill_name, match_name
-from llava.megatron.template import get_template
+from llava.megatron.template import get_conversion_template
 from llava.safetensors_io import SafetensorsReader, SafetensorsWriter
 
 
@@ -60,7 +60,7 @@ def test_wildcard_names():
 
 
 def test_llava_resolves_through_text_template():
-    llava = get_template("llava")
+    llava = get_conversion_template("llava")
     cfg = {"model_type": "llava", "text_config": {"model_type": "qwen2"}}
     resolved = llava.resolve(cfg, ["language_model.model.embed_tokens.weight"])
     assert resolved.variant == "legacy"
@@ -84,7 +84,7 @@ def test_config_known_values_and_reverse():
             "original_max_position_embeddings": 8192,
         }
     ).to_dict()
-    template = get_template("llama")
+    template = get_conversion_template("llama")
     mca = hf_to_mca_config(hf, template)
     expected = {
         "num_layers": 4,
@@ -132,10 +132,10 @@ def test_config_linear_scaling_and_transformers4_style():
         "rope_theta": 1e6,
         "rope_scaling": {"type": "linear", "factor": 4.0},
     }
-    mca = hf_to_mca_config(hf, get_template("qwen2"))
+    mca = hf_to_mca_config(hf, get_conversion_template("qwen2"))
     assert mca["rotary_base"] == 1e6 and mca["seq_len_interpolation_factor"] == 4.0 and mca["add_qkv_bias"]
     assert mca["num_query_groups"] == 4 and mca["kv_channels"] == 16
-    assert mca_to_hf_config(mca, get_template("qwen2"), hf) == hf
+    assert mca_to_hf_config(mca, get_conversion_template("qwen2"), hf) == hf
 
 
 @pytest.mark.parametrize(
@@ -149,7 +149,7 @@ def test_config_rejects_unrepresentable_rope(rope, message):
     hf = llama_config().to_dict()
     hf["rope_parameters"] = rope
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        hf_to_mca_config(hf, get_template("llama"))
+        hf_to_mca_config(hf, get_conversion_template("llama"))
 
 
 def test_padded_vocab_size():

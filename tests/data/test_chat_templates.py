@@ -1,0 +1,77 @@
+"""Training prompt = inference prompt: the chat template saved with the processor renders the training ids.
+
+    pytest tests/data/test_chat_templates.py
+
+For every named template, with the SentencePiece tokenizer (its model family's templates) and the byte-level BPE
+tokenizer (all): the processor is built as a training run builds it (``make_llava_processor`` + ``set_chat_template``),
+saved, and loaded back with ``AutoProcessor``; ``processor.apply_chat_template(conversation, tokenize=True)`` with
+the images as ``{"type": "image"}`` parts then equals the ``input_ids`` training uses for that record (whose ids
+``test_template_references.py`` holds against the references), and the generation prompt equals
+``build_generation_prompt``'s. The end-to-end launcher test checks the same on a checkpoint written by a real run.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+
+from llava.data.chat_templates import set_chat_template
+from llava.data.records import Message
+from llava.data.templates import get_template, place_images
+from llava.data.tokenize import build_generation_prompt, tokenize_conversation
+from llava.demo.tiny_models import write_tiny_vision_tower
+from llava.model.builder import make_llava_processor, num_image_tokens
+from tests.data.test_template_references import CASES, CONVERSATIONS, PLAIN_CONVERSATIONS, tokenizers  # noqa: F401
+
+IMG = "<image>"
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    path = write_tiny_vision_tower(tmp_path_factory.mktemp("tower") / "clip")
+    config = AutoConfig.from_pretrained(path)
+    return {"image_processor": AutoImageProcessor.from_pretrained(path), "config": config,
+            "num_image_tokens": num_image_tokens(config, "default")}
+
+
+def as_chat(messages: list[Message], image: Image.Image) -> list[dict] | None:
+    """The conversation as a processor user writes it: images as parts before the text; None if it cannot be."""
+    chat = []
+    for m in place_images(messages):
+        k = m.content.count(IMG)
+        if k and not m.content.startswith(f"{IMG}\n" * k):
+            return None  # a multi-image record that keeps an image after its text
+        if k:
+            parts = [{"type": "image", "image": image}] * k + [{"type": "text", "text": m.content[len(IMG) * k + k:]}]
+            chat.append({"role": m.role, "content": parts})
+        else:
+            chat.append({"role": m.role, "content": m.content})
+    return chat
+
+
+@pytest.mark.parametrize(("kind", "name"), CASES)
+def test_saved_chat_template_renders_the_training_ids(tokenizers, tower, tmp_path, kind, name):  # noqa: F811
+    tok = tokenizers[kind]
+    template = get_template(name)
+    processor = make_llava_processor(tower["image_processor"], tok, tower["config"], "default")
+    set_chat_template(processor, template)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    image_id, n = tok.convert_tokens_to_ids(IMG), tower["num_image_tokens"]
+    checked = 0
+    for conv_name in PLAIN_CONVERSATIONS if name == "plain" else CONVERSATIONS:
+        msgs = CONVERSATIONS[conv_name]
+        chat = as_chat(msgs, image)
+        if chat is None:
+            continue
+        train_ids = tokenize_conversation(msgs, template, tok, image_token_id=image_id, num_image_tokens=n,
+                                          model_max_length=100_000).input_ids
+        rendered = loaded.apply_chat_template(chat, tokenize=True, return_dict=True)
+        assert rendered["input_ids"][0] == train_ids, (conv_name, loaded.apply_chat_template(chat, tokenize=False))
+        prompt_ids = build_generation_prompt(msgs[:-1], template, tok, image_token_id=image_id, num_image_tokens=n)
+        rendered = loaded.apply_chat_template(chat[:-1], tokenize=True, return_dict=True, add_generation_prompt=True)
+        assert rendered["input_ids"][0] == prompt_ids, conv_name
+        checked += 1
+    assert checked >= (4 if name == "plain" else 14)

@@ -208,11 +208,12 @@ def test_stored_flag_table_matches_the_parser():
     """train_flags.json (what fast help renders) is the live parser's table; else regenerate it."""
     import inspect
 
-    from llava.train.args import ARG_CLASSES, build_parser
+    from llava.train.args import build_parser
     from llava.train.flag_help import SOURCES, SPEC_FILE, cache_key, flag_spec
 
     declaring = {Path(inspect.getsourcefile(cls)).resolve().relative_to(ROOT / "llava").as_posix()
-                 for dtype in ARG_CLASSES for cls in dtype.__mro__ if cls.__module__.startswith("llava.")}
+                 for dtype in build_parser().dataclass_types for cls in dtype.__mro__
+                 if cls.__module__.startswith("llava.")}
     assert declaring <= set(SOURCES), f"add {declaring - set(SOURCES)} to SOURCES in llava/train/flag_help.py"
     stored = json.loads(SPEC_FILE.read_text())
     regenerate = "stale: run `python -m llava.train.flag_help --write` and commit llava/train/train_flags.json"

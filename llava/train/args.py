@@ -24,6 +24,7 @@ from typing import Any
 import transformers
 
 from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
+from llava.megatron.args import MegatronArguments
 from llava.model.args import ModelArguments
 from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
 
@@ -197,11 +198,14 @@ class ArgumentParser(RaiseOnUsageError, transformers.HfArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    return ArgumentParser(ARG_CLASSES, prog="llava train", usage="llava train [CONFIG.yaml] [--flag VALUE ...]")
+    """The three argument dataclasses + ``--backend`` and the Megatron flags (``llava/megatron/args.py``)."""
+    return ArgumentParser((*ARG_CLASSES, MegatronArguments), prog="llava train",
+                          usage="llava train [CONFIG.yaml] [--flag VALUE ...]")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+def parse_args(argv: list[str] | None = None, *, with_backend: bool = False) -> tuple:
     """Parse flags, or a YAML/JSON file (first argument) whose keys are the flag names, with flags overriding it.
+    Returns (model, data, training) arguments, and the ``MegatronArguments`` fourth when ``with_backend``.
 
     Every mistake (unknown flag, bad value, bad combination, a missing config file) raises ``UsageError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -212,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         argv = _config_file_to_flags(argv[0]) + argv[1:]
     parser = build_parser()
     try:  # __post_init__ checks and transformers' own raise ValueError: all about the flags given
-        model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
+        model_args, data_args, training_args, backend_args, unknown = parser.parse_args_into_dataclasses(
             args=rename_legacy_flags(argv), return_remaining_strings=True)
         if unknown:
             raise UsageValueError(f"unknown flag(s) {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
@@ -221,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         if isinstance(err, UsageValueError):
             raise
         raise UsageValueError(one_line(err)) from err
+    if with_backend:
+        return model_args, data_args, training_args, backend_args
     return model_args, data_args, training_args
 
 

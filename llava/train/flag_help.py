@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FILE = Path(__file__).with_name("train_flags.json")
-SOURCES = ("train/args.py", "model/args.py")  # files (in llava/) whose dataclasses define the flags: the cache key
+SOURCES = ("train/args.py", "model/args.py", "megatron/args.py")  # files (in llava/) whose dataclasses define the flags: the cache key
 
 # (title, field names) in display order; add a flag to its group here. Empty groups are not shown.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -42,12 +42,13 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("high resolution", ("image_grid_pinpoints", "mm_patch_merge_type", "mm_newline_position")),
     ("packing", ("packing", "packing_attention")),
     ("Megatron", ("backend", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                  "virtual_pipeline_model_parallel_size", "sequence_parallel")),
+                  "virtual_pipeline_model_parallel_size", "sequence_parallel", "save_hf")),
     ("accepted from LLaVA scripts (fixed values)", ("mm_use_im_patch_token", "lazy_preprocess", "is_multimodal",
                                                      "lora_weight_path", "cache_dir", "remove_unused_columns")),
 )
 # LLaVA flags not in GROUPS: shown under their dataclass
-CLASS_GROUPS = {"ModelArguments": "model", "DataArguments": "data", "TrainingArguments": "training (LLaVA)"}
+CLASS_GROUPS = {"ModelArguments": "model", "DataArguments": "data", "TrainingArguments": "training (LLaVA)",
+                "MegatronArguments": "Megatron"}
 INHERITED_TITLE = "transformers.TrainingArguments (inherited; the Trainer's own flags)"
 
 USAGE = "llava train [CONFIG.yaml] --model_name_or_path DIR --vision_tower DIR --data_path FILE --output_dir DIR " \

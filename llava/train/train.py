@@ -48,10 +48,14 @@ def load_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def train(argv: list[str] | None = None) -> LLaVATrainer:
-    # --- setup: arguments, logging, seed
-    model_args, data_args, training_args = parse_args(argv)
+def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
+    # --- setup: arguments, logging, seed; --backend megatron: llava/megatron/train.py (returns the step log)
+    model_args, data_args, training_args, backend_args = parse_args(argv, with_backend=True)
     check_inputs(model_args, data_args, training_args)
+    if backend_args.backend == "megatron":
+        from llava.megatron.train import train_megatron
+
+        return train_megatron(model_args, data_args, training_args, backend_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
 

@@ -1,0 +1,66 @@
+"""End of a Megatron run: every rank writes its MCA shards, rank 0 exports what the hf backend writes.
+
+    export_run(model, layout, padded, divisor, hf_dir, output_dir, model_args, ...)
+
+``OUTPUT_DIR/megatron/`` holds the trained weights in the converter's layout (``llava convert mcore2hf`` reads it;
+each rank writes its own ``mp_rank_XX_YYY`` files, data-parallel rank 0 only). Then, like the hf backend: stage 1
+(``--tune_mm_mlp_adapter``) writes ``mm_projector.safetensors``; otherwise the MCA shards are streamed through the
+conversion templates (``mcore_to_hf``) into a native ``LlavaForConditionalGeneration`` checkpoint + processor in
+``OUTPUT_DIR``; both with ``llava_args.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlavaConfig
+
+from llava.megatron.convert import chunk_file, mcore_to_hf
+from llava.megatron.weights import write_mca_meta, write_rank_shards
+from llava.model.builder import num_image_tokens
+from llava.model.projector import save_projector_state
+from llava.run_dir import PROJECTOR_FILE, training_run_kind, write_run_args
+from llava.train.args import resolved_args_dict
+
+MCA_DIR = "megatron"
+
+
+def export_run(model, layout, padded: int, divisor: int, hf_dir: Path, output_dir: str, model_args, data_args,
+               training_args, mg_args, facts: dict) -> None:
+    from megatron.core import parallel_state
+
+    out = Path(output_dir)
+    mca_dir = out / MCA_DIR
+    if torch.distributed.get_rank() == 0 and mca_dir.exists():
+        shutil.rmtree(mca_dir)
+    torch.distributed.barrier()
+    write_rank_shards(mca_dir, [m.module for m in model], layout, parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_pipeline_model_parallel_rank(),
+                      write=parallel_state.get_data_parallel_rank() == 0)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() != 0:
+        return
+    write_mca_meta(mca_dir, hf_dir, layout, padded, divisor)
+    if model_args.tune_mm_mlp_adapter:
+        first = load_file(mca_dir / chunk_file(0, 0, 0))
+        prefix = "multi_modal_projector."
+        save_projector_state({k[len(prefix):]: v for k, v in first.items() if k.startswith(prefix)},
+                             out / PROJECTOR_FILE)
+    else:
+        staging = out / ".hf_export.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        mcore_to_hf(mca_dir, staging)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+        staging.rmdir()
+    config = LlavaConfig.from_pretrained(hf_dir)
+    run_args = {**resolved_args_dict(model_args, data_args, training_args), "megatron_args": vars(mg_args),
+                "num_image_tokens": num_image_tokens(config.vision_config, config.vision_feature_select_strategy)}
+    kind = training_run_kind(projector_only=model_args.tune_mm_mlp_adapter, lora_enable=False)
+    write_run_args(out, run_args, {"projector_only": model_args.tune_mm_mlp_adapter, "run_kind": kind.value,
+                                   "backend": "megatron"})

@@ -34,6 +34,7 @@ from llava.data.index import (
     default_cache_dir,
     file_digest,
     load_or_build_index,
+    local_main_first,
     open_records,
 )
 from llava.data.records import Record, parse_record
@@ -139,7 +140,7 @@ class LazySupervisedDataset(Dataset):
             on_bad_sample=data_args.on_bad_sample,
         )
         kwargs.update(overrides)
-        with training_args.main_process_first(local=True, desc=f"dataset index of {data_path}"):
+        with local_main_first():
             return cls(data_path, built.tokenizer, **kwargs)
 
     def _tokenize(self, record: Record):

@@ -19,12 +19,13 @@ Raw records: JSON and JSONL files are converted once (in a child process, so the
 into an Arrow file of one JSON string per record, ``<cache_dir>/records-<content hash>.arrow``, opened memory-mapped
 through ``datasets`` (every rank of a node maps the same pages); a ``save_to_disk`` directory is already Arrow and is
 opened as is. Invalid JSONL lines are counted as ``invalid_json`` problems, as before.
-Under several processes, the caller builds with ``TrainingArguments.main_process_first(local=True)``: the local main
-process computes and writes, the others read.
+Under several processes the caller builds inside :func:`local_main_first`: the local main process computes and writes,
+the others read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,6 +44,26 @@ logger = logging.getLogger(__name__)
 INDEX_FORMAT = 1
 _CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "index")
 CHUNK = 2048  # records per worker task
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Under an initialised process group, the node's local rank 0 runs the block first (it builds and caches the
+    index), the other local ranks after it (they read the cache); a plain block otherwise. The barrier is in a
+    ``finally``, so a failure on rank 0 releases the others, which then meet the same error themselves."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if first:
+            dist.barrier()
 
 
 def default_cache_dir() -> Path:

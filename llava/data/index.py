@@ -26,6 +26,7 @@ the others read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -92,7 +93,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + json.dumps(extra, default=str)).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
+    """Of the indexing code as first read by this process (an edit while it runs does not change its key)."""
     here = Path(__file__).parent
     return hashlib.sha256(b"".join((here / f"{m}.py").read_bytes() for m in _CODE_MODULES)).hexdigest()
 

@@ -11,10 +11,15 @@ the optimizer and scheduler), driven one step at a time so that variants alterna
 (A B, then B A, ...): machine noise hits every variant alike, and the figure to quote is the ratio to the first
 variant. ``--warmup`` steps per variant are run first and not counted.
 
-Per variant: real (non-pad) tokens/s and samples/s over wall time (data wait included), padding fraction (pad
+Per variant: real (non-pad) tokens/s and samples/s over wall time (data wait included), real tokens per CPU-second
+of the training steps (the work a step costs, robust when other jobs share the cores), padding fraction (pad
 slots / all slots), median step time, data-wait fraction (time blocked on the DataLoader / wall), MFU (useful FLOPs,
 formula in ``llava/train/throughput.py``, over wall time, against the measured fp32 matmul peak), mean loss.
-Peak RSS is the process's (all variants live in one process: run one variant alone for its own figure). With
+Also per variant: time to first step (building its trainer -- model, data index, DataLoader -- plus its first step,
+imports excluded) and a step's peak memory (the most any one step's resident memory rose above what was resident
+before it: Linux ``VmHWM`` reset through ``/proc/self/clear_refs``). Peak RSS is the process's (all variants live in
+one process: run one variant alone for its own figure). ``trl`` is TRL's ``SFTTrainer`` on the same model, data and
+settings (``scripts/bench_trl.py``; needs the ``bench`` extra). With
 ``--profile A,B`` one more step of each named variant (``--profile_rounds`` steps, interleaved, median per
 component) is profiled and split by component.
 """
@@ -51,7 +56,34 @@ VARIANTS = {  # name: extra training flags
     "anyres_packed": [*ANYRES, "--packing", "True"],
     "padded_lora": ["--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
     "packed_lora": ["--packing", "True", "--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
+    "padded_stock_head": ["--supervised_head", "False"],  # the stock LM head + loss over every position
+    "packed_stock_head": ["--packing", "True", "--supervised_head", "False"],
+    "trl": [],  # TRL's SFTTrainer on the same model, data and settings (scripts/bench_trl.py; the `bench` extra)
 }
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, every thread (the step's compute; DataLoader workers are other processes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def reset_peak_rss() -> int | None:
+    """Resident KiB now, after resetting the process's peak (VmHWM) to it; None where Linux's clear_refs is missing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
 
 
 class VariantRun:
@@ -59,9 +91,15 @@ class VariantRun:
 
     def __init__(self, name: str, argv: list[str], seed: int):
         self.name = name
+        self.started = time.perf_counter()
         model_args, data_args, training_args = parse_args(argv)
         transformers.set_seed(seed)
-        self.trainer, self.built = build_trainer(model_args, data_args, training_args)
+        if name == "trl":
+            from bench_trl import build_trl_trainer
+
+            self.trainer, self.built = build_trl_trainer(model_args, data_args, training_args)
+        else:
+            self.trainer, self.built = build_trainer(model_args, data_args, training_args)
         self.pad_id = self.built.tokenizer.pad_token_id
         self.trainer.create_optimizer_and_scheduler(num_training_steps=training_args.max_steps)
         self.trainer.current_gradient_accumulation_steps = 1
@@ -70,6 +108,9 @@ class VariantRun:
         self.counts = FlopCounts.of(self.model, self.built.num_image_tokens)
         self.loader = iter(self.trainer.get_train_dataloader())
         self.records: list[dict] = []
+        self.first_step_s: float | None = None
+        self.step_peak_kib = 0
+        self.init_s = time.perf_counter() - self.started
 
     def next_batch(self):
         batches, num_items = self.trainer.get_batch_samples(self.loader, 1, self.trainer.args.device)
@@ -96,10 +137,18 @@ class VariantRun:
         n_images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
         if "image_sizes" in batch:  # anyres: the tower runs on every crop and the base view
             n_images = sum(self.built.layout.num_views(int(h), int(w)) for h, w in batch["image_sizes"].tolist())
+        before = reset_peak_rss()
+        cpu0 = _cpu_seconds()
         loss = self.compute(batch, num_items)
         t2 = time.perf_counter()
+        cpu = _cpu_seconds() - cpu0
+        if before is not None:  # memory the step itself took above what was resident before it
+            self.step_peak_kib = max(self.step_peak_kib, (_status_kib("VmHWM") or before) - before)
+        if self.first_step_s is None:  # building the trainer (model, data index, DataLoader) + the first step
+            self.first_step_s = self.init_s + t2 - t0
         if record:
             self.records.append({"wait": t1 - t0, "wall": t2 - t0, "real": sum(lengths), "samples": len(lengths),
+                                 "supervised": int((batch["labels"][..., 1:] != -100).sum()), "cpu": cpu,
                                  "slots": batch["input_ids"].numel(), "loss": loss,
                                  "flops": self.counts.step_flops(lengths, n_images)})
 
@@ -109,12 +158,16 @@ class VariantRun:
         return {
             "steps": len(r),
             "real_tokens_per_s": round(sum(x["real"] for x in r) / wall, 1),
+            "real_tokens_per_cpu_s": round(sum(x["real"] for x in r) / sum(x["cpu"] for x in r), 1),
             "samples_per_s": round(sum(x["samples"] for x in r) / wall, 3),
             "padding_fraction": round(1 - sum(x["real"] for x in r) / sum(x["slots"] for x in r), 4),
             "step_time_median_s": round(statistics.median(x["wall"] for x in r), 3),
             "data_wait_fraction": round(sum(x["wait"] for x in r) / wall, 4),
             "mfu": round(sum(x["flops"] for x in r) / wall / peak, 4),
             "mean_loss": round(statistics.fmean(x["loss"] for x in r), 4),
+            "supervised_tokens": sum(x["supervised"] for x in r),
+            "time_to_first_step_s": round(self.first_step_s, 2),
+            "step_peak_mib": round(self.step_peak_kib / 1024, 1),
         }
 
     def profile(self) -> dict[str, float]:
@@ -149,7 +202,7 @@ def base_argv(paths: dict, args) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--size", choices=("small", "tiny"), default="small", help="benchmark model (made if missing)")
+    p.add_argument("--size", choices=("small", "issue", "tiny"), default="small", help="benchmark model (made if missing)")
     p.add_argument("--n", type=int, default=2000, help="records in the mix (made if missing)")
     p.add_argument("--variants", default="padded,packed", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=12, help="measured steps per variant")
@@ -186,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
               "variants": {run.name: run.summary(peak) for run in runs}}
     base = result["variants"][names[0]]
     result["ratios"] = {f"{n}/{names[0]}": {k: round(result["variants"][n][k] / base[k], 3) if base[k] else None
-                                            for k in ("real_tokens_per_s", "samples_per_s", "step_time_median_s")}
+                                            for k in ("real_tokens_per_s", "real_tokens_per_cpu_s", "samples_per_s",
+                                                      "step_time_median_s")}
                         for n in names[1:]}
     if args.profile:
         rounds = [{name: runs[names.index(name)].profile() for name in args.profile.split(",")}
@@ -199,12 +253,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    cols = ("real_tokens_per_s", "samples_per_s", "padding_fraction", "step_time_median_s", "data_wait_fraction", "mfu")
+    cols = ("real_tokens_per_s", "samples_per_s", "padding_fraction", "step_time_median_s", "data_wait_fraction", "mfu",
+            "mean_loss", "time_to_first_step_s", "step_peak_mib")
     print(f"{'variant':16}" + "".join(f"{c:>20}" for c in cols))
     for name, v in result["variants"].items():
         print(f"{name:16}" + "".join(f"{v[c]:>20}" for c in cols))
     for name, r in result["ratios"].items():
-        print(f"{name}: real tokens/s x{r['real_tokens_per_s']}, samples/s x{r['samples_per_s']}")
+        print(f"{name}: real tokens/s x{r['real_tokens_per_s']}, per CPU-second x{r['real_tokens_per_cpu_s']}, "
+              f"samples/s x{r['samples_per_s']}")
     print(f"matmul peak {result['matmul_peak_gflops']} GFLOP/s, peak RSS {result['peak_rss_mib']} MiB")
     for name, table in result.get("profile_ms", {}).items():
         total = sum(table.values())

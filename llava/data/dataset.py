@@ -23,16 +23,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from llava.data.anyres import AnyresLayout, process_anyres_images, read_image_sizes
 from llava.data.images import ImageLoadError, expand2square, load_image_rgb
-from llava.data.records import Record, RecordError, parse_record
+from llava.data.index import (
+    IndexSettings,
+    InMemoryRecords,
+    default_cache_dir,
+    file_digest,
+    load_or_build_index,
+    local_main_first,
+    open_records,
+)
+from llava.data.records import Record, parse_record
 from llava.data.templates import ConversationTemplate
-from llava.data.tokenize import SampleRejected, tokenize_conversation
-from llava.data.validate import DataError, ProblemLog, image_problem_kind, load_raw_records, record_image_problem
+from llava.data.tokenize import tokenize_conversation
+from llava.data.validate import DataError, ProblemLog, image_problem_kind, load_raw_records
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ class LazySupervisedDataset(Dataset):
         mm_use_im_start_end: bool = False,
         on_bad_sample: str = "error",
         show_progress: bool = True,
+        index_cache_dir: str | os.PathLike | None = None,
+        index_workers: int = 1,
         anyres: AnyresLayout | None = None,
     ):
         self.tokenizer = tokenizer
@@ -64,35 +75,24 @@ class LazySupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
-        self.anyres = anyres  # image tokens per image from its size (headers read here, no decode)
-        self.problems = ProblemLog()  # records that fail validation (llava/data/validate.py, as `llava data check`)
-        self.raw = load_raw_records(data_path, self.problems)
+        self.anyres = anyres  # image tokens per image from its size (the index reads headers, no decode)
         self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
         self._failed: set[int] = set()
+        # records, lengths, modality and validation (llava/data/validate.py, as `llava data check`): from the shared
+        # index (llava/data/index.py), computed once and cached by content, tokenizer, template and settings
+        index = self._load_index(data_path, index_cache_dir, index_workers, show_progress)
+        self.index_from_cache = index.from_cache
+        self.problems = ProblemLog()  # records that fail validation
+        for record_id, message in self.raw.bad_lines:
+            self.problems.add("invalid_json", message, record_id)
+        for kind, message, record_id in index.problems:
+            self.problems.add(kind, message, record_id)
         self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
-        self._keep: list[int] = []
-        self._lengths: list[int] = []
-        self._has_image: list[bool] = []
-        for i in tqdm(range(len(self.raw)), desc=f"indexing {Path(data_path).name}", disable=not show_progress):
-            try:
-                record = parse_record(self.raw[i], i)
-                sample = self._tokenize(record)
-            except RecordError as err:
-                self.problems.add(err.kind, str(err), err.record_id)
-                continue
-            except SampleRejected as err:
-                self.dropped.add(err.kind, f"record {_rid(self.raw[i], i)!r}: {err}", _rid(self.raw[i], i))
-                continue
-            except ImageLoadError as err:  # anyres reads each image's size to count its tokens
-                self.problems.add(image_problem_kind(err), f"record {record.id!r}: {err}", record.id)
-                continue
-            image_problem = record_image_problem(record, self.image_folder)  # stat only, no decode
-            if image_problem is not None:
-                self.problems.add(*image_problem, record.id)
-                continue
-            self._keep.append(i)
-            self._lengths.append(len(sample.input_ids))
-            self._has_image.append(bool(record.images))
+        for kind, message, record_id in index.dropped:
+            self.dropped.add(kind, message, record_id)
+        self._keep = index.keep
+        self._lengths = index.lengths
+        self._has_image = index.has_image
         if self.problems.counts:
             if on_bad_sample == "error":
                 raise DataError(
@@ -104,12 +104,35 @@ class LazySupervisedDataset(Dataset):
         if self.dropped.counts:
             logger.warning("dropping %d sample(s) that cannot train at --model_max_length %d:\n%s",
                            sum(self.dropped.counts.values()), model_max_length, self.dropped.report())
-        if not self._keep:
+        if not len(self._keep):
             raise DataError(f"{data_path}: no trainable record left")
+
+    def _load_index(self, data_path, cache_dir, workers: int, show_progress: bool):
+        """Raw records memory-mapped from Arrow and the cached index when ``cache_dir`` is given; else the records
+        in memory and the index computed here (``workers`` processes)."""
+        digest = file_digest(data_path)
+        settings = IndexSettings(image_folder=None if self.image_folder is None else str(self.image_folder),
+                                 image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
+                                 model_max_length=self.model_max_length, mm_use_im_start_end=self.mm_use_im_start_end,
+                                 anyres=self.anyres)
+        if cache_dir:
+            self.raw = open_records(data_path, cache_dir, digest)
+        else:
+            problems = ProblemLog(max_examples=1 << 30)
+            records = load_raw_records(data_path, problems)
+            self.raw = InMemoryRecords(records, list(zip(problems.ids.get("invalid_json", []),
+                                                         problems.examples.get("invalid_json", []))))
+        return load_or_build_index(self.raw, digest, self.tokenizer, self.template, settings, cache_dir=cache_dir,
+                                   workers=workers, show_progress=show_progress,
+                                   desc=f"indexing {Path(data_path).name}")
 
     @classmethod
     def from_args(cls, data_path, model_args, data_args, training_args, built, template, **overrides) -> LazySupervisedDataset:
+        """Built by the local main process first (it computes and caches the index), then by the other ranks."""
+        cache = data_args.index_cache_dir
         kwargs = dict(
+            index_cache_dir=None if str(cache).lower() in ("none", "") else (cache or default_cache_dir() / "index"),
+            index_workers=data_args.index_workers,
             template=template,
             image_processor=built.image_processor,
             image_folder=data_args.image_folder,
@@ -122,7 +145,8 @@ class LazySupervisedDataset(Dataset):
             anyres=built.layout,
         )
         kwargs.update(overrides)
-        return cls(data_path, built.tokenizer, **kwargs)
+        with local_main_first():
+            return cls(data_path, built.tokenizer, **kwargs)
 
     def _tokenize(self, record: Record, sizes: list[tuple[int, int]] | None = None):
         n_tokens: int | list[int] = self.num_image_tokens
@@ -144,15 +168,16 @@ class LazySupervisedDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Token count of each sample after templating and image expansion."""
-        return list(self._lengths)
+        return self._lengths.tolist()
 
     @property
     def modality_lengths(self) -> list[int]:
         """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
-        return [n if img else -n for n, img in zip(self._lengths, self._has_image)]
+        return np.where(self._has_image, self._lengths, -self._lengths).tolist()
 
     def record(self, i: int) -> Record:
-        return parse_record(self.raw[self._keep[i]], self._keep[i])
+        j = int(self._keep[i])
+        return parse_record(self.raw[j], j)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
         """Sample ``i``; when its image fails now (deleted, disk error) the next good index is returned instead and
@@ -234,6 +259,3 @@ def _input_size(image_processor) -> int:
         return int(size.get("height") or size.get("shortest_edge"))
     return int(getattr(size, "height", None) or getattr(size, "shortest_edge", None) or size)
 
-
-def _rid(raw: Any, index: int) -> str:
-    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"

@@ -51,6 +51,8 @@ MIX = {  # kind: (share, p of one more turn's geometric, max turns, (q median, q
 SMALL_LLM = dict(hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1376,
                  vocab_size=4096, max_position_embeddings=2048)
 SMALL_VISION = dict(image_size=224, patch_size=14, hidden_size=384, num_layers=6, num_heads=6)
+# the configuration of the throughput figures in the issue that asked for a TRL peer: the same LLM, CLIP 4L/192
+ISSUE_VISION = dict(image_size=224, patch_size=14, hidden_size=192, num_layers=4, num_heads=3)
 TINY_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=1024,
                 max_position_embeddings=1024)
 TINY_VISION = dict(image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=2)
@@ -124,11 +126,13 @@ def generate_mix(workdir: str | Path, n: int = 2000, *, distinct_images: int = 3
 def write_bench_models(workdir: str | Path, data_path: str | Path, *, size: str = "small", seed: int = 0) -> dict:
     """The benchmark LLM (tokenizer trained on the mix) and vision tower under ``workdir/models/``.
 
-    ``size="small"`` is the benchmark model above; ``"tiny"`` the same shape of run in seconds (tests).
+    ``size="small"`` is the benchmark model above; ``"issue"`` the same LLM with a CLIP of 4 layers, 192 wide
+(:data:`ISSUE_VISION`); ``"tiny"`` the same shape of run in seconds (tests).
     """
     from llava.demo.tiny_models import llava_json_texts
 
-    llm, vision = (SMALL_LLM, SMALL_VISION) if size == "small" else (TINY_LLM, TINY_VISION)
+    llm, vision = {"small": (SMALL_LLM, SMALL_VISION), "issue": (SMALL_LLM, ISSUE_VISION),
+                   "tiny": (TINY_LLM, TINY_VISION)}[size]
     models = Path(workdir) / "models"
     vision_dir = write_tiny_vision_tower(models / f"{size}-clip-vision", kind="clip", seed=seed, **vision)
     texts = llava_json_texts([data_path])[:20000]
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--size", choices=("small", "issue", "tiny"), default="small")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     paths = generate_mix(args.workdir, args.n, seed=args.seed)

@@ -47,6 +47,12 @@ class DataArguments:
     image_placement: str = field(default="front", metadata={
         "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "
                 "LLaVA-1.5/NeXT train; keep: the record's own placement (multi-image records always keep theirs)"})
+    index_cache_dir: str | None = field(default=None, metadata={
+        "help": "where the dataset index (exact lengths, modality, validation) and the Arrow copy of JSON/JSONL records "
+                "are cached, keyed by content + tokenizer + template + image settings + max length; default "
+                "$LLAVA_CACHE/index or ~/.cache/llava/index; none: compute every start, records in memory"})
+    index_workers: int = field(default=0, metadata={"help": "processes that compute a missing index (0: one per CPU, "
+                                                            "at most 8)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
 
@@ -77,6 +83,10 @@ class TrainingArguments(transformers.TrainingArguments):
     packing_attention: str = field(default="per_sample", metadata={
         "help": "with --packing and sdpa: per_sample (SDPA on each sample, no masked-out work; faster unless the CPU "
                 "is oversubscribed) or mask (stock sdpa, block-diagonal mask of the whole row)"})
+    supervised_head: bool = field(default=True, metadata={
+        "help": "training loss from the supervised positions only: LM head + cross-entropy on the hidden states whose "
+                "shifted label is supervised, in chunks, no full-vocabulary logits (same loss and gradients); False: "
+                "the stock head over every position. Eval and predict always get full logits"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})

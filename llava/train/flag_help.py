@@ -32,7 +32,7 @@ SOURCES = ("train/args.py", "model/args.py", "megatron/args.py")  # files (in ll
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("model_name_or_path", "vision_tower", "version", "mm_projector_type", "mm_vision_select_layer",
                "mm_vision_select_feature", "mm_use_im_start_end", "attn_implementation", "trust_remote_code")),
-    ("data", ("data_path", "image_folder", "image_aspect_ratio", "eval_data_path", "on_bad_sample",
+    ("data", ("data_path", "image_folder", "image_aspect_ratio", "image_placement", "eval_data_path", "on_bad_sample",
               "model_max_length", "group_by_modality_length")),
     ("stage and freezing", ("tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "freeze_backbone",
                             "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower", "mm_tunable_parts",
@@ -40,7 +40,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("LoRA / QLoRA", ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant",
                       "quant_type")),
     ("high resolution", ("image_grid_pinpoints", "mm_patch_merge_type", "mm_newline_position")),
-    ("packing", ("packing", "packing_attention")),
+    ("speed, memory and start-up", ("packing", "packing_attention", "supervised_head", "index_cache_dir",
+                                    "index_workers")),
     ("Megatron", ("backend", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "sequence_parallel", "save_hf")),
     ("accepted from LLaVA scripts (fixed values)", ("mm_use_im_patch_token", "lazy_preprocess", "is_multimodal",

@@ -31,6 +31,7 @@ from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
+from llava.model.supervised_head import use_supervised_head
 from llava.train.args import check_inputs, parse_args, resolved_args_dict
 from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
@@ -69,6 +70,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     set_use_cache(built.model, True)
     if uses_packed_sdpa(model_args, training_args):
         use_packed_sdpa(built.model, False)
+    use_supervised_head(built.model, False)
     trainer.save_model(training_args.output_dir)
     _finish_wandb(training_args)
     return trainer
@@ -92,6 +94,8 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     set_use_cache(built.model, False)  # no KV cache while training (and packed sequences need none)
     if uses_packed_sdpa(model_args, training_args):  # attention per packed sample, no masked-out blocks computed
         use_packed_sdpa(built.model)
+    if training_args.supervised_head:  # LM head + loss on supervised positions only (training forwards)
+        use_supervised_head(built.model)
     if training_args.gradient_checkpointing:
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
 

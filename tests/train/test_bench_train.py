@@ -48,23 +48,28 @@ def test_synthetic_mix_has_the_documented_shape(tmp_path):
 def test_bench_train_reports_every_field(tiny_mix, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--workdir", str(tiny_mix), "--size", "tiny",
-           "--variants", "padded,packed", "--steps", "2", "--block", "1", "--batch_size", "4",
+           "--variants", "padded,packed,trl", "--steps", "2", "--block", "1", "--batch_size", "4",
            "--model_max_length", "256", "--workers", "1", "--profile", "packed"]
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("{"))
     result = json.loads(line)
     assert result["matmul_peak_gflops"] > 0 and result["peak_rss_mib"] > 100
-    for name in ("padded", "packed"):
+    for name in ("padded", "packed", "trl"):
         v = result["variants"][name]
         assert v["steps"] == 2
         assert v["real_tokens_per_s"] > 0 and v["samples_per_s"] > 0 and v["step_time_median_s"] > 0
         assert 0 <= v["padding_fraction"] < 1 and 0 <= v["data_wait_fraction"] < 1 and 0 < v["mfu"] < 1
-        assert v["mean_loss"] > 0
+        assert v["mean_loss"] > 0 and v["time_to_first_step_s"] > 0 and v["step_peak_mib"] > 0
     # same seed, same sampler: the two variants see the same samples, so the same per-token losses
     assert result["variants"]["packed"]["mean_loss"] == pytest.approx(result["variants"]["padded"]["mean_loss"], abs=1e-3)
     assert result["variants"]["packed"]["padding_fraction"] < result["variants"]["padded"]["padding_fraction"]
-    assert set(result["ratios"]) == {"packed/padded"}
+    # TRL's SFTTrainer (chat template with generation markers, assistant-only loss) sees the same samples and
+    # supervises the same tokens; its loss differs only by image preprocessing (center crop vs resize)
+    assert result["variants"]["trl"]["supervised_tokens"] == result["variants"]["padded"]["supervised_tokens"] > 0
+    assert result["variants"]["trl"]["padding_fraction"] == result["variants"]["padded"]["padding_fraction"]
+    assert result["variants"]["trl"]["mean_loss"] == pytest.approx(result["variants"]["padded"]["mean_loss"], rel=0.02)
+    assert set(result["ratios"]) == {"packed/padded", "trl/padded"}
     table = result["profile_ms"]["packed"]
     assert set(table) >= {"data_wait", "vision_tower", "attention", "mlp", "optimizer"}
     assert all(ms >= 0 for ms in table.values()) and table["mlp"] > 0 and table["vision_tower"] > 0

@@ -6,12 +6,16 @@ Everything is built locally (no hub): the models load through the same ``from_pr
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# training caches its dataset index under $LLAVA_CACHE (default ~/.cache/llava): one fresh folder per test session,
+# inherited by the launched training processes, so no test reads an index another session left behind
+os.environ["LLAVA_CACHE"] = tempfile.mkdtemp(prefix="llava-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -131,7 +131,8 @@ class LazySupervisedDataset(Dataset):
         """Built by the local main process first (it computes and caches the index), then by the other ranks."""
         cache = data_args.index_cache_dir
         kwargs = dict(
-            index_cache_dir=None if str(cache).lower() in ("none", "") else (cache or default_cache_dir() / "index"),
+            index_cache_dir=(default_cache_dir() / "index" if cache is None  # the default: cached
+                             else None if str(cache).lower() in ("none", "") else cache),
             index_workers=data_args.index_workers,
             template=template,
             image_processor=built.image_processor,

@@ -76,6 +76,15 @@ def training_run_kind(*, projector_only: bool, lora_enable: bool, bits: int = 16
     return RunKind.FULL
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory entry (a rename into it) to disk, so a completed checkpoint survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through ``path.tmp`` + ``os.replace``: readers see the old file or the new one."""
     path = Path(path)

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -33,9 +32,9 @@ from safetensors.torch import load_file
 
 from llava.megatron.convert import chunk_file, rank_dir
 from llava.megatron.weights import load_rank_state, write_mca_meta, write_rank_shards
+from llava.run_dir import fsync_dir
 
 META_FILE = "megatron_checkpoint.json"
-PAUSE_ENV = "LLAVA_TEST_PAUSE_IN_SAVE"  # tests: "STEP:SECONDS" sleeps mid-save of checkpoint-STEP (to kill -9 there)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -59,7 +58,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
     torch.distributed.barrier()
     tp_rank, pp_rank, dp_rank, dp_size = _ranks()
     write_rank_shards(staging, [m.module for m in model], layout, tp_rank, pp_rank, write=dp_rank == 0)
-    _maybe_pause(staging, step)
     if dp_rank == 0:
         (staging / rank_dir(tp_rank, pp_rank)).mkdir(parents=True, exist_ok=True)
         torch.save(optimizer.state_dict(), staging / rank_dir(tp_rank, pp_rank) / "optimizer.pt")
@@ -75,7 +73,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         _rotate(run_dir, save_total_limit)
     torch.distributed.barrier()
     return final
@@ -131,23 +129,3 @@ def _rotate(run_dir: Path, limit: int | None) -> None:
     for old in done[:-limit]:
         shutil.rmtree(old)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _maybe_pause(staging: Path, step: int) -> None:
-    """Test hook: ``LLAVA_TEST_PAUSE_IN_SAVE=STEP:SECONDS`` sleeps after the weights of checkpoint STEP are written
-    and before the optimizer state, leaving ``PAUSED`` in the staging directory to kill on."""
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    pause_step, seconds = (int(x) for x in spec.split(":"))
-    if step == pause_step:
-        if torch.distributed.get_rank() == 0:
-            (staging / "PAUSED").write_text("")
-        time.sleep(seconds)

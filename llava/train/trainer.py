@@ -37,6 +37,7 @@ from llava.run_dir import (
     NON_LORA_FILE,
     PROJECTOR_FILE,
     atomic_write_text,
+    fsync_dir,
     load_non_lora_trainables,
     training_run_kind,
     write_run_args,
@@ -142,7 +143,7 @@ class LLaVATrainer(Trainer):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
             os.rmdir(staging)
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
             from transformers.trainer_utils import rotate_checkpoints
@@ -218,10 +219,3 @@ class LLaVATrainer(Trainer):
             if os.path.isfile(os.path.join(resume_from_checkpoint, NON_LORA_FILE)):
                 load_non_lora_trainables(model.get_base_model(), os.path.join(resume_from_checkpoint, NON_LORA_FILE))
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

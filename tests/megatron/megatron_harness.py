@@ -34,43 +34,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _transformer_config(mca: dict, tp: int, pp: int):
-    from megatron.core.transformer import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=mca["num_layers"],
-        hidden_size=mca["hidden_size"],
-        num_attention_heads=mca["num_attention_heads"],
-        num_query_groups=mca["num_query_groups"],
-        ffn_hidden_size=mca["ffn_hidden_size"],
-        kv_channels=mca["kv_channels"],
-        layernorm_epsilon=mca["layernorm_epsilon"],
-        normalization=mca["normalization"],
-        gated_linear_unit=mca["gated_linear_unit"],
-        activation_func={"silu": torch.nn.functional.silu}[mca["activation_func"]],
-        add_bias_linear=mca["add_bias_linear"],
-        add_qkv_bias=mca["add_qkv_bias"],
-        qk_layernorm=mca["qk_layernorm"],
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32,
-        params_dtype=torch.float32,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-    )
-
-
 def _load_gpt(ckpt_dir: Path, tp: int, pp: int):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from safetensors.torch import load_file
+
+    from llava.megatron.model import transformer_config
 
     meta = json.loads((ckpt_dir / "mca_config.json").read_text())
     mca, par = meta["mca_config"], meta["parallel"]
@@ -78,7 +48,7 @@ def _load_gpt(ckpt_dir: Path, tp: int, pp: int):
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = GPTModel(
-        _transformer_config(mca, tp, pp),
+        transformer_config(mca, tp=tp, pp=pp, vpp=None, sequence_parallel=False),
         get_gpt_layer_local_spec(qk_layernorm=mca["qk_layernorm"], normalization=mca["normalization"]),
         vocab_size=par["padded_vocab_size"],
         max_sequence_length=mca["max_sequence_length"],

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-_CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index")
+_CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
+                 "index_batch")
 CHUNK = 2048  # records per worker task
 
 
@@ -328,7 +329,7 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
 
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(store, tokenizer, template, settings)) as pool:
+                                     initargs=(store, tokenizer, template, settings, True)) as pool:
                 for (a, b), result in zip(bounds, pool.map(_index_chunk, bounds)):
                     results.append(result)
                     bar.update(b - a)
@@ -348,59 +349,20 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(store, tokenizer, template, settings) -> None:
+def _init_worker(store, tokenizer, template, settings, in_pool: bool = False) -> None:
+    if in_pool:  # the pool's processes are the parallelism: no tokenizer threads on top (one core each)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER.update(store=store, tokenizer=tokenizer, template=template, settings=settings)
 
 
 def _index_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
-    """The per-record checks of the index for records ``[a, b)``: parse, template + tokenize (exact length, samples
-    that cannot train), image paths (``stat`` only) -- ``llava/data/validate.py``'s checks, as training applies them."""
-    from llava.data.anyres import read_image_sizes
-    from llava.data.images import ImageLoadError
-    from llava.data.records import RecordError, parse_record
-    from llava.data.tokenize import SampleRejected, tokenize_conversation
-    from llava.data.validate import image_problem_kind, record_image_problem
+    """Records ``[a, b)`` indexed by ``index_batch.index_records`` (one batched tokenizer call for the chunk)."""
+    from llava.data.index_batch import index_records
 
-    store, tokenizer, template, s = (_WORKER[k] for k in ("store", "tokenizer", "template", "settings"))
+    store = _WORKER["store"]
     a, b = bounds
-    keep, lengths, has_image, problems, dropped, dirs = [], [], [], [], [], set()
-    for offset, raw in enumerate(store.batch(a, b) if hasattr(store, "batch") else [store[i] for i in range(a, b)]):
-        i = a + offset
-        try:
-            record = parse_record(raw, i)
-        except RecordError as err:
-            problems.append((err.kind, str(err), err.record_id))
-            continue
-        if record.images and s.image_folder:
-            dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
-                        if isinstance(rel, str))
-        try:
-            n_tokens = s.num_image_tokens
-            if s.anyres is not None and record.images and s.image_folder:
-                n_tokens = s.anyres.record_image_tokens(read_image_sizes(s.image_folder, record.images))
-            sample = tokenize_conversation(record.messages, template, tokenizer, image_token_id=s.image_token_id,
-                                           num_image_tokens=n_tokens, model_max_length=s.model_max_length,
-                                           mm_use_im_start_end=s.mm_use_im_start_end)
-        except SampleRejected as err:
-            rid = _rid(raw, i)
-            dropped.append((err.kind, f"record {rid!r}: {err}", rid))
-            continue
-        except ImageLoadError as err:  # anyres reads each image's size to count its tokens
-            problems.append((image_problem_kind(err), f"record {record.id!r}: {err}", record.id))
-            continue
-        image_problem = record_image_problem(record, s.image_folder)
-        if image_problem is not None:
-            problems.append((*image_problem, record.id))
-            continue
-        keep.append(i)
-        lengths.append(len(sample.input_ids))
-        has_image.append(bool(record.images))
-    return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
-            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
-
-
-def _rid(raw: Any, index: int) -> str:
-    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
+    raws = store.batch(a, b) if hasattr(store, "batch") else [store[i] for i in range(a, b)]
+    return index_records(raws, a, _WORKER["tokenizer"], _WORKER["template"], _WORKER["settings"])
 
 
 def _mtime_ns(path: str) -> int:

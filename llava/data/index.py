@@ -213,7 +213,8 @@ def _convert_in_child(source: str, arrow: str, queue) -> None:
 
 
 def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch: int = 10_000) -> None:
-    """JSONL (streamed) or a JSON list -> an Arrow stream file of one compact JSON string per record + bad lines."""
+    """JSONL (streamed) or a JSON list -> an Arrow stream file of one JSON string per record (a JSONL record's line
+    as written, a list's records in compact JSON) + the bad lines."""
     import pyarrow as pa
 
     from llava.data.validate import iter_jsonl, load_raw_records
@@ -231,12 +232,12 @@ def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch:
             rows.clear()
 
         if source.suffix == ".jsonl":
-            for line_no, record, err in iter_jsonl(source):
+            for line_no, _, err, line in iter_jsonl(source, with_lines=True):
                 if err is not None:
                     bad_lines.append((f"line {line_no}",
                                       f"{source}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"))
                     continue
-                rows.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+                rows.append(line.strip())  # valid JSON, stored as written (parsed again on use)
                 if len(rows) >= batch:
                     flush()
         else:

@@ -81,7 +81,11 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
 
     if mode == "first_start":
         shutil.rmtree(cache, ignore_errors=True)
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv_mode)], capture_output=True, text=True, env=env)
+    # run from the work directory: `-c` and `-m` put the current directory first on sys.path, and the code a mode runs
+    # must be the one its PYTHONPATH names
+    where = cache.parent
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv_mode)], capture_output=True, text=True, env=env,
+                         cwd=where)
     if out.returncode != 0:
         raise RuntimeError(f"{mode}: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -91,7 +95,7 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "llava.train.train", *argv_mode], capture_output=True, text=True,
-                              env=env)
+                              env=env, cwd=where)
         if done.returncode != 0:
             raise RuntimeError(f"{mode} training run: {done.stderr[-3000:]}")
         result["one_step_run_s"] = round(time.perf_counter() - t0, 1)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import ensure_workdir
 
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()
     paths = ensure_workdir(workdir, args.size, 400)
     data = make_records(workdir, args.n)
     cache = workdir / f"index-cache-{args.n}"
@@ -130,9 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_ in range(args.rounds):
         for mode in modes:
-            env = dict(os.environ)
-            if mode == "before":
-                env["PYTHONPATH"] = os.pathsep.join([str(Path(args.before_src).resolve()), env.get("PYTHONPATH", "")])
+            code = Path(args.before_src) if mode == "before" else Path(__file__).parent.parent  # whose llava runs
+            env = {**os.environ, "PYTHONPATH": str(code.resolve())}
             result = run_mode(mode, flags + MODES[mode], env, args.train_step, cache)
             runs[mode].append(result)
             print(json.dumps({"mode": mode, "round": round_, "n": args.n, **result}), flush=True)

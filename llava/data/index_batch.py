@@ -41,13 +41,15 @@ from llava.data.tokenize import (
 )
 from llava.data.validate import image_problem_kind, record_image_problem
 
+TOKENIZE_BATCH = 256  # texts per tokenizer call: the call's overhead amortised, its encodings a few MiB at a time
+
 
 def index_records(raws: list[Any], start: int, tokenizer, template, settings) -> dict[str, Any]:
     """Index ``raws`` (records ``start``, ``start + 1``, ...): the kept positions, their lengths and modality, and the
     problems (invalid records) and dropped samples (valid, cannot train) as ``(kind, message, record id)``."""
     s = settings
     images = _ImageChecker(s.image_folder)
-    outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", record, n_tokens)
+    outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", length, image)
     pending: list[tuple[int, Any, Any, list[int], str, bytearray, int, Any]] = []
     heads: dict[tuple[str, ...], list[int]] = {}
     dirs: set[str] = set()
@@ -81,10 +83,11 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
         text, mask = supervised_text(segments[n_head:])
         placeholders = sum(seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments)
         pending.append((k, raw, record, heads[key], text, mask, placeholders, (n_tokens, headers_read)))
-    if pending:
-        encoded = tokenizer([p[4] for p in pending], add_special_tokens=False, return_offsets_mapping=True,
+    for b in range(0, len(pending), TOKENIZE_BATCH):
+        batch = pending[b : b + TOKENIZE_BATCH]
+        encoded = tokenizer([p[4] for p in batch], add_special_tokens=False, return_offsets_mapping=True,
                             return_attention_mask=False, return_token_type_ids=False)
-        for p, ids, offsets in zip(pending, encoded["input_ids"], encoded["offset_mapping"]):
+        for p, ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"]):
             k, raw, record, head, _, mask, placeholders, (n_tokens, headers_read) = p
             length = _sample_length(ids, offsets, head, mask, placeholders, n_tokens, s)
             if length is None:  # rejected, or not a case the fast path measures: the reference decides and words it

@@ -162,8 +162,12 @@ def test_batched_index_equals_per_record_path(mixed, sp_tokenizer, template, sta
 
 
 def test_truncation_edges_in_one_token_steps_and_pooled_chunks(mixed, sp_tokenizer, monkeypatch):
-    """Every max length from 20 to 200 (each first-supervised and last-image position becomes an edge), and the
-    pool of worker processes over small chunks gives the same index as the per-record path."""
+    """Every max length from 20 to 200 (each first-supervised and last-image position becomes an edge; tokenizer
+    calls of 5 texts), and the pool of worker processes over small chunks give the same index as the per-record
+    path."""
+    from llava.data import index_batch
+
+    monkeypatch.setattr(index_batch, "TOKENIZE_BATCH", 5)
     raws = _raws(mixed)
     tpl = get_template("vicuna_v1")
     for max_length in range(20, 200):

@@ -4,21 +4,24 @@
     index = load_or_build_index(store, settings, tokenizer, template, cache_dir=cache_dir, workers=8)
     index.keep, index.lengths, index.has_image, index.problems, index.dropped
 
-Building the index parses, templates and tokenizes every record and checks its image paths (``stat`` only): ~0.6 ms
-a record on one core, minutes for LLaVA-665K, the same again on every start, resume and rank. Here it is done once,
-in parallel worker processes (chunks of records, progress bar), and stored in ``<cache_dir>/index-<key>.npz``. The
-key is a SHA-256 of everything the result depends on: the data file's content hash, the tokenizer (its full
-serialisation and special tokens), the template, the image settings (image token id and count, ``<im_start>``
-wrapping, image folder), ``--model_max_length``, and the source of the code that computes it (records, templates,
-tokenize, images, this module). A changed input gives another key, so a stale index is never found; the key is also
-stored inside the file and checked. Image existence can change without the data changing: the index keeps the
-modification times of the directories holding the referenced images and is rebuilt when one changed (a file added or
-removed there). Images that break after indexing are still caught at load time (the sample is replaced and counted).
+Building the index parses, templates and tokenizes every record and checks its image paths (``stat`` only): minutes
+for LLaVA-665K, the same again on every start, resume and rank when done one record at a time. Here it is done once,
+in parallel worker processes (chunks of records, progress bar; ``index_batch.py``: one batched fast-tokenizer call
+per 256 records, lengths without label lists, equal to the per-record path), and stored in
+``<cache_dir>/index-<key>.npz``. The key is a SHA-256 of everything the result depends on: the data file's content
+hash, the tokenizer (its full serialisation and special tokens), the template, the image settings (image token id
+and count, ``<im_start>`` wrapping, image folder), ``--model_max_length``, and the source of the code that computes
+it (records, templates, tokenize, images, validate, anyres, index_batch, this module). A changed input gives another
+key, so a stale index is never found; the key is also stored inside the file and checked. Image existence can change
+without the data changing: the index keeps the modification times of the directories holding the referenced images
+and is rebuilt when one changed (a file added or removed there). Images that break after indexing are still caught
+at load time (the sample is replaced and counted).
 
 Raw records: JSON and JSONL files are converted once (in a child process, so the parent never holds the parsed list)
-into an Arrow file of one JSON string per record, ``<cache_dir>/records-<content hash>.arrow``, opened memory-mapped
-through ``datasets`` (every rank of a node maps the same pages); a ``save_to_disk`` directory is already Arrow and is
-opened as is. Invalid JSONL lines are counted as ``invalid_json`` problems, as before.
+into an Arrow file of one JSON string per record (a JSONL line as written),
+``<cache_dir>/records-<content hash>.arrow``, opened memory-mapped through ``datasets`` (every rank of a node maps the
+same pages); a ``save_to_disk`` directory is already Arrow and is opened as is. Invalid JSONL lines are counted as
+``invalid_json`` problems, as before.
 Under several processes the caller builds inside :func:`local_main_first`: the local main process computes and writes,
 the others read.
 """

@@ -50,7 +50,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
     s = settings
     images = _ImageChecker(s.image_folder)
     outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", length, image)
-    pending: list[tuple[int, Any, Any, list[int], str, bytearray, int, Any]] = []
+    pending: list[tuple] = []  # (k, raw, record, head ids, text, supervised mask, placeholders, (n_tokens, headers))
     heads: dict[tuple[str, ...], list[int]] = {}
     dirs: set[str] = set()
     for k, raw in enumerate(raws):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -356,6 +357,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(store, tokenizer, template, settings, in_pool: bool = False) -> None:
     if in_pool:  # the pool's processes are the parallelism: no tokenizer threads on top (one core each)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        gc.freeze()  # the objects inherited from the parent (model, libraries) are left out of every collection
     _WORKER.update(store=store, tokenizer=tokenizer, template=template, settings=settings)
 
 

@@ -342,3 +342,27 @@ def test_unsupported_source_settings_fail_with_one_line(next_source, tmp_path, c
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llava import-llava: error:")]
     assert len(errors) == 1 and expected in errors[0], errors
     assert not out.exists()  # nothing written
+
+
+def test_onevision_tower_taken_from_its_directory_when_not_embedded(onevision_source, tiny_models, tmp_path):
+    """A OneVision run that froze the tower saves none of it: the tower directory's weights are used, trimmed as
+    LLaVA-NeXT's SigLipVisionTower trims them (last layer and pooling head left out)."""
+    src = tmp_path / "src"
+    shutil.copytree(onevision_source["src"], src)
+    for shard in src.glob("*.safetensors"):
+        save_file({k: v for k, v in load_file(str(shard)).items() if not k.startswith("model.vision_tower.")},
+                  str(shard))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.vision_tower.")}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert cli_main(["import-llava", "--src", str(src), "--out", str(out), "--version", "chatml"]) == 0
+    tower = SiglipVisionModel.from_pretrained(tiny_models["siglip_tower"]).eval()
+    del tower.encoder.layers[-1:]
+    tower.head = torch.nn.Identity()
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(out).eval()
+    image = noise_image(*SIZES["very_wide"], seed=3)
+    features, pixels = original_image_features({**onevision_source, "tower": tower}, image)
+    with torch.no_grad():
+        got = model.model.get_image_features(pixels[None], torch.tensor([list(SIZES["very_wide"])])).pooler_output
+    torch.testing.assert_close(torch.cat(list(got)), features, rtol=0, atol=1e-5)

@@ -5,7 +5,7 @@ classes (used by ``llava import-llava``, see ``import_llava.py``).
     pinpoints = native_grid_pinpoints(settings, tower_size=336)     # [[height, width], ...] as the native config wants
     tower = trim_original_tower(vision_config, settings, embedded_layers)   # LLaVA-NeXT's SigLIP wrapper, made native
 
-Facts of the original code (LLaVA-NeXT ``llava/mm_utils.py`` and ``llava/model/llava_arch.py``) that matter here:
+Facts of the original code (LLaVA-NeXT's ``mm_utils.py`` and ``model/llava_arch.py``) that matter here:
 
 - ``image_grid_pinpoints`` lists ``[width, height]`` pairs (``select_best_resolution`` unpacks ``for width, height in
   possible_resolutions``), and a range ``"(1x1),...,(3x3)"`` expands to ``(i, j)`` = (width, height) in tower units;

@@ -108,9 +108,11 @@ def run_command(argv: list[str]) -> int:
 
             print(train_help(), end="")
             return 0
+        from llava.train.distributed import close_process_group
         from llava.train.train import train
 
         train(rest)
+        close_process_group()
         return 0
     if head == "data":
         if rest[:1] in (["-h"], ["--help"]):

@@ -117,23 +117,21 @@ def map_original_state(settings: OriginalSettings, original: dict[str, torch.Ten
     return state
 
 
-def original_vision_tower(tower_path: str, state: dict[str, torch.Tensor], settings: OriginalSettings):
-    """The tower's native config, select layer and image processor; its weights are added to ``state`` from the
-    tower directory when the checkpoint does not embed them (``model.vision_tower.*`` keys)."""
-    tower, image_processor = load_vision_tower(tower_path)  # config + processor (+ weights if not embedded)
+def original_vision_tower(tower, state: dict[str, torch.Tensor], settings: OriginalSettings):
+    """The tower's native config and select layer; its weights are added to ``state`` from the tower directory
+    (``tower``, loaded from it) when the checkpoint does not embed them (``model.vision_tower.*`` keys)."""
     embedded = {k for k in state if k.startswith("model.vision_tower.")}
     vision_config, select_layer = tower.config, int(settings.raw.get("mm_vision_select_layer", -2))
     if vision_config.model_type not in HAS_CLS_TOKEN:  # SigLIP: LLaVA-NeXT's SigLipVisionTower, see original_config
         layers = {int(m.group(1)) for k in embedded if (m := _LAYER_RE.match(k.removeprefix("model.vision_tower.")))}
         vision_config, select_layer = trim_siglip_tower(vision_config, max(layers) + 1 if layers else None)
     if not embedded:
-        logger.info("no vision tower weights in %s: taking them from %s", settings.config_path.parent, tower_path)
-        keep = [k for k in tower.state_dict() if not k.startswith("head.")
-                and not ((m := _LAYER_RE.match(k)) and int(m.group(1)) >= vision_config.num_hidden_layers)]
-        own = tower.state_dict()
-        state.update({"model.vision_tower." + k: own[k] for k in keep})
-    check_select_feature(settings, vision_config.model_type in HAS_CLS_TOKEN)
-    return vision_config, select_layer, image_processor
+        logger.info("no vision tower weights in %s: taking them from the tower directory", settings.config_path.parent)
+        for key, tensor in tower.state_dict().items():
+            layer = _LAYER_RE.match(key)
+            if not key.startswith("head.") and not (layer and int(layer.group(1)) >= vision_config.num_hidden_layers):
+                state["model.vision_tower." + key] = tensor
+    return vision_config, select_layer
 
 
 def import_llava(src: str | Path, out: str | Path, *, version: str | None = None, vision_tower: str | None = None,
@@ -154,8 +152,11 @@ def import_llava(src: str | Path, out: str | Path, *, version: str | None = None
 
     tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True, padding_side="right")
     add_multimodal_tokens(tokenizer, bool(raw.get("mm_use_im_start_end", False)))
+    tower, image_processor = load_vision_tower(tower_path)  # config + processor (+ weights if not embedded)
+    check_select_feature(settings, tower.config.model_type in HAS_CLS_TOKEN)  # before reading the checkpoint
     state = map_original_state(settings, read_original_weights(src))
-    vision_config, select_layer, image_processor = original_vision_tower(tower_path, state, settings)
+    vision_config, select_layer = original_vision_tower(tower, state, settings)
+    del tower
     strategy = select_strategy(vision_config, settings.select_feature)
     layout = None
     if settings.anyres:

@@ -50,7 +50,7 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 NEXT_PINPOINTS = [[128, 64], [64, 128], [128, 128], [192, 64]]  # [width, height]; no [64, 192]: asymmetric
 OV_PINPOINTS = "(1x1),...,(2x3)"  # (width x height) tower units: up to 2 wide, 3 high
 SIZES = {"square": (64, 64), "wide": (40, 100), "tall": (96, 50), "very_wide": (12, 300), "very_tall": (300, 12),
-         "huge_wide": (20, 1000), "big": (200, 150)}  # (height, width)
+         "huge_wide": (20, 1000), "big": (200, 150), "photo": (3000, 4000)}  # (height, width)
 
 
 def _random(shape, gen, scale=0.1):

@@ -146,6 +146,17 @@ def test_onevision_stage2_checkpoint_loads_natively_with_logit_parity(tiny_model
         got = model(**batch).logits
         expected = trainer.model.eval()(**batch).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # transformers' own OneVision image processor, built from the saved processor_config.json (AutoProcessor where
+    # torchvision imports; here the PIL class from the same file), gives the pixels training used
+    from llava.model.anyres_model import load_processor
+
+    processor = load_processor(tmp_path)
+    assert type(processor.image_processor).__name__.startswith("LlavaOnevisionImageProcessor")
+    single = trainer.data_collator([dataset[2]])  # 700x500
+    image = Image.open(anyres_data["image_folder"] / dataset.record(2).images[0]).convert("RGB")
+    native = processor.image_processor(images=[image], return_tensors="pt")
+    assert native["image_sizes"].tolist() == single["image_sizes"].tolist() == [[700, 500]]
+    torch.testing.assert_close(native["pixel_values"], single["pixel_values"], rtol=0, atol=0)
 
 
 def test_lora_run_merges_into_native_llava_next_with_logit_parity(tiny_models, anyres_data, next_stage1, tmp_path):

@@ -5,7 +5,8 @@
 The saved checkpoint is loaded with ``LlavaNextForConditionalGeneration.from_pretrained`` + ``AutoProcessor`` (no code
 of ours); its logits on the processor's inputs equal the trainer's model on the dataset's sample. OneVision runs
 stage 2 directly and is loaded with ``LlavaOnevisionForConditionalGeneration.from_pretrained`` (its processor class
-needs torchvision, absent here; its files are checked instead). QLoRA (``--bits 4``) runs of both merge into native
+needs torchvision, absent here: its saved files are checked, and transformers' own image processor built from them
+gives the training pixels). QLoRA (``--bits 4``) runs of both merge into native
 checkpoints whose logits equal the 4-bit adapter model's.
 """
 

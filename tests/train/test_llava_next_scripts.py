@@ -2,10 +2,11 @@
 
     pytest tests/train/test_llava_next_scripts.py            # the run (stage 1 + the 1.6 stage 2) is marked slow
 
-The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``scripts/train/pretrain_clip.sh``,
+The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``LLaVA-NeXT/scripts/train/pretrain_clip.sh``,
 ``pretrain_siglip.sh``, ``direct_finetune_clip.sh`` (the LLaVA-NeXT 1.6 recipe, the README's ``finetune_clip.sh``),
 ``direct_finetune_siglip_a4.sh``, ``finetune_si.sh`` and ``finetune_ov.sh`` (the OneVision stages), and
-``scripts/archived/finetune_mixtral_1.6_336px_anyres.sh`` (the older 1.6 form with ``--unfreeze_mm_vision_tower``),
+``LLaVA-NeXT/scripts/archived/finetune_mixtral_1.6_336px_anyres.sh`` (the older 1.6 form with
+``--unfreeze_mm_vision_tower``),
 written as the scripts pass them (``--flag=value`` forms included). Only these change: model, data and output paths
 (tiny models; a CLIP tower at 336 px and a SigLIP at 384 px so the scripts' pixel pinpoints fit them; the OneVision
 data YAML becomes a JSON file, since the dataset-mixture YAML is refused with a message, checked here), the run name

@@ -199,7 +199,6 @@ def test_predict_and_eval_load_anyres_checkpoint(anyres_data, next_stage2):
     assert batched == single and all(isinstance(a, str) for a in batched)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("ratio,native", [("anyres", LlavaNextForConditionalGeneration),
                                           ("anyres_max_2", LlavaOnevisionForConditionalGeneration)])
 def test_qlora_run_merges_to_the_dequantized_adapter_model(tiny_models, anyres_data, next_stage1, tmp_path, ratio,

@@ -209,7 +209,8 @@ def run_args(settings: OriginalSettings, version: str, tower_path: str, select_l
                 "data_args": {"image_aspect_ratio": "pad" if settings.aspect_ratio == "pad" else "square"}}
     return {"model_args": model_args, "data_args": {
         "image_aspect_ratio": layout.vision_aspect_ratio,
-        "image_grid_pinpoints": json.dumps([list(p) for p in layout.grid_pinpoints])}}
+        # as the flag reads them (LLaVA-NeXT's [width, height]), so `llava merge` rebuilds this very layout
+        "image_grid_pinpoints": json.dumps([[w, h] for h, w in layout.grid_pinpoints])}}
 
 
 def import_main(args: argparse.Namespace) -> int:

@@ -120,11 +120,9 @@ def native_grid_pinpoints(settings: OriginalSettings, tower_size: int) -> list[l
     of (width x height) tower units) -> the native ``[[height, width], ...]``, in the original order (ties between
     equally good grids go to the first, in both codes)."""
     try:
-        width_height = parse_grid_pinpoints(settings.raw["image_grid_pinpoints"], tower_size)
+        return parse_grid_pinpoints(settings.raw["image_grid_pinpoints"], tower_size)  # the flag reads them alike
     except UsageValueError as err:
-        detail = str(err).split(": ", 1)[-1].replace("[height, width]", "[width, height]")
-        raise settings.error("image_grid_pinpoints", detail) from None
-    return [[height, width] for width, height in width_height]
+        raise settings.error("image_grid_pinpoints", str(err).split(": ", 1)[-1]) from None
 
 
 def check_select_feature(settings: OriginalSettings, has_cls: bool) -> None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     AutoTokenizer,
     CLIPVisionModel,
@@ -44,6 +45,7 @@ from transformers import (
 )
 
 from llava.cli import main as cli_main
+from llava.model.anyres_model import anyres_layout, image_layout_args_from_run
 from llava.run_dir import RunKind, run_kind
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -295,13 +297,18 @@ def test_imported_onevision_matches_original_forward(onevision_source, imported,
 def test_imported_runs_are_described_and_predict_answers(imported, tmp_path):
     next_args = json.loads((imported["next"] / "llava_args.json").read_text())
     assert next_args["data_args"]["image_aspect_ratio"] == "anyres"
-    assert json.loads(next_args["data_args"]["image_grid_pinpoints"]) == [[h, w] for w, h in NEXT_PINPOINTS]
+    assert json.loads(next_args["data_args"]["image_grid_pinpoints"]) == NEXT_PINPOINTS  # the flag's [width, height]
     assert next_args["model_args"]["version"] == "vicuna_v1"
     ov_args = json.loads((imported["onevision"] / "llava_args.json").read_text())
     assert ov_args["data_args"]["image_aspect_ratio"] == "anyres_max_2" and ov_args["model_args"]["version"] == "chatml"
-    # (1x1)..(2x3) read as (width x height): 2 wide and 3 high -> [height, width]
+    # (1x1)..(2x3) read as (width x height): 2 wide and 3 high, written back as the flag's [width, height]
     assert json.loads(ov_args["data_args"]["image_grid_pinpoints"]) == [
-        [h * 64, w * 64] for w in (1, 2) for h in (1, 2, 3)]
+        [w * 64, h * 64] for w in (1, 2) for h in (1, 2, 3)]
+    for name, run in (("next", next_args), ("onevision", ov_args)):  # what `llava merge` rebuilds = the saved config
+        config = AutoConfig.from_pretrained(imported[name])
+        rebuilt = anyres_layout(image_layout_args_from_run(run), config.vision_config,
+                                config.vision_feature_select_strategy)
+        assert [list(p) for p in rebuilt.grid_pinpoints] == config.image_grid_pinpoints
     image_path = tmp_path / "wide.png"
     noise_image(30, 170, seed=1).save(image_path)
     for name in ("next", "onevision"):  # the native forward inside generate raises if a token count were off

@@ -114,11 +114,12 @@ EXPECTED["pretrain_siglip"] = EXPECTED["pretrain_clip"]
 EXPECTED["direct_finetune_siglip_a4"] = EXPECTED["direct_finetune_clip"]
 EXPECTED["finetune_si"] = EXPECTED["finetune_ov"]
 # (height, width) grids in pixels, as each script's --image_grid_pinpoints means them, and anyres_max's N
-LAYOUTS = {"direct_finetune_clip": ([(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)], None),
-           "direct_finetune_siglip_a4": ([(384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)], None),
-           "finetune_ov": ([(384 * h, 384 * w) for h in range(1, 7) for w in range(1, 7)], 9),
-           "finetune_mixtral_1.6_336px_anyres": (
-               [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)], None)}
+NEXT_336 = [(672, 336), (336, 672), (672, 672), (336, 1008), (1008, 336)]  # their [width, height] pairs, swapped
+LAYOUTS = {"direct_finetune_clip": (NEXT_336, None),
+           "direct_finetune_siglip_a4": ([(768, 384), (384, 768), (768, 768), (384, 1152), (1152, 384)], None),
+           # "(1x1),...,(6x6)" is (width x height) in tower units, width outermost, as LLaVA-NeXT expands it
+           "finetune_ov": ([(384 * h, 384 * w) for w in range(1, 7) for h in range(1, 7)], 9),
+           "finetune_mixtral_1.6_336px_anyres": (NEXT_336, None)}
 LAYOUTS["finetune_si"] = LAYOUTS["finetune_ov"]
 
 

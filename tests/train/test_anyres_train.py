@@ -7,7 +7,7 @@ of ours); its logits on the processor's inputs equal the trainer's model on the 
 stage 2 directly and is loaded with ``LlavaOnevisionForConditionalGeneration.from_pretrained`` (its processor class
 needs torchvision, absent here: its saved files are checked, and transformers' own image processor built from them
 gives the training pixels). QLoRA (``--bits 4``) runs of both merge into native
-checkpoints whose logits equal the 4-bit adapter model's.
+checkpoints whose logits equal the 4-bit adapter model's; a OneVision LoRA run merges with logit parity too.
 """
 
 from __future__ import annotations
@@ -241,4 +241,26 @@ def test_qlora_run_merges_to_the_dequantized_adapter_model(tiny_models, anyres_d
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         got = merged(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_onevision_lora_run_merges_into_native_onevision_with_logit_parity(tiny_models, anyres_data, next_stage1,
+                                                                           tmp_path):
+    """``llava merge`` of a OneVision LoRA run (in memory, as every anyres run), its processor files read without
+    torchvision."""
+    from llava.export.merge import merge_lora
+
+    run_dir = tmp_path / "lora"
+    trainer = train(anyres_argv(tiny_models, anyres_data, run_dir, stage=2, ratio="anyres_max_2", extra=[
+        "--pretrain_mm_mlp_adapter", str(next_stage1["dir"] / "mm_projector.safetensors"), "--lora_enable", "True",
+        "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--max_steps", "2", "--save_steps", "100"]))
+    merged_dir = merge_lora(run_dir, tmp_path / "merged")
+    assert json.loads((merged_dir / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+    dataset = trainer.train_dataset
+    two = next(i for i in range(len(dataset)) if len(dataset.record(i).images) == 2)
+    batch = trainer.data_collator([dataset[i] for i in (0, 2, two)])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**inputs).logits
+        got = LlavaOnevisionForConditionalGeneration.from_pretrained(merged_dir).eval()(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

@@ -13,7 +13,7 @@ data YAML becomes a JSON file, since the dataset-mixture YAML is refused with a 
 (``direct_finetune_*.sh`` pass ``--run_name $MID_RUN_NAME``, which those scripts never set), and on CPU ``--bf16`` and
 ``--tf32`` False, as ``tests/train/test_llava15_scripts.py`` does for LLaVA-1.5; the two runs also leave out
 ``--torch_compile True --torch_compile_backend inductor`` (parsed and checked, but inductor compiles for minutes on
-this CPU).
+this CPU) and use 2 DataLoader workers instead of 16.
 Expected values are written out from the scripts' meaning, not read from our parser.
 """
 
@@ -87,6 +87,7 @@ SCRIPTS = {  # name -> (flags beyond COMMON, tower placeholder)
 }
 CPU_SUBSTITUTIONS = {"--bf16": "False", "--tf32": "False"}
 NOT_RUN_ON_CPU = ("--torch_compile", "--torch_compile_backend")  # inductor compiles for minutes here: dropped to run
+RUN_ON_CPU = {"--dataloader_num_workers": "2"}  # not 16 worker processes on a 2-core CI machine
 FULL = {"tune_mm_mlp_adapter": False, "freeze_backbone": False, "freeze_mm_mlp_adapter": False,
         "unfreeze_mm_vision_tower": True}
 EXPECTED = {  # what each script asks for, per argument: (model, data, training) attributes
@@ -131,6 +132,9 @@ def script_argv(name: str, paths: dict[str, str], max_steps: int | None = None) 
             argv[i + 1] = CPU_SUBSTITUTIONS[arg]
     if not max_steps:
         return argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg in RUN_ON_CPU:
+            argv[i + 1] = RUN_ON_CPU[arg]
     drop = {i + k for i, arg in enumerate(argv) if arg in NOT_RUN_ON_CPU for k in (0, 1)}
     return [a for i, a in enumerate(argv) if i not in drop] + ["--max_steps", str(max_steps)]
 

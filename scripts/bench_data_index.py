@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = run_mode(mode, flags + MODES[mode], env, args.train_step, cache)
             runs[mode].append(result)
             print(json.dumps({"mode": mode, "round": round_, "n": args.n, **result}), flush=True)
-    results = {m: {k: round(statistics.median(r[k] for r in rs), 2) if isinstance(rs[0][k], (int, float)) else rs[0][k]
+    results = {m: {k: round(statistics.median(r[k] for r in rs), 2)
+                   if isinstance(rs[0][k], (int, float)) and not isinstance(rs[0][k], bool) else rs[0][k]
                    for k in rs[0]} for m, rs in runs.items()}
     base = "before" if "before" in results else "per_start"
     if base in results:

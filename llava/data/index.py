@@ -4,21 +4,24 @@
     index = load_or_build_index(store, settings, tokenizer, template, cache_dir=cache_dir, workers=8)
     index.keep, index.lengths, index.has_image, index.problems, index.dropped
 
-Building the index parses, templates and tokenizes every record and checks its image paths (``stat`` only): ~0.6 ms
-a record on one core, minutes for LLaVA-665K, the same again on every start, resume and rank. Here it is done once,
-in parallel worker processes (chunks of records, progress bar), and stored in ``<cache_dir>/index-<key>.npz``. The
-key is a SHA-256 of everything the result depends on: the data file's content hash, the tokenizer (its full
-serialisation and special tokens), the template, the image settings (image token id and count, ``<im_start>``
-wrapping, image folder), ``--model_max_length``, and the source of the code that computes it (records, templates,
-tokenize, images, this module). A changed input gives another key, so a stale index is never found; the key is also
-stored inside the file and checked. Image existence can change without the data changing: the index keeps the
-modification times of the directories holding the referenced images and is rebuilt when one changed (a file added or
-removed there). Images that break after indexing are still caught at load time (the sample is replaced and counted).
+Building the index parses, templates and tokenizes every record and checks its image paths (``stat`` only): minutes
+for LLaVA-665K, the same again on every start, resume and rank when done one record at a time. Here it is done once,
+in parallel worker processes (chunks of records, progress bar; ``index_batch.py``: one batched fast-tokenizer call
+per 256 records, lengths without label lists, equal to the per-record path), and stored in
+``<cache_dir>/index-<key>.npz``. The key is a SHA-256 of everything the result depends on: the data file's content
+hash, the tokenizer (its full serialisation and special tokens), the template, the image settings (image token id
+and count, ``<im_start>`` wrapping, image folder), ``--model_max_length``, and the source of the code that computes
+it (records, templates, tokenize, images, validate, anyres, index_batch, this module). A changed input gives another
+key, so a stale index is never found; the key is also stored inside the file and checked. Image existence can change
+without the data changing: the index keeps the modification times of the directories holding the referenced images
+and is rebuilt when one changed (a file added or removed there). Images that break after indexing are still caught
+at load time (the sample is replaced and counted).
 
 Raw records: JSON and JSONL files are converted once (in a child process, so the parent never holds the parsed list)
-into an Arrow file of one JSON string per record, ``<cache_dir>/records-<content hash>.arrow``, opened memory-mapped
-through ``datasets`` (every rank of a node maps the same pages); a ``save_to_disk`` directory is already Arrow and is
-opened as is. Invalid JSONL lines are counted as ``invalid_json`` problems, as before.
+into an Arrow file of one JSON string per record (a JSONL line as written),
+``<cache_dir>/records-<content hash>.arrow``, opened memory-mapped through ``datasets`` (every rank of a node maps the
+same pages); a ``save_to_disk`` directory is already Arrow and is opened as is. Invalid JSONL lines are counted as
+``invalid_json`` problems, as before.
 Under several processes the caller builds inside :func:`local_main_first`: the local main process computes and writes,
 the others read.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -43,7 +47,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
-_CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index")
+_CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
+                 "index_batch")
 CHUNK = 2048  # records per worker task
 
 
@@ -212,7 +217,8 @@ def _convert_in_child(source: str, arrow: str, queue) -> None:
 
 
 def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch: int = 10_000) -> None:
-    """JSONL (streamed) or a JSON list -> an Arrow stream file of one compact JSON string per record + bad lines."""
+    """JSONL (streamed) or a JSON list -> an Arrow stream file of one JSON string per record (a JSONL record's line
+    as written, a list's records in compact JSON) + the bad lines."""
     import pyarrow as pa
 
     from llava.data.validate import iter_jsonl, load_raw_records
@@ -230,12 +236,12 @@ def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch:
             rows.clear()
 
         if source.suffix == ".jsonl":
-            for line_no, record, err in iter_jsonl(source):
+            for line_no, _, err, line in iter_jsonl(source, with_lines=True):
                 if err is not None:
                     bad_lines.append((f"line {line_no}",
                                       f"{source}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"))
                     continue
-                rows.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+                rows.append(line.strip())  # valid JSON, stored as written (parsed again on use)
                 if len(rows) >= batch:
                     flush()
         else:
@@ -328,7 +334,7 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
 
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(store, tokenizer, template, settings)) as pool:
+                                     initargs=(store, tokenizer, template, settings, True)) as pool:
                 for (a, b), result in zip(bounds, pool.map(_index_chunk, bounds)):
                     results.append(result)
                     bar.update(b - a)
@@ -348,59 +354,21 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(store, tokenizer, template, settings) -> None:
+def _init_worker(store, tokenizer, template, settings, in_pool: bool = False) -> None:
+    if in_pool:  # the pool's processes are the parallelism: no tokenizer threads on top (one core each)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        gc.freeze()  # the objects inherited from the parent (model, libraries) are left out of every collection
     _WORKER.update(store=store, tokenizer=tokenizer, template=template, settings=settings)
 
 
 def _index_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
-    """The per-record checks of the index for records ``[a, b)``: parse, template + tokenize (exact length, samples
-    that cannot train), image paths (``stat`` only) -- ``llava/data/validate.py``'s checks, as training applies them."""
-    from llava.data.anyres import read_image_sizes
-    from llava.data.images import ImageLoadError
-    from llava.data.records import RecordError, parse_record
-    from llava.data.tokenize import SampleRejected, tokenize_conversation
-    from llava.data.validate import image_problem_kind, record_image_problem
+    """Records ``[a, b)`` indexed by ``index_batch.index_records`` (one batched tokenizer call for the chunk)."""
+    from llava.data.index_batch import index_records
 
-    store, tokenizer, template, s = (_WORKER[k] for k in ("store", "tokenizer", "template", "settings"))
+    store = _WORKER["store"]
     a, b = bounds
-    keep, lengths, has_image, problems, dropped, dirs = [], [], [], [], [], set()
-    for offset, raw in enumerate(store.batch(a, b) if hasattr(store, "batch") else [store[i] for i in range(a, b)]):
-        i = a + offset
-        try:
-            record = parse_record(raw, i)
-        except RecordError as err:
-            problems.append((err.kind, str(err), err.record_id))
-            continue
-        if record.images and s.image_folder:
-            dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
-                        if isinstance(rel, str))
-        try:
-            n_tokens = s.num_image_tokens
-            if s.anyres is not None and record.images and s.image_folder:
-                n_tokens = s.anyres.record_image_tokens(read_image_sizes(s.image_folder, record.images))
-            sample = tokenize_conversation(record.messages, template, tokenizer, image_token_id=s.image_token_id,
-                                           num_image_tokens=n_tokens, model_max_length=s.model_max_length,
-                                           mm_use_im_start_end=s.mm_use_im_start_end)
-        except SampleRejected as err:
-            rid = _rid(raw, i)
-            dropped.append((err.kind, f"record {rid!r}: {err}", rid))
-            continue
-        except ImageLoadError as err:  # anyres reads each image's size to count its tokens
-            problems.append((image_problem_kind(err), f"record {record.id!r}: {err}", record.id))
-            continue
-        image_problem = record_image_problem(record, s.image_folder)
-        if image_problem is not None:
-            problems.append((*image_problem, record.id))
-            continue
-        keep.append(i)
-        lengths.append(len(sample.input_ids))
-        has_image.append(bool(record.images))
-    return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
-            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
-
-
-def _rid(raw: Any, index: int) -> str:
-    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
+    raws = store.batch(a, b) if hasattr(store, "batch") else [store[i] for i in range(a, b)]
+    return index_records(raws, a, _WORKER["tokenizer"], _WORKER["template"], _WORKER["settings"])
 
 
 def _mtime_ns(path: str) -> int:

@@ -44,9 +44,8 @@ def wrap_image_placeholders(messages: list[Message], mm_use_im_start_end: bool) 
     return [Message(m.role, m.content.replace(DEFAULT_IMAGE_TOKEN, wrapped)) for m in messages]
 
 
-def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
-    """Leading ``special`` segments (the BOS) as their ids, then the joined text tokenized once, each token labelled
-    by the characters it covers."""
+def special_head(segments: list[Segment], tokenizer) -> tuple[list[int], list[Segment]]:
+    """The leading ``special`` segments (the BOS) as their ids, and the segments after them."""
     head: list[int] = []
     while segments and segments[0].special:
         tid = tokenizer.convert_tokens_to_ids(segments[0].text)
@@ -56,14 +55,28 @@ def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[
         segments = segments[1:]
     if any(s.special for s in segments):
         raise ValueError("internal error: special segments must lead the rendering")
+    return head, segments
+
+
+def supervised_text(segments: list[Segment]) -> tuple[str, bytearray]:
+    """The joined text of ``segments`` and a mask of its characters: 1 for those of a supervised segment, from the
+    segment's first non-space character on. A token is supervised when it covers a 1."""
     text = "".join(s.text for s in segments)
-    supervised = bytearray(len(text))  # 1 for characters of a supervised segment, from its first non-space on
+    supervised = bytearray(len(text))
     pos = 0
     for seg in segments:
         if seg.supervised:
             start = len(seg.text) - len(seg.text.lstrip())
             supervised[pos + start : pos + len(seg.text)] = b"\x01" * (len(seg.text) - start)
         pos += len(seg.text)
+    return text, supervised
+
+
+def label_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int]]:
+    """Leading ``special`` segments (the BOS) as their ids, then the joined text tokenized once, each token labelled
+    by the characters it covers."""
+    head, segments = special_head(segments, tokenizer)
+    text, supervised = supervised_text(segments)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     labels = [tid if any(supervised[start:end]) else IGNORE_INDEX for tid, (start, end) in zip(ids, enc["offset_mapping"])]

@@ -58,16 +58,18 @@ class ProblemLog:
         return {"counts": dict(self.counts), "examples": self.examples}
 
 
-def iter_jsonl(path: str | os.PathLike):
-    """``(line_no, record, None)`` per non-blank line, or ``(line_no, None, JSONDecodeError)`` for a bad one."""
+def iter_jsonl(path: str | os.PathLike, with_lines: bool = False):
+    """``(line_no, record, None)`` per non-blank line, or ``(line_no, None, JSONDecodeError)`` for a bad one;
+    ``with_lines``: ``(line_no, record, err, line)``, the line's text too."""
     with Path(path).open() as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line), None
-            except json.JSONDecodeError as err:
-                yield line_no, None, err
+                record, err = json.loads(line), None
+            except json.JSONDecodeError as error:
+                record, err = None, error
+            yield (line_no, record, err, line) if with_lines else (line_no, record, err)
 
 
 def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None = None,

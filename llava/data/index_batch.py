@@ -1,0 +1,197 @@
+"""The index's work on one chunk of records: parse, render, one batched fast-tokenizer call, lengths and validation.
+
+    result = index_records(raw_records, start, tokenizer, template, settings)   # settings: index.IndexSettings
+    result["keep"], result["lengths"], result["has_image"], result["problems"], result["dropped"]
+
+The outcome of every record is the one ``tokenize_conversation`` + ``record_image_problem`` give it one at a time
+(``tests/data/test_index_batch.py`` holds the two equal), computed with less work per record:
+
+- the rendered texts of the whole chunk go through the fast tokenizer in ONE call (``add_special_tokens=False``,
+  offsets), as ``label_segments`` tokenizes each alone; the leading BOS enters as its id (``special_head``, once
+  per chunk), the supervised characters are the same mask (``supervised_text``);
+- no label list is built: a sample's length is its ids plus the image tokens' expansion, truncated to
+  ``model_max_length``; the position of the last image token and of the first supervised token decide the two
+  rejections. A rejected sample is tokenized again by ``tokenize_conversation``, which raises the reference's own
+  ``SampleRejected`` (kind and message), so its report is the reference's; so is any error the fast path does
+  not expect (a placeholder/token count mismatch);
+- image paths are checked with one ``lstat`` each (their directories resolved once per chunk). Anything but a
+  regular file inside ``--image_folder`` under a plain name is checked again by ``record_image_problem``, whose
+  verdict and message are then the record's. anyres records, whose image headers are read for their token
+  counts (``read_image_sizes`` resolves every path), are not checked twice.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+import numpy as np
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.data.anyres import read_image_sizes
+from llava.data.images import ImageLoadError
+from llava.data.records import RecordError, parse_record
+from llava.data.tokenize import (
+    SampleRejected,
+    prepare_messages,
+    special_head,
+    supervised_text,
+    tokenize_conversation,
+)
+from llava.data.validate import image_problem_kind, record_image_problem
+
+TOKENIZE_BATCH = 256  # texts per tokenizer call: the call's overhead amortised, its encodings a few MiB at a time
+
+
+def index_records(raws: list[Any], start: int, tokenizer, template, settings) -> dict[str, Any]:
+    """Index ``raws`` (records ``start``, ``start + 1``, ...): the kept positions, their lengths and modality, and the
+    problems (invalid records) and dropped samples (valid, cannot train) as ``(kind, message, record id)``."""
+    s = settings
+    images = _ImageChecker(s.image_folder)
+    outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", length, image)
+    pending: list[tuple] = []  # (k, raw, record, head ids, text, supervised mask, placeholders, (n_tokens, headers))
+    heads: dict[tuple[str, ...], list[int]] = {}
+    dirs: set[str] = set()
+    for k, raw in enumerate(raws):
+        i = start + k
+        try:
+            record = parse_record(raw, i)
+        except RecordError as err:
+            outcomes[k] = ("problem", (err.kind, str(err), err.record_id))
+            continue
+        if record.images and s.image_folder:
+            dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
+                        if isinstance(rel, str))
+        n_tokens: int | list[int] = s.num_image_tokens
+        headers_read = False
+        if s.anyres is not None and record.images and s.image_folder:
+            try:  # anyres: each image's token count from its size (header read, no decode)
+                n_tokens = s.anyres.record_image_tokens(read_image_sizes(s.image_folder, record.images))
+                headers_read = True
+            except ImageLoadError as err:
+                outcomes[k] = ("problem", (image_problem_kind(err), f"record {record.id!r}: {err}", record.id))
+                continue
+        segments = template.render_with_tokenizer(prepare_messages(record.messages, template, s.mm_use_im_start_end),
+                                                  tokenizer)
+        n_head = 0
+        while n_head < len(segments) and segments[n_head].special:
+            n_head += 1
+        key = tuple(seg.text for seg in segments[:n_head])
+        if key not in heads or any(seg.special for seg in segments[n_head:]):
+            heads[key] = special_head(segments, tokenizer)[0]  # raises on a special segment after the head
+        text, mask = supervised_text(segments[n_head:])
+        placeholders = sum(seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments)
+        pending.append((k, raw, record, heads[key], text, mask, placeholders, (n_tokens, headers_read)))
+    for b in range(0, len(pending), TOKENIZE_BATCH):
+        batch = pending[b : b + TOKENIZE_BATCH]
+        encoded = tokenizer([p[4] for p in batch], add_special_tokens=False, return_offsets_mapping=True,
+                            return_attention_mask=False, return_token_type_ids=False)
+        for p, ids, offsets in zip(batch, encoded["input_ids"], encoded["offset_mapping"]):
+            k, raw, record, head, _, mask, placeholders, (n_tokens, headers_read) = p
+            length = _sample_length(ids, offsets, head, mask, placeholders, n_tokens, s)
+            if length is None:  # rejected, or not a case the fast path measures: the reference decides and words it
+                try:
+                    length = len(_reference_sample(record, n_tokens, tokenizer, template, s).input_ids)
+                except SampleRejected as err:
+                    rid = _rid(raw, start + k)
+                    outcomes[k] = ("dropped", (err.kind, f"record {rid!r}: {err}", rid))
+                    continue
+            if record.images and not headers_read and not images.all_ok(record.images):
+                problem = record_image_problem(record, s.image_folder)
+                if problem is not None:
+                    outcomes[k] = ("problem", (*problem, record.id))
+                    continue
+            outcomes[k] = ("keep", length, bool(record.images))
+    keep, lengths, has_image, problems, dropped = [], [], [], [], []
+    for k, outcome in enumerate(outcomes):
+        if outcome[0] == "keep":
+            keep.append(start + k)
+            lengths.append(outcome[1])
+            has_image.append(outcome[2])
+        else:
+            (problems if outcome[0] == "problem" else dropped).append(outcome[1])
+    return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
+            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
+
+
+def _sample_length(ids: list[int], offsets: list[tuple[int, int]], head: list[int], mask: bytearray, placeholders: int,
+                   n_tokens: int | list[int], s) -> int | None:
+    """The sample's length as ``tokenize_conversation`` makes it (the ``head`` ids (BOS) + ``ids``, each image token
+    expanded to its count, truncated to ``model_max_length``), or None when it rejects the sample or the case is not
+    a plain one (placeholder / image-token / count mismatch)."""
+    image_id = s.image_token_id
+    if image_id in head:
+        return None
+    positions = []
+    p = -1
+    try:
+        while True:
+            p = ids.index(image_id, p + 1)
+            positions.append(p)
+    except ValueError:
+        pass
+    counts = [n_tokens] * len(positions) if isinstance(n_tokens, int) else list(n_tokens)
+    if len(positions) != placeholders or len(counts) != len(positions) or any(c < 1 for c in counts):
+        return None
+    n_head = len(head)
+    extra = sum(counts) - len(counts)  # tokens the expansion adds
+    total = n_head + len(ids) + extra
+    cutoff = total
+    if total > s.model_max_length:
+        if positions and n_head + positions[-1] + extra >= s.model_max_length:  # the last image token's position
+            return None
+        cutoff = s.model_max_length
+    first = mask.find(1)  # no token ending at or before it can cover a supervised character
+    if first < 0:
+        return None
+    for q, (a, b) in enumerate(offsets):
+        if b > first and mask.find(1, a, b) >= 0 and ids[q] != image_id:
+            break
+    else:
+        return None
+    before = sum(c - 1 for pos, c in zip(positions, counts) if pos < q)
+    return cutoff if n_head + q + before < cutoff else None
+
+
+def _reference_sample(record, n_tokens, tokenizer, template, s):
+    return tokenize_conversation(record.messages, template, tokenizer, image_token_id=s.image_token_id,
+                                 num_image_tokens=n_tokens, model_max_length=s.model_max_length,
+                                 mm_use_im_start_end=s.mm_use_im_start_end)
+
+
+def _rid(raw: Any, index: int) -> str:
+    return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
+
+
+class _ImageChecker:
+    """``all_ok(paths)``: True only when ``resolve_image_path`` accepts every path (a regular file, reached without a
+    symlink in its last component, in a directory that resolves inside the folder). False means "ask
+    ``record_image_problem``", not "bad"."""
+
+    def __init__(self, image_folder: str | None):
+        self.folder = os.path.realpath(image_folder) if image_folder else None
+        if self.folder is not None and not os.path.isdir(self.folder):
+            self.folder = None
+        self.dirs: dict[str, str | None] = {}  # relative directory -> its real path when inside the folder
+
+    def all_ok(self, paths: list[str]) -> bool:
+        if self.folder is None:
+            return False
+        for rel in paths:
+            if not rel or "\0" in rel or rel[0] in "/\\" or rel[1:2] == ":":  # absolute, drive, UNC: the slow check
+                return False
+            directory, name = os.path.split(rel)  # "", "." or ".." as name: not a regular file below
+            real = self.dirs.get(directory, "")
+            if real == "":
+                real = os.path.realpath(os.path.join(self.folder, directory))
+                real = real if real == self.folder or real.startswith(self.folder.rstrip(os.sep) + os.sep) else None
+                self.dirs[directory] = real
+            if real is None:
+                return False
+            try:
+                if not stat.S_ISREG(os.lstat(os.path.join(real, name)).st_mode):
+                    return False
+            except OSError:
+                return False
+        return True

@@ -93,9 +93,7 @@ class TrainingArguments(transformers.TrainingArguments):
                 "grouped-query heads (no [B,1,T,T] mask, no copied key/value heads); False: the stock masked attention"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
-    optim: str = field(default="adamw_torch_fused", metadata={
-        "help": "optimizer (transformers' names); the default is transformers' own: torch AdamW (LLaVA's algorithm) "
-                "as one fused kernel per step (adamw_torch: the per-tensor loop, same update)"})
+    optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})
     warmup_ratio: float | None = field(
         default=None, metadata={"help": "LLaVA scripts' flag (removed in transformers 5): --warmup_steps as a ratio"}
     )

@@ -8,7 +8,7 @@
     llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images]
     llava convert hf2mcore|mcore2hf|mcore2mcore ...         # optional Megatron path (pip install .[megatron])
     llava merge --adapter RUN_DIR --out DIR [--dtype bfloat16] [--max_shard_size 2GB]   # LoRA -> native Llava
-    llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA checkpoint -> native Llava
+    llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA-1.5/1.6/OneVision -> native checkpoint
 
 A mistake in the input (a missing path, flag or value, bad data) is one line on stderr, `llava CMD: error: ...`,
 with exit code 2; `llava --debug CMD ...` or LLAVA_DEBUG=1 shows its traceback. Help never imports torch.
@@ -62,10 +62,12 @@ def _merge_parser(sub) -> None:
 
 
 def _import_parser(sub) -> None:
-    p = sub.add_parser("import-llava", help="convert an original LLaVA checkpoint")
-    p.add_argument("--src", required=True, help="original LLaVA checkpoint directory (llava_llama / llava_mistral)")
+    p = sub.add_parser("import-llava", help="convert an original LLaVA / LLaVA-NeXT / OneVision checkpoint")
+    p.add_argument("--src", required=True, help="original LLaVA / LLaVA-NeXT / OneVision checkpoint directory "
+                   "(llava_llama, llava_mistral, llava_qwen)")
     p.add_argument("--out", required=True)
-    p.add_argument("--version", default="vicuna_v1", help="conversation template the model was trained with")
+    p.add_argument("--version", default=None, help="conversation template the model was trained with (default: "
+                   "chatml for a Qwen2 LLM, else vicuna_v1)")
     p.add_argument("--vision_tower", default=None, help="override config.json's mm_vision_tower (a local directory)")
     p.add_argument("--max_shard_size", default="5GB")
 
@@ -106,9 +108,11 @@ def run_command(argv: list[str]) -> int:
 
             print(train_help(), end="")
             return 0
+        from llava.train.distributed import close_process_group
         from llava.train.train import train
 
         train(rest)
+        close_process_group()
         return 0
     if head == "data":
         if rest[:1] in (["-h"], ["--help"]):

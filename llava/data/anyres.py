@@ -1,7 +1,7 @@
 """LLaVA-NeXT "anyres" and LLaVA-OneVision "anyres_max_N": flags, grid pinpoints, exact image-token counts, pixels.
 
     mode, max_n = parse_image_aspect_ratio("anyres_max_9")                     # ("anyres", 9)
-    pinpoints = parse_grid_pinpoints("(1x1),...,(3x3)", tower_size=336)        # [[336, 336], [336, 672], ...]
+    pinpoints = parse_grid_pinpoints("(1x1),...,(3x3)", tower_size=336)        # [[336, 336], [672, 336], ...] (h, w)
     layout = AnyresLayout.from_vision_config(vision_config, "default", pinpoints, max_num_patches=None)
     layout.image_tokens(height=480, width=640)                                # what the native model's forward yields
     processor = build_anyres_image_processor(layout, tower_image_processor)  # LlavaNext/OnevisionImageProcessorPil
@@ -33,7 +33,8 @@ from llava.data.images import ImageLoadError, resolve_image_path
 from llava.errors import UsageValueError
 
 ASPECT_RATIOS = ("pad", "square", "anyres", "anyres_max_N")
-# Defaults when --image_grid_pinpoints is not given: LLaVA-NeXT 1.6's five grids, OneVision's (1x1)..(6x6).
+# Defaults when --image_grid_pinpoints is not given: LLaVA-NeXT 1.6's five grids, OneVision's (1x1)..(6x6), written as
+# LLaVA-NeXT writes them: (width, height) in units of the tower's input size.
 DEFAULT_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 DEFAULT_ONEVISION_RANGE = "(1x1),...,(6x6)"
 _MAX_RE = re.compile(r"^anyres_max_(\d+)$")
@@ -53,37 +54,42 @@ def parse_image_aspect_ratio(value: str) -> tuple[str, int | None]:
 
 def parse_grid_pinpoints(value: str | list | None, tower_size: int, *, max_num_patches: int | None = None
                          ) -> list[list[int]]:
-    """``--image_grid_pinpoints`` -> ``[[height, width], ...]`` in pixels, each a positive multiple of ``tower_size``.
+    """``--image_grid_pinpoints`` as LLaVA-NeXT reads it -> the native ``[[height, width], ...]`` pixels, same order.
 
-    ``None`` gives the default set (LLaVA-NeXT's five grids; OneVision's (1x1)..(6x6) when ``max_num_patches``)."""
+    LLaVA-NeXT's ``mm_utils`` lists ``[width, height]`` pairs (``select_best_resolution`` unpacks ``for width, height
+    in possible_resolutions``) and expands a range ``"(1x1),...,(2x3)"`` to ``(i, j)`` = (width, height) in tower
+    units, width outermost; the native LlavaNext / LlavaOnevision configs list ``[height, width]``. So an asymmetric
+    set from a LLaVA-NeXT script picks the grids it picked there, and ties go to the same (first) grid.
+    ``None`` gives the default set (LLaVA-NeXT's five grids; OneVision's (1x1)..(6x6) when ``max_num_patches``).
+    Each side must be a positive multiple of ``tower_size``."""
     flag = f"--image_grid_pinpoints {value!r}"
     if value is None:
-        value = DEFAULT_ONEVISION_RANGE if max_num_patches else [[h * tower_size, w * tower_size]
-                                                                 for h, w in DEFAULT_NEXT_GRIDS]
+        value = DEFAULT_ONEVISION_RANGE if max_num_patches else [[w * tower_size, h * tower_size]
+                                                                 for w, h in DEFAULT_NEXT_GRIDS]
     if isinstance(value, str) and "x" in value:
         grids = [(int(a), int(b)) for a, b in _GRID_RE.findall(value)]
         if not grids:
             raise UsageValueError(f"{flag}: expected grids like (1x1),...,(3x3)")
-        (h0, w0), (h1, w1) = grids[0], grids[-1]
-        if h0 < 1 or w0 < 1 or h1 < h0 or w1 < w0:
+        (w0, h0), (w1, h1) = grids[0], grids[-1]
+        if w0 < 1 or h0 < 1 or w1 < w0 or h1 < h0:
             raise UsageValueError(f"{flag}: the grid range must run from a smaller to a larger grid, each side >= 1")
-        pinpoints = [[h * tower_size, w * tower_size] for h in range(h0, h1 + 1) for w in range(w0, w1 + 1)]
+        width_height = [[w * tower_size, h * tower_size] for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)]
     else:
         if isinstance(value, str):
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError) as err:
-                raise UsageValueError(f"{flag}: neither a grid range like (1x1),...,(3x3) nor a list of [height, width] "
+                raise UsageValueError(f"{flag}: neither a grid range like (1x1),...,(3x3) nor a list of [width, height] "
                                  f"pixels") from err
         if (not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value)):
-            raise UsageValueError(f"{flag}: expected a non-empty list of [height, width] pairs")
-        pinpoints = [[int(h), int(w)] for h, w in value]
-    bad = [p for p in pinpoints if p[0] <= 0 or p[1] <= 0 or p[0] % tower_size or p[1] % tower_size]
+            raise UsageValueError(f"{flag}: expected a non-empty list of [width, height] pairs")
+        width_height = [[int(w), int(h)] for w, h in value]
+    bad = [p for p in width_height if p[0] <= 0 or p[1] <= 0 or p[0] % tower_size or p[1] % tower_size]
     if bad:
         raise UsageValueError(f"{flag}: {bad[0]} is not a multiple of the vision tower's input size {tower_size} "
-                         f"(every [height, width] must be, so each crop is one tower input)")
-    return pinpoints
+                         f"(every [width, height] must be, so each crop is one tower input)")
+    return [[h, w] for w, h in width_height]
 
 
 def select_best_resolution(height: int, width: int, pinpoints: list[list[int]]) -> tuple[int, int]:

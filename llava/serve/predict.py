@@ -122,10 +122,11 @@ class Predictor:
 
 def load_processor(model_dir: Path, model_type: str):
     """``AutoProcessor``; for a OneVision checkpoint on a machine without torchvision (which transformers'
-    LlavaOnevisionProcessor needs for its video half), its tokenizer and PIL image processor from the same files."""
+    LlavaOnevisionProcessor needs for its video half; there it also looks for video processor files, OSError), its
+    tokenizer and PIL image processor from the same files."""
     try:
         return AutoProcessor.from_pretrained(model_dir)
-    except (AttributeError, ImportError):
+    except (AttributeError, ImportError, OSError):
         if model_type != "llava_onevision":
             raise
     import json

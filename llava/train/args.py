@@ -40,8 +40,8 @@ class DataArguments:
         "help": "pad (to square, mean colour), square, anyres (LLaVA-NeXT tiles -> LlavaNext) or anyres_max_N "
                 "(OneVision: at most ~N crops of features -> LlavaOnevision)"})
     image_grid_pinpoints: str | None = field(default=None, metadata={
-        "help": "anyres grids: '(1x1),...,(3x3)' in units of the tower's input size, or '[[336, 672], [672, 336]]' "
-                "pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
+        "help": "anyres grids as LLaVA-NeXT writes them: '(1x1),...,(3x3)' (width x height) in units of the tower's "
+                "input size, or '[[336, 672], [672, 336]]' [width, height] pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
     eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
     image_placement: str = field(default="front", metadata={

@@ -56,3 +56,17 @@ def repair_cpu_process_state(state) -> bool:
     state.process_index = rank
     state.local_process_index = int(os.environ.get("LOCAL_RANK", rank))
     return True
+
+
+def close_process_group() -> None:
+    """End a successful multi-process run in step: a barrier, then the process group is destroyed.
+
+    Called by the entry points after ``train()`` returns (not by ``train()``: in-process callers keep their group).
+    Left to interpreter exit, a gloo group's worker threads could be torn down while rank 0 still wrote files, and
+    the process then aborted with ``terminate called without an active exception`` (exit -6) after a finished run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

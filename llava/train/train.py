@@ -34,6 +34,7 @@ from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
 from llava.train.args import check_inputs, parse_args, resolved_args_dict
+from llava.train.distributed import close_process_group
 from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
 
@@ -157,6 +158,7 @@ def main() -> None:
 
     def run() -> int:
         train(sys.argv[1:])
+        close_process_group()
         return 0
 
     sys.exit(report_usage_errors("train", run))

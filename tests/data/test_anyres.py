@@ -9,7 +9,9 @@ method runs on a stand-in holding the same attributes). Configs are real towers'
 
 from __future__ import annotations
 
+import ast
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -121,11 +123,11 @@ def test_best_resolution_prefers_most_kept_pixels_then_least_waste():
 # --- flags
 
 
-def test_pinpoint_forms():
-    assert parse_grid_pinpoints("(1x1),...,(2x3)", 10) == [[10, 10], [10, 20], [10, 30], [20, 10], [20, 20], [20, 30]]
-    assert parse_grid_pinpoints("[[336, 672], [672, 336]]", 336) == [[336, 672], [672, 336]]
-    assert parse_grid_pinpoints([[336, 672]], 336) == [[336, 672]]
-    assert parse_grid_pinpoints(None, 64)[0] == [64, 128]  # LLaVA-1.6's five grids in units of the tower
+def test_pinpoint_forms():  # LLaVA-NeXT writes (width x height) and [width, height]; native configs [height, width]
+    assert parse_grid_pinpoints("(1x1),...,(2x3)", 10) == [[10, 10], [20, 10], [30, 10], [10, 20], [20, 20], [30, 20]]
+    assert parse_grid_pinpoints("[[336, 672], [672, 336]]", 336) == [[672, 336], [336, 672]]
+    assert parse_grid_pinpoints([[336, 1008]], 336) == [[1008, 336]]
+    assert parse_grid_pinpoints(None, 64)[0] == [128, 64]  # LLaVA-1.6's [[336, 672], ...]: first a tall grid
     assert parse_image_aspect_ratio("anyres_max_9") == ("anyres", 9)
     assert parse_image_aspect_ratio("anyres") == ("anyres", None)
 
@@ -135,7 +137,7 @@ def test_pinpoint_forms():
     ("[[0, 336]]", "not a multiple"),
     ("(3x3),...,(1x1)", "smaller to a larger"),
     ("not pinpoints", "neither a grid range"),
-    ("[336, 672]", "list of [height, width] pairs"),
+    ("[336, 672]", "list of [width, height] pairs"),
 ])
 def test_bad_pinpoints_name_flag_and_value(value, message):
     with pytest.raises(ValueError, match="--image_grid_pinpoints") as err:
@@ -201,3 +203,30 @@ def test_per_image_counts_expand_in_order_and_truncation_never_cuts_an_image(tok
     assert cut.truncated and cut.input_ids.count(image_id) == 87 and any(x != IGNORE_INDEX for x in cut.labels)
     with pytest.raises(SampleRejected, match="image tokens end at position"):
         tokenize_conversation(messages, get_template("vicuna_v1"), tokenizer, model_max_length=last_image, **kwargs)
+
+
+@pytest.mark.parametrize("pinpoints", ["(1x1),...,(2x3)", "[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]",
+                                       "(1x2),...,(3x3)", None])
+def test_grid_choice_equals_llava_next_on_its_own_flag(pinpoints):
+    """LLaVA-NeXT's mm_utils (written out here, on PIL's (width, height)) picks the same grid as the layout built from
+    the same flag value, for asymmetric sets and for ties (a small square fits 1x2 and 2x1 equally: the first wins)."""
+    tower = 336
+    flag = pinpoints or "[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]"  # LLaVA-1.6's own list
+    if flag.startswith("["):
+        width_height = [tuple(p) for p in ast.literal_eval(flag)]
+    else:  # mm_utils: range_start/range_end from the first and last "(AxB)", i over A (width), j over B (height)
+        grids = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", flag)]
+        (a, b), (c, d) = grids[0], grids[-1]
+        width_height = [(i * tower, j * tower) for i in range(a, c + 1) for j in range(b, d + 1)]
+    layout_pinpoints = [list(p) for p in parse_grid_pinpoints(pinpoints, tower)]
+    rng = random.Random(3)
+    sizes = [(100, 100), (50, 50), (300, 600), (600, 300), (20, 1000), (1000, 20)] + [
+        (rng.randint(10, 2000), rng.randint(10, 2000)) for _ in range(200)]
+    for height, width in sizes:
+        best, best_effective, best_waste = None, 0, float("inf")
+        for pw, ph in width_height:  # mm_utils.select_best_resolution
+            scale = min(pw / width, ph / height)
+            effective = min(int(width * scale) * int(height * scale), width * height)
+            if effective > best_effective or (effective == best_effective and pw * ph - effective < best_waste):
+                best, best_effective, best_waste = (pw, ph), effective, pw * ph - effective
+        assert select_best_resolution(height, width, layout_pinpoints) == (best[1], best[0]), (height, width)

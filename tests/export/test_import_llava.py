@@ -52,7 +52,8 @@ def write_original_checkpoint(tiny_models, out: Path, *, embed_tower: bool) -> d
         with torch.no_grad():
             for p in tower.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        state.update({f"model.vision_tower.vision_tower.{k}": v.clone().contiguous()
+        # keys as transformers 4.x saved them: with the tower's vision_model. prefix (5.x dropped it)
+        state.update({f"model.vision_tower.vision_tower.vision_model.{k}": v.clone().contiguous()
                       for k, v in tower.state_dict().items()})
         keys = sorted(state)
         halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],

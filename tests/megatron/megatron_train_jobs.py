@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from llava.train.distributed import close_process_group
 from llava.train.train import train
 
 
@@ -47,6 +48,7 @@ def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for argv in jobs:
         train(argv)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from llava.data.dataset import LazySupervisedDataset
 from llava.train.checkpoint import gather_named_parameters, is_zero3_partitioned
+from llava.train.distributed import close_process_group
 from llava.train.train import train
 
 SEEN: list[int] = []
@@ -63,6 +64,7 @@ def main() -> None:
             probe["gathered_numel"] = {k: v.numel() for k, v in gathered.items()}
     with open(os.path.join(args.output_dir, f"probe_rank{args.process_index}.json"), "w") as f:
         json.dump(probe, f)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from llava.train.distributed import close_process_group
 from llava.train.train import train
 
 
@@ -22,6 +23,7 @@ def main() -> None:
     if trainer.args.process_index == 0:
         with open(os.path.join(trainer.args.output_dir, "param_groups.json"), "w") as f:
             json.dump({"groups": groups, "optimizer": type(engine_optimizer.optimizer).__name__}, f)
+    close_process_group()
 
 
 if __name__ == "__main__":

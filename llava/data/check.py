@@ -41,6 +41,7 @@ ADVICE = {
     "image_outside_folder": "keep images inside --image_folder",
     "image_tokens_exceed_max_length": "raise --model_max_length or use fewer images per sample",
     "duplicate_id": "give each record a unique id",
+    "video_unsupported": "video is not supported: drop video records, or give their frames as images",
 }
 
 

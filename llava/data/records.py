@@ -69,6 +69,9 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
         raise RecordError("bad_type", rid, "<record>", f"expected a JSON object, got {type(raw).__name__}")
 
     images = _parse_images(raw, rid)
+    if raw.get("video") is not None:
+        raise RecordError("video_unsupported", rid, "video", "video records (LLaVA-NeXT's video training) are not "
+                          "supported; give sampled frames as an 'images' list with one <image> each, or drop it")
     convs = raw.get("conversations")
     if convs is None:
         raise RecordError("missing_conversations", rid, "conversations", "the record has no 'conversations' list")

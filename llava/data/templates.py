@@ -279,7 +279,7 @@ TEMPLATES: dict[str, ConversationTemplate] = {
         ConversationTemplate("auto", None, uses_bos=False, description="the tokenizer's own chat template"),
     )
 }
-TEMPLATE_ALIASES = {"v1": "vicuna_v1", "qwen_2": "chatml"}
+TEMPLATE_ALIASES = {"v1": "vicuna_v1", "qwen_2": "chatml", "qwen_1_5": "chatml"}  # LLaVA-NeXT: both are conv_qwen
 
 
 def get_template(name: str, *, image_front: bool = True) -> ConversationTemplate:

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from llava.errors import UsagePathError, require_model_path, require_path
-from llava.model.anyres_model import image_layout_args_from_run
+from llava.model.anyres_model import image_layout_args_from_run, load_processor
 from llava.model.builder import build_llava_model
 from llava.model.quantization import quantization_config
 from llava.run_dir import (
@@ -57,7 +57,6 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
 
     Returns ``(peft_model, processor, run_args)``."""
     from peft import PeftModel
-    from transformers import AutoProcessor
 
     adapter_dir = Path(adapter_dir)
     run = read_lora_run(adapter_dir)
@@ -83,7 +82,7 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
     if non_lora.is_file():
         loaded = load_non_lora_trainables(model, non_lora)
         logger.info("loaded non-LoRA trainables: %s", loaded)
-    processor = AutoProcessor.from_pretrained(adapter_dir)
+    processor = load_processor(adapter_dir)
     if len(processor.tokenizer) != model.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"{adapter_dir}: tokenizer has {len(processor.tokenizer)} tokens, the rebuilt model "
                          f"{model.get_input_embeddings().weight.shape[0]} embeddings")
@@ -96,8 +95,6 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
     """Write the merged native checkpoint + processor + ``llava_args.json`` to ``out_dir``.
 
     Streams shard by shard (``merge_stream.py``) where it applies, else merges the whole model in memory."""
-    from transformers import AutoProcessor
-
     from llava.export.merge_stream import can_stream, write_merged_streaming
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
@@ -106,7 +103,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
     if why_not is None:
         write_merged_streaming(adapter_dir, out_dir, run, dtype=dtype, max_shard_size=max_shard_size,
                                model_base=model_base)
-        AutoProcessor.from_pretrained(adapter_dir).save_pretrained(out_dir)
+        load_processor(adapter_dir).save_pretrained(out_dir)
     else:
         logger.info("merging in memory (%s)", why_not)
         peft_model, processor, run = build_adapter_model(adapter_dir, dtype=dtype, model_base=model_base)

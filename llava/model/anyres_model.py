@@ -5,6 +5,7 @@
     config = make_anyres_config(llm.config, tower.config, tokenizer, model_args, layout)
     newline = new_image_newline(hidden_size, dtype)                  # randn(hidden) / sqrt(hidden), as LLaVA-NeXT
     processor = make_anyres_processor(layout, tower_processor, tokenizer, tower.config, strategy)
+    processor = load_processor(checkpoint_dir)                       # AutoProcessor, or OneVision's files without it
 
 ``image_newline`` is created as LLaVA-NeXT's ``initialize_vision_modules`` creates it for a ``spatial_unpad`` merge
 (``torch.randn(hidden_size) * 1 / sqrt(hidden_size)``, drawn right after the projector), trains with the projector,
@@ -13,11 +14,14 @@ and is saved beside it by stage 1 (``mm_projector.safetensors`` key ``image_newl
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from transformers import (
+    AutoProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
@@ -139,3 +143,32 @@ class OnevisionProcessorFiles:
         if self.chat_template:
             with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
                 f.write(self.chat_template)
+
+
+# processor_config.json keys LlavaOnevisionProcessor takes besides its image processor
+_ONEVISION_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "vision_aspect_ratio")
+
+
+def load_processor(path, *, trust_remote_code: bool = False):
+    """``AutoProcessor.from_pretrained(path)``; for a OneVision directory on a machine where transformers cannot build
+    ``LlavaOnevisionProcessor`` (without torchvision, which its video half needs), an ``OnevisionProcessorFiles``
+    read from the same files: the tokenizer, the PIL ``LlavaOnevisionImageProcessorPil`` and the counting settings.
+    Training from a OneVision checkpoint, ``llava merge`` and ``llava predict`` read processors through it."""
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (AttributeError, ImportError, OSError):
+        config_file = Path(path) / "processor_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("processor_class") != "LlavaOnevisionProcessor" or "image_processor" not in config:
+            raise
+    from transformers import AutoTokenizer
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    settings = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    template_file = Path(path) / "chat_template.jinja"
+    chat_template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    return OnevisionProcessorFiles(LlavaOnevisionImageProcessorPil(**settings), tokenizer, chat_template,
+                                   {k: config[k] for k in _ONEVISION_SETTINGS if k in config})

@@ -22,7 +22,7 @@ class ModelArguments:
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP or SigLIP directory (full or vision-only)"})
     version: str = field(default="vicuna_v1", metadata={"help": "conversation template: plain, vicuna_v1 (v1), "
                                                                 "llava_v1, llama_2, llava_llama_2, mistral_instruct, "
-                                                                "mistral, chatml (qwen_2), llama3, llava_llama_3, auto"})
+                                                                "mistral, chatml (qwen_2, qwen_1_5), llama3, llava_llama_3, auto"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "freeze the projector"})

@@ -19,7 +19,6 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
-    AutoProcessor,
     AutoTokenizer,
     CLIPVisionModel,
     LlavaConfig,
@@ -36,6 +35,7 @@ from llava.model.anyres_model import (
     MODEL_CLASSES,
     anyres_layout,
     layout_from_config,
+    load_processor,
     make_anyres_config,
     make_anyres_processor,
     new_image_newline,
@@ -236,7 +236,7 @@ def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) ->
     model = LLAVA_CLASSES[model_type].from_pretrained(
         path, dtype=torch_dtype, attn_implementation=model_args.attn_implementation, **quant
     )
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    processor = load_processor(path, trust_remote_code=model_args.trust_remote_code)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"
     added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)

@@ -11,6 +11,7 @@ anyres models (LlavaNext / LlavaOnevision) and, when stage 1 trained new token e
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -18,6 +19,8 @@ from safetensors.torch import load_file
 
 from llava.errors import UsagePathError
 from llava.run_dir import atomic_save_safetensors
+
+logger = logging.getLogger(__name__)
 
 LLAVA_KEY_MAP = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias", "2.weight": "linear_2.weight",
                  "2.bias": "linear_2.bias"}
@@ -56,9 +59,10 @@ def load_projector_state(model, path: str | os.PathLike) -> None:
     embed = state.pop("embed_tokens.weight", None)
     newline = state.pop("image_newline", None)
     model_newline = getattr(model.model, "image_newline", None)
-    if model_newline is not None and newline is None:
-        raise ValueError(f"{path} has no image_newline, which this anyres model needs: was stage 1 run with the same "
-                         f"--image_aspect_ratio?")
+    if model_newline is not None and newline is None:  # LLaVA-NeXT's recipe: stage 1 square, stage 2 anyres
+        logger.warning("%s has no image_newline (stage 1 ran without anyres, as LLaVA-NeXT's pretrain scripts do): "
+                       "image_newline keeps its fresh initialisation, randn(hidden)/sqrt(hidden) as in LLaVA-NeXT, "
+                       "and trains when the projector does", path)
     if newline is not None and model_newline is not None:
         if newline.shape != model_newline.shape:
             raise ValueError(f"{path}: image_newline {tuple(newline.shape)} does not match the model's "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images
@@ -25,7 +25,7 @@ from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
 from llava.errors import UsageValueError, require_model_path, require_path
-from llava.model.anyres_model import layout_from_config
+from llava.model.anyres_model import layout_from_config, load_processor
 from llava.model.builder import LLAVA_CLASSES, num_image_tokens
 from llava.run_dir import ARGS_FILE, read_run_args
 
@@ -52,7 +52,7 @@ class Predictor:
                                   f"template")
         model_type = AutoConfig.from_pretrained(model_dir).model_type  # llava, llava_next or llava_onevision
         model = LLAVA_CLASSES[model_type].from_pretrained(model_dir, dtype=dtype).eval()
-        processor = load_processor(model_dir, model_type)
+        processor = load_processor(model_dir)
         template = get_template(name, image_front=data_args.get("image_placement", "front") == "front")
         return cls(model, processor, template, data_args.get("image_aspect_ratio", "square"),
                    bool(model_args.get("mm_use_im_start_end", False)))
@@ -118,29 +118,6 @@ class Predictor:
     def answer(self, image: Image.Image | None, prompt: str, max_new_tokens: int = 64) -> str:
         text = prompt if image is None or DEFAULT_IMAGE_TOKEN in prompt else f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
         return self.generate([[Message("user", text)]], [[image] if image is not None else []], max_new_tokens)[0]
-
-
-def load_processor(model_dir: Path, model_type: str):
-    """``AutoProcessor``; for a OneVision checkpoint on a machine without torchvision (which transformers'
-    LlavaOnevisionProcessor needs for its video half; there it also looks for video processor files, OSError), its
-    tokenizer and PIL image processor from the same files."""
-    try:
-        return AutoProcessor.from_pretrained(model_dir)
-    except (AttributeError, ImportError, OSError):
-        if model_type != "llava_onevision":
-            raise
-    import json
-    from types import SimpleNamespace
-
-    from transformers import AutoTokenizer
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
-
-    settings = json.loads((model_dir / "processor_config.json").read_text())["image_processor"]
-    settings.pop("image_processor_type", None)
-    return SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir),
-                           image_processor=LlavaOnevisionImageProcessorPil(**settings))
 
 
 def predict_main(args) -> int:

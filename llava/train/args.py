@@ -55,10 +55,21 @@ class DataArguments:
                                                             "at most 8)"})
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
+    video_folder: str | None = field(default=None, metadata={
+        "help": "accepted for LLaVA-NeXT's scripts and ignored: video is not supported (records with a \"video\" "
+                "field are refused)"})
+    frames_upbound: int = field(default=0, metadata={"help": "accepted for LLaVA-NeXT's scripts and ignored (video)"})
 
     def __post_init__(self):
         if self.data_path is None:
             raise ValueError("--data_path is required")
+        if str(self.data_path).endswith((".yaml", ".yml")):
+            raise ValueError(f"--data_path {self.data_path}: LLaVA-NeXT's dataset-mixture YAML (datasets: json_path + "
+                             f"sampling_strategy) is not read here; combine the files it lists into one JSON/JSONL "
+                             f"file (or a `datasets` directory) and pass that")
+        if self.video_folder or self.frames_upbound:
+            logger.warning("--video_folder / --frames_upbound are accepted for LLaVA-NeXT's scripts and ignored: video "
+                           "is not supported (records with a \"video\" field are refused)")
         mode, _ = parse_image_aspect_ratio(self.image_aspect_ratio)
         if self.image_grid_pinpoints is not None and mode != "anyres":
             raise ValueError(f"--image_grid_pinpoints {self.image_grid_pinpoints!r} needs --image_aspect_ratio anyres "

@@ -45,7 +45,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Megatron", ("backend", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "sequence_parallel", "save_hf")),
     ("accepted from LLaVA scripts (fixed values)", ("mm_use_im_patch_token", "lazy_preprocess", "is_multimodal",
-                                                     "lora_weight_path", "cache_dir", "remove_unused_columns")),
+                                                     "lora_weight_path", "cache_dir", "remove_unused_columns", "video_folder",
+                                                     "frames_upbound")),
 )
 # LLaVA flags not in GROUPS: shown under their dataclass
 CLASS_GROUPS = {"ModelArguments": "model", "DataArguments": "data", "TrainingArguments": "training (LLaVA)",

@@ -5,7 +5,9 @@
 The saved checkpoint is loaded with ``LlavaNextForConditionalGeneration.from_pretrained`` + ``AutoProcessor`` (no code
 of ours); its logits on the processor's inputs equal the trainer's model on the dataset's sample. OneVision runs
 stage 2 directly and is loaded with ``LlavaOnevisionForConditionalGeneration.from_pretrained`` (its processor class
-needs torchvision, absent here; its files are checked instead).
+needs torchvision, absent here: its saved files are checked, and transformers' own image processor built from them
+gives the training pixels). QLoRA (``--bits 4``) runs of both merge into native
+checkpoints whose logits equal the 4-bit adapter model's; a OneVision LoRA run merges with logit parity too.
 """
 
 from __future__ import annotations
@@ -145,6 +147,17 @@ def test_onevision_stage2_checkpoint_loads_natively_with_logit_parity(tiny_model
         got = model(**batch).logits
         expected = trainer.model.eval()(**batch).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # transformers' own OneVision image processor, built from the saved processor_config.json (AutoProcessor where
+    # torchvision imports; here the PIL class from the same file), gives the pixels training used
+    from llava.model.anyres_model import load_processor
+
+    processor = load_processor(tmp_path)
+    assert type(processor.image_processor).__name__.startswith("LlavaOnevisionImageProcessor")
+    single = trainer.data_collator([dataset[2]])  # 700x500
+    image = Image.open(anyres_data["image_folder"] / dataset.record(2).images[0]).convert("RGB")
+    native = processor.image_processor(images=[image], return_tensors="pt")
+    assert native["image_sizes"].tolist() == single["image_sizes"].tolist() == [[700, 500]]
+    torch.testing.assert_close(native["pixel_values"], single["pixel_values"], rtol=0, atol=0)
 
 
 def test_lora_run_merges_into_native_llava_next_with_logit_parity(tiny_models, anyres_data, next_stage1, tmp_path):
@@ -184,3 +197,70 @@ def test_predict_and_eval_load_anyres_checkpoint(anyres_data, next_stage2):
     batched = predictor.generate(conversations, [[wide], [big]], max_new_tokens=4)  # different token counts, padded
     single = [predictor.generate([c], [ims], max_new_tokens=4)[0] for c, ims in zip(conversations, [[wide], [big]])]
     assert batched == single and all(isinstance(a, str) for a in batched)
+
+
+@pytest.mark.parametrize("ratio,native", [("anyres", LlavaNextForConditionalGeneration),
+                                          ("anyres_max_2", LlavaOnevisionForConditionalGeneration)])
+def test_qlora_run_merges_to_the_dequantized_adapter_model(tiny_models, anyres_data, next_stage1, tmp_path, ratio,
+                                                            native):
+    """QLoRA (4-bit LM + adapters) at high resolution, then ``llava merge``: the merged checkpoint loads natively and
+    its logits equal the 4-bit adapter model's as it trained (dequantized base + adapter), on a batch with both
+    extreme aspect ratios, a large image and a two-image sample."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from llava.export.merge import merge_lora
+    from llava.run_dir import RunKind, run_kind
+
+    run_dir = tmp_path / "qlora"
+    trainer = train(anyres_argv(tiny_models, anyres_data, run_dir, stage=2, ratio=ratio, extra=[
+        "--pretrain_mm_mlp_adapter", str(next_stage1["dir"] / "mm_projector.safetensors"), "--lora_enable", "True",
+        "--bits", "4", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--max_steps", "2",
+        "--save_steps", "100"]))
+    assert run_kind(run_dir) is RunKind.QLORA
+    assert "model.image_newline" in load_file(run_dir / "non_lora_trainables.safetensors")
+    dataset = trainer.train_dataset
+    two = next(i for i in range(len(dataset)) if len(dataset.record(i).images) == 2)
+    batch = trainer.data_collator([dataset[i] for i in (0, 1, 2, two)])  # 12x300, 300x12, 700x500, two images
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")
+              if k in batch}
+    model = trainer.model.eval()  # LoRA dropout (0.05 by default) off
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 7 * model.config.text_config.num_hidden_layers
+    for module in quantized:  # bitsandbytes' own layers only: the float32 dequantize path training took (see
+        module.training = True  # tests/export/test_merge.py); peft's wrappers (and their dropout) stay in eval
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with model.disable_adapter():
+            assert (model(**inputs).logits - expected).abs().max() > 1e-3  # the adapter matters
+    merged_dir = merge_lora(run_dir, tmp_path / "merged")
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["architectures"] == [native.__name__] and "quantization_config" not in config
+    assert run_kind(merged_dir) is RunKind.MERGED
+    processor_class = native.__name__.replace("ForConditionalGeneration", "Processor")  # saved without torchvision too
+    assert json.loads((merged_dir / "processor_config.json").read_text())["processor_class"] == processor_class
+    merged = native.from_pretrained(merged_dir).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        got = merged(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_onevision_lora_run_merges_into_native_onevision_with_logit_parity(tiny_models, anyres_data, next_stage1,
+                                                                           tmp_path):
+    """``llava merge`` of a OneVision LoRA run (in memory, as every anyres run), its processor files read without
+    torchvision."""
+    from llava.export.merge import merge_lora
+
+    run_dir = tmp_path / "lora"
+    trainer = train(anyres_argv(tiny_models, anyres_data, run_dir, stage=2, ratio="anyres_max_2", extra=[
+        "--pretrain_mm_mlp_adapter", str(next_stage1["dir"] / "mm_projector.safetensors"), "--lora_enable", "True",
+        "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--max_steps", "2", "--save_steps", "100"]))
+    merged_dir = merge_lora(run_dir, tmp_path / "merged")
+    assert json.loads((merged_dir / "processor_config.json").read_text())["processor_class"] == "LlavaOnevisionProcessor"
+    dataset = trainer.train_dataset
+    two = next(i for i in range(len(dataset)) if len(dataset.record(i).images) == 2)
+    batch = trainer.data_collator([dataset[i] for i in (0, 2, two)])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")}
+    with torch.no_grad():
+        expected = trainer.model.eval()(**inputs).logits
+        got = LlavaOnevisionForConditionalGeneration.from_pretrained(merged_dir).eval()(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

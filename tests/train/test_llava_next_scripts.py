@@ -1,0 +1,264 @@
+"""LLaVA-NeXT's published training scripts: their flag sets parse verbatim and take effect; two of them run.
+
+    pytest tests/train/test_llava_next_scripts.py            # the run (stage 1 + the 1.6 stage 2) is marked slow
+
+The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``LLaVA-NeXT/scripts/train/pretrain_clip.sh``,
+``pretrain_siglip.sh``, ``direct_finetune_clip.sh`` (the LLaVA-NeXT 1.6 recipe, the README's ``finetune_clip.sh``),
+``direct_finetune_siglip_a4.sh``, ``finetune_si.sh`` and ``finetune_ov.sh`` (the OneVision stages), and
+``LLaVA-NeXT/scripts/archived/finetune_mixtral_1.6_336px_anyres.sh`` (the older 1.6 form with
+``--unfreeze_mm_vision_tower``),
+written as the scripts pass them (``--flag=value`` forms included). Only these change: model, data and output paths
+(tiny models; a CLIP tower at 336 px and a SigLIP at 384 px so the scripts' pixel pinpoints fit them; the OneVision
+data YAML becomes a JSON file, since the dataset-mixture YAML is refused with a message, checked here), the run name
+(``direct_finetune_*.sh`` pass ``--run_name $MID_RUN_NAME``, which those scripts never set), and on CPU ``--bf16`` and
+``--tf32`` False, as ``tests/train/test_llava15_scripts.py`` does for LLaVA-1.5; the two runs also leave out
+``--torch_compile True --torch_compile_backend inductor`` (parsed and checked, but inductor compiles for minutes on
+this CPU) and use 2 DataLoader workers instead of 16.
+Expected values are written out from the scripts' meaning, not read from our parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava.data.templates import get_template
+from llava.errors import UsageValueError
+from llava.train.args import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = ("--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False "
+          "--mm_use_im_patch_token False --bf16 True --per_device_eval_batch_size 4 "
+          "--evaluation_strategy no --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine "
+          "--logging_steps 1 --tf32 True --gradient_checkpointing True --lazy_preprocess True "
+          "--report_to wandb").split()
+PRETRAIN = shlex.split(
+    "--deepspeed scripts/zero3.json --model_name_or_path {LLM} --version plain --data_path {CAPTIONS} "
+    "--image_folder {CAPTION_IMAGES} --vision_tower {TOWER} --mm_tunable_parts=mm_mlp_adapter "
+    "--output_dir {OUT}/pretrain --num_train_epochs 1 --per_device_train_batch_size 16 "
+    "--gradient_accumulation_steps 1 --save_strategy no --save_steps 50000 --learning_rate 1e-3 "
+    "--model_max_length 8192 --dataloader_num_workers 16 --run_name pretrain --attn_implementation sdpa")
+NEXT_STAGE2 = shlex.split(
+    "--deepspeed scripts/zero3.json --model_name_or_path {LLM} --version qwen_1_5 --data_path={QA} "
+    "--image_folder {IMAGES} --pretrain_mm_mlp_adapter={OUT}/pretrain/mm_projector.safetensors "
+    "--mm_tunable_parts=mm_vision_tower,mm_mlp_adapter,mm_language_model --mm_vision_tower_lr=2e-6 "
+    "--vision_tower {TOWER} --group_by_modality_length True --image_aspect_ratio anyres "
+    "--image_grid_pinpoints '[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]' "
+    "--mm_patch_merge_type spatial_unpad --run_name next --output_dir {OUT}/finetune --num_train_epochs 1 "
+    "--per_device_train_batch_size 4 --gradient_accumulation_steps 1 --save_strategy steps --save_steps 3000 "
+    "--save_total_limit 1 --learning_rate 1e-5 --model_max_length 32768 --dataloader_num_workers 16 "
+    "--torch_compile True --torch_compile_backend inductor --dataloader_drop_last True --attn_implementation sdpa")
+OV_STAGE = shlex.split(
+    "--deepspeed scripts/zero3.json --model_name_or_path {LLM} --version qwen_1_5 --data_path {QA} "
+    "--image_folder {IMAGES} --video_folder {IMAGES} "
+    "--mm_tunable_parts=mm_vision_tower,mm_mlp_adapter,mm_language_model --mm_vision_tower_lr=2e-6 "
+    "--vision_tower {SIGLIP} --group_by_modality_length True --image_aspect_ratio anyres_max_9 "
+    "--image_grid_pinpoints '(1x1),...,(6x6)' --mm_patch_merge_type spatial_unpad --run_name ov "
+    "--output_dir {OUT}/ov --num_train_epochs 1 --per_device_train_batch_size 1 --gradient_accumulation_steps 2 "
+    "--save_strategy steps --save_steps 1000 --save_total_limit 1 --learning_rate 1e-5 --model_max_length 32768 "
+    "--dataloader_num_workers 4 --torch_compile True --torch_compile_backend inductor --dataloader_drop_last True "
+    "--frames_upbound 32")
+MIXTRAL_16 = shlex.split(
+    "--deepspeed ./scripts/zero3.json --model_name_or_path {LLM} --version mistral_instruct --data_path {QA} "
+    "--image_folder {IMAGES} --vision_tower {TOWER} --pretrain_mm_mlp_adapter {OUT}/pretrain/mm_projector.safetensors "
+    "--group_by_modality_length True --unfreeze_mm_vision_tower True --mm_vision_tower_lr 2e-6 "
+    "--image_aspect_ratio anyres "
+    "--image_grid_pinpoints '[(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]' "
+    "--mm_patch_merge_type spatial_unpad --output_dir {OUT}/mixtral --num_train_epochs 9 "
+    "--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --save_strategy epoch --save_steps 1500 "
+    "--learning_rate 5e-6 --model_max_length 4096 --dataloader_num_workers 8")
+SCRIPTS = {  # name -> (flags beyond COMMON, tower placeholder)
+    "pretrain_clip": (PRETRAIN, "TOWER"),
+    "pretrain_siglip": ([a.replace("{TOWER}", "{SIGLIP}") for a in PRETRAIN], "SIGLIP"),
+    "direct_finetune_clip": (NEXT_STAGE2, "TOWER"),
+    "direct_finetune_siglip_a4": ([a.replace("{TOWER}", "{SIGLIP}").replace("336", "384").replace("672", "768")
+                                   .replace("1008", "1152") for a in NEXT_STAGE2], "SIGLIP"),
+    "finetune_si": (OV_STAGE, "SIGLIP"),
+    "finetune_ov": (OV_STAGE, "SIGLIP"),
+    "finetune_mixtral_1.6_336px_anyres": (MIXTRAL_16, "TOWER"),
+}
+CPU_SUBSTITUTIONS = {"--bf16": "False", "--tf32": "False"}
+NOT_RUN_ON_CPU = ("--torch_compile", "--torch_compile_backend")  # inductor compiles for minutes here: dropped to run
+RUN_ON_CPU = {"--dataloader_num_workers": "2"}  # not 16 worker processes on a 2-core CI machine
+FULL = {"tune_mm_mlp_adapter": False, "freeze_backbone": False, "freeze_mm_mlp_adapter": False,
+        "unfreeze_mm_vision_tower": True}
+EXPECTED = {  # what each script asks for, per argument: (model, data, training) attributes
+    "pretrain_clip": ({"tune_mm_mlp_adapter": True, "unfreeze_mm_vision_tower": False, "version": "plain",
+                       "attn_implementation": "sdpa"},
+                      {"image_aspect_ratio": "square"},
+                      {"learning_rate": 1e-3, "per_device_train_batch_size": 16, "model_max_length": 8192,
+                       "save_strategy": "no", "dataloader_num_workers": 16, "run_name": "pretrain"}),
+    "direct_finetune_clip": ({**FULL, "version": "qwen_1_5", "mm_patch_merge_type": "spatial_unpad"},
+                             {"image_aspect_ratio": "anyres"},
+                             {"mm_vision_tower_lr": 2e-6, "learning_rate": 1e-5, "per_device_train_batch_size": 4,
+                              "group_by_modality_length": True, "dataloader_drop_last": True, "save_total_limit": 1,
+                              "model_max_length": 32768, "save_steps": 3000}),
+    "finetune_ov": ({**FULL, "version": "qwen_1_5"}, {"image_aspect_ratio": "anyres_max_9", "frames_upbound": 32},
+                    {"mm_vision_tower_lr": 2e-6, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
+                     "group_by_modality_length": True, "dataloader_drop_last": True}),
+    "finetune_mixtral_1.6_336px_anyres": (
+        {"unfreeze_mm_vision_tower": True, "tune_mm_mlp_adapter": False, "freeze_backbone": False,
+         "version": "mistral_instruct"},
+        {"image_aspect_ratio": "anyres"},
+        {"mm_vision_tower_lr": 2e-6, "learning_rate": 5e-6, "num_train_epochs": 9, "save_strategy": "epoch",
+         "per_device_train_batch_size": 8, "model_max_length": 4096}),
+}
+EXPECTED["pretrain_siglip"] = EXPECTED["pretrain_clip"]
+EXPECTED["direct_finetune_siglip_a4"] = EXPECTED["direct_finetune_clip"]
+EXPECTED["finetune_si"] = EXPECTED["finetune_ov"]
+# (height, width) grids in pixels, as each script's --image_grid_pinpoints means them, and anyres_max's N
+NEXT_336 = [(672, 336), (336, 672), (672, 672), (336, 1008), (1008, 336)]  # their [width, height] pairs, swapped
+LAYOUTS = {"direct_finetune_clip": (NEXT_336, None),
+           "direct_finetune_siglip_a4": ([(768, 384), (384, 768), (768, 768), (384, 1152), (1152, 384)], None),
+           # "(1x1),...,(6x6)" is (width x height) in tower units, width outermost, as LLaVA-NeXT expands it
+           "finetune_ov": ([(384 * h, 384 * w) for w in range(1, 7) for h in range(1, 7)], 9),
+           "finetune_mixtral_1.6_336px_anyres": (NEXT_336, None)}
+LAYOUTS["finetune_si"] = LAYOUTS["finetune_ov"]
+
+
+def script_argv(name: str, paths: dict[str, str], max_steps: int | None = None) -> list[str]:
+    """The script's flags with the paths filled in and CPU substitutions; to run (``max_steps``), no torch.compile."""
+    argv = [a.format(**paths) for a in SCRIPTS[name][0]] + COMMON
+    for i, arg in enumerate(argv[:-1]):
+        if arg in CPU_SUBSTITUTIONS:
+            argv[i + 1] = CPU_SUBSTITUTIONS[arg]
+    if not max_steps:
+        return argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg in RUN_ON_CPU:
+            argv[i + 1] = RUN_ON_CPU[arg]
+    drop = {i + k for i, arg in enumerate(argv) if arg in NOT_RUN_ON_CPU for k in (0, 1)}
+    return [a for i, a in enumerate(argv) if i not in drop] + ["--max_steps", str(max_steps)]
+
+
+@pytest.fixture(scope="module")
+def next_paths(tiny_models, shapes_data, anyres_data, tmp_path_factory) -> dict[str, str]:
+    """Tiny towers at the scripts' resolutions (patch 48: 7x7 / 8x8 features per view) and the data."""
+    from llava.demo.tiny_models import write_tiny_vision_tower
+
+    out = tmp_path_factory.mktemp("llava_next_scripts")
+    captions = out / "captions_16.json"  # one batch of 16: stage 1's single step sees every record once
+    captions.write_text(json.dumps(json.loads(Path(shapes_data["stage1_captions"]).read_text())[:16]))
+    return {"LLM": str(tiny_models["llm"]), "OUT": str(out), "CAPTIONS": str(captions),
+            "CAPTION_IMAGES": str(shapes_data["image_folder"]), "QA": str(anyres_data["train"]),
+            "IMAGES": str(anyres_data["image_folder"]),
+            "TOWER": str(write_tiny_vision_tower(out / "clip336", image_size=336, patch_size=48, hidden_size=32)),
+            "SIGLIP": str(write_tiny_vision_tower(out / "siglip384", kind="siglip", image_size=384, patch_size=48,
+                                                  hidden_size=32))}
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_flag_set_parses_and_takes_effect(next_paths, name, caplog):
+    from transformers import AutoConfig
+
+    from llava.model.anyres_model import anyres_layout
+
+    with caplog.at_level("WARNING"):
+        model_args, data_args, training_args = parse_args(script_argv(name, next_paths))
+    for args, expected in zip((model_args, data_args, training_args), EXPECTED[name]):
+        assert {k: getattr(args, k) for k in expected} == expected, name
+    assert (model_args.mm_vision_select_layer, model_args.mm_projector_type) == (-2, "mlp2x_gelu")
+    assert training_args.deepspeed == str(REPO / "zero_configs" / "zero3.json")  # the scripts' zero3.json, bundled
+    assert (training_args.eval_strategy, training_args.lr_scheduler_type, training_args.weight_decay) == (
+        "no", "cosine", 0)
+    assert training_args.warmup_steps == 0.03 and training_args.gradient_checkpointing
+    assert training_args.report_to == ["wandb"] and not training_args.bf16
+    compiled = "--torch_compile" in SCRIPTS[name][0]
+    assert (training_args.torch_compile, training_args.torch_compile_backend) == (
+        (True, "inductor") if compiled else (False, None))
+    vision_config = AutoConfig.from_pretrained(model_args.vision_tower)
+    layout = anyres_layout(data_args, getattr(vision_config, "vision_config", vision_config), "default")
+    if name not in LAYOUTS:
+        assert layout is None
+        return
+    pinpoints, max_n = LAYOUTS[name]
+    assert [tuple(p) for p in layout.grid_pinpoints] == pinpoints and layout.max_num_patches == max_n
+    template = get_template(model_args.version)
+    assert template.name == {"qwen_1_5": "chatml", "mistral_instruct": "mistral_instruct"}[model_args.version]
+    if "--video_folder" in SCRIPTS[name][0]:
+        assert "video is not supported" in caplog.text
+
+
+def test_dataset_mixture_yaml_and_video_records_are_refused(next_paths, tmp_path):
+    mixture = tmp_path / "next_ov_stage_july21.yaml"
+    mixture.write_text(f"datasets:\n  - json_path: {next_paths['QA']}\n    sampling_strategy: all\n")
+    argv = script_argv("finetune_ov", {**next_paths, "QA": str(mixture)})
+    with pytest.raises(UsageValueError, match=r"--data_path .*next_ov_stage_july21.yaml: LLaVA-NeXT's dataset-mixture"):
+        parse_args(argv)
+    from llava.data.records import RecordError, parse_record
+
+    video = {"id": "v1", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat happens?"},
+                                                                 {"from": "gpt", "value": "A dog runs."}]}
+    with pytest.raises(RecordError, match="video records .* are not supported") as info:
+        parse_record(video)
+    assert info.value.kind == "video_unsupported" and info.value.record_id == "v1"
+
+
+DRIVER = """
+import json, sys
+from llava.train.train import train
+for argv in json.loads(sys.argv[1]):
+    train(argv)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def next_runs(next_paths):
+    """pretrain_clip.sh (1 step, square, as the script) then direct_finetune_clip.sh (2 steps) from its projector, in
+    one DeepSpeed ZeRO-3 process."""
+    out = Path(next_paths["OUT"])
+    argvs = [script_argv("pretrain_clip", next_paths, 1), script_argv("direct_finetune_clip", next_paths, 2)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    return {"dir": out, "log": log}
+
+
+@pytest.mark.slow
+def test_next_recipe_runs_and_saves_native_llava_next(next_runs, next_paths):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoProcessor, CLIPVisionModel, LlavaNextForConditionalGeneration
+
+    out = next_runs["dir"]
+    assert set(load_file(out / "pretrain" / "mm_projector.safetensors")) == {  # square stage 1: no image_newline
+        "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    assert "has no image_newline (stage 1 ran without anyres" in next_runs["log"]
+    finetune = out / "finetune"
+    config = json.loads((finetune / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert config["image_grid_pinpoints"] == [list(p) for p in LAYOUTS["direct_finetune_clip"][0]]
+    assert config["vision_feature_layer"] == -2
+    args = json.loads((finetune / "llava_args.json").read_text())["training_args"]
+    assert args["dataloader_drop_last"] and args["group_by_modality_length"] and args["mm_vision_tower_lr"] == 2e-6
+    assert type(AutoProcessor.from_pretrained(finetune)).__name__ == "LlavaNextProcessor"
+    model = LlavaNextForConditionalGeneration.from_pretrained(finetune)
+
+    def largest_change(trained: torch.nn.Module, initial: torch.nn.Module) -> float:
+        before = dict(initial.named_parameters())  # the embeddings grew by the added <image> token: rows in both
+        return max((p.detach()[:len(before[n])] - before[n].detach()).abs().max().item()
+                   for n, p in trained.named_parameters())
+
+    # warmup_ratio 0.03 of 2 steps is 1 warmup step at lr 0, then one at the peak; Adam's step-2 update is at most
+    # ~1.0014 x lr per weight. So the tower moved by <= its 2e-6 (its own group), the LM by up to the 1e-5.
+    tower = largest_change(model.model.vision_tower, CLIPVisionModel.from_pretrained(next_paths["TOWER"]))
+    lm = largest_change(model.model.language_model, AutoModelForCausalLM.from_pretrained(next_paths["LLM"]).model)
+    assert 0 < tower <= 2e-6 * 1.1, tower
+    assert 4e-6 < lm <= 1e-5 * 1.1, lm

@@ -58,6 +58,8 @@ VARIANTS = {  # name: extra training flags
     "packed_lora": ["--packing", "True", "--lora_enable", "True", "--lora_r", "16", "--lora_alpha", "32"],
     "padded_stock_head": ["--supervised_head", "False"],  # the stock LM head + loss over every position
     "packed_stock_head": ["--packing", "True", "--supervised_head", "False"],
+    "padded_masked": ["--skip_padding_mask", "False"],  # stock SDPA: padding mask, key/value heads repeated
+    "padded_fused_adamw": ["--optim", "adamw_torch_fused"],  # AdamW as one fused kernel (the default is LLaVA's loop)
     "trl": [],  # TRL's SFTTrainer on the same model, data and settings (scripts/bench_trl.py; the `bench` extra)
 }
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "llava_packed_sdpa"
@@ -39,8 +39,9 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # grouped-query heads attend to their key/value head in SDPA itself (enable_gqa): no repeated copies of the
+    # keys and values, and no sum over those copies in the backward pass
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
     dropout = dropout if module.training else 0.0
     # split/cat, never slice-indexing: the backward of a slice writes a zero tensor of the whole input per slice,
     # the backward of split is one cat (measured: slicing made this slower than the masked full-row attention)
@@ -48,7 +49,8 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     for row_starts, q, k, v in zip(starts, query.split(1), key.split(1), value.split(1)):
         sizes = [b - a for a, b in zip(row_starts, row_starts[1:])]
         rows.append(torch.cat([
-            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True)
+            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True,
+                                           enable_gqa=gqa)
             for qs, ks, vs in zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
         ], dim=2))
     out = torch.cat(rows, dim=0)

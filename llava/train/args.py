@@ -98,6 +98,10 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "training loss from the supervised positions only: LM head + cross-entropy on the hidden states whose "
                 "shifted label is supervised, in chunks, no full-vocabulary logits (same loss and gradients); False: "
                 "the stock head over every position. Eval and predict always get full logits"})
+    skip_padding_mask: bool = field(default=True, metadata={
+        "help": "training forwards of right-padded batches under sdpa drop the padding mask: causal attention alone "
+                "keeps real tokens from the pads after them (same loss and gradients), and SDPA runs unmasked with "
+                "grouped-query heads (no [B,1,T,T] mask, no copied key/value heads); False: the stock masked attention"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})

@@ -29,6 +29,7 @@ from llava.data.dataset import LazySupervisedDataset
 from llava.data.templates import get_template
 from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
+from llava.model.causal_padding import use_causal_padding
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
@@ -72,6 +73,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     if uses_packed_sdpa(model_args, training_args):
         use_packed_sdpa(built.model, False)
     use_supervised_head(built.model, False)
+    use_causal_padding(built.model, False)
     trainer.save_model(training_args.output_dir)
     _finish_wandb(training_args)
     return trainer
@@ -97,6 +99,8 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
         use_packed_sdpa(built.model)
     if training_args.supervised_head:  # LM head + loss on supervised positions only (training forwards)
         use_supervised_head(built.model)
+    if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
+        use_causal_padding(built.model)
     if training_args.gradient_checkpointing:
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
 

@@ -136,13 +136,29 @@ class OnevisionProcessorFiles:
         self.tokenizer.save_pretrained(save_directory)
         image_processor = self.image_processor.to_dict()
         image_processor["image_processor_type"] = "LlavaOnevisionImageProcessor"
-        config = {"image_processor": image_processor, **self.settings, "video_token": "<video>",
-                  "processor_class": "LlavaOnevisionProcessor"}
+        config = {"image_processor": image_processor, "video_processor": onevision_video_processor_dict(image_processor),
+                  **self.settings, "video_token": "<video>", "processor_class": "LlavaOnevisionProcessor"}
         with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         if self.chat_template:
             with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
                 f.write(self.chat_template)
+
+
+def onevision_video_processor_dict(image_processor: dict) -> dict:
+    """The nested ``video_processor`` entry of a OneVision ``processor_config.json``: ``AutoProcessor`` loads the
+    processor's video half from it (without it transformers raises ``OSError`` for a missing
+    ``video_preprocessor_config.json`` before any image is read). Frames resize to the tower's square input with the
+    image processor's normalisation, as the native OneVision checkpoints configure it."""
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    size = image_processor["size"]
+    side = size.get("height") or size.get("shortest_edge")
+    video = LlavaOnevisionVideoProcessor(
+        size={"height": side, "width": side}, image_mean=image_processor["image_mean"],
+        image_std=image_processor["image_std"], resample=image_processor["resample"],
+        rescale_factor=image_processor["rescale_factor"]).to_dict()
+    return json.loads(json.dumps(video, default=int))  # resample is an enum
 
 
 # processor_config.json keys LlavaOnevisionProcessor takes besides its image processor

@@ -158,6 +158,16 @@ def test_onevision_stage2_checkpoint_loads_natively_with_logit_parity(tiny_model
     native = processor.image_processor(images=[image], return_tensors="pt")
     assert native["image_sizes"].tolist() == single["image_sizes"].tolist() == [[700, 500]]
     torch.testing.assert_close(native["pixel_values"], single["pixel_values"], rtol=0, atol=0)
+    # the video half AutoProcessor builds (it raises OSError without this entry): transformers' own class reads it
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    video = LlavaOnevisionVideoProcessor.from_pretrained(tmp_path)
+    image_processor = processor.image_processor
+    side = config["vision_config"]["image_size"]  # frames go to the tower's square input
+    assert video.size == {"height": side, "width": side}
+    assert list(video.image_mean) == list(image_processor.image_mean)
+    assert list(video.image_std) == list(image_processor.image_std)
+    assert int(video.resample) == int(image_processor.resample)
 
 
 def test_lora_run_merges_into_native_llava_next_with_logit_parity(tiny_models, anyres_data, next_stage1, tmp_path):

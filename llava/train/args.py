@@ -27,7 +27,7 @@ from llava.data.anyres import check_anyres_flags, parse_image_aspect_ratio
 from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
 from llava.megatron.args import MegatronArguments
 from llava.model.args import ModelArguments
-from llava.train.distributed import repair_cpu_process_state, wants_cpu_ddp
+from llava.train.distributed import release_deepspeed_shm, repair_cpu_process_state, wants_cpu_ddp
 
 logger = logging.getLogger("llava.train")
 
@@ -153,6 +153,7 @@ class TrainingArguments(transformers.TrainingArguments):
         device = super()._setup_devices
         if self.deepspeed and self.distributed_state is not None:
             repair_cpu_process_state(self.distributed_state)
+            release_deepspeed_shm()
         return device
 
 

@@ -46,7 +46,11 @@ def launch(cmd: list[str], *, env: dict | None = None, timeout: int = 300) -> st
 
 
 def deepspeed(entry: list[str], flags: list[str], **kw) -> str:
-    return launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *entry, *flags], **kw)
+    port = free_port()
+    out = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *entry, *flags], **kw)
+    # DeepSpeed's CPU all-reduce makes one /dev/shm segment per rank, named by the port; the run released them
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shm segments left behind"
+    return out
 
 
 def torchrun(entry: list[str], flags: list[str], **kw) -> str:

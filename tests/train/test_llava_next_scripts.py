@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from llava.data.templates import get_template
 from llava.errors import UsageValueError
 from llava.train.args import parse_args
+from tests.train.test_llava15_scripts import DRIVER, _free_port  # the same in-process driver
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ("--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False "
@@ -200,20 +200,6 @@ def test_dataset_mixture_yaml_and_video_records_are_refused(next_paths, tmp_path
     with pytest.raises(RecordError, match="video records .* are not supported") as info:
         parse_record(video)
     assert info.value.kind == "video_unsupported" and info.value.record_id == "v1"
-
-
-DRIVER = """
-import json, sys
-from llava.train.train import train
-for argv in json.loads(sys.argv[1]):
-    train(argv)
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,18 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
+def run_in_one_process(argvs: list[list[str]], out: Path) -> str:
+    """Train each argv in turn in one single-rank DeepSpeed process (``DRIVER``); its log, which must end well."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    return log
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,13 +112,7 @@ def script_runs(tiny_models, shapes_data, tmp_path_factory):
              "CAPTIONS": str(subsets["stage1_captions"]), "QA": str(subsets["stage2_qa"]),
              "IMAGES": str(shapes_data["image_folder"]), "OUT": str(out)}
     argvs = [script_argv(name, paths) for name in SCRIPTS]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=out, env=env, capture_output=True,
-                          text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-8000:]
+    log = run_in_one_process(argvs, out)
     return {"dir": out, "log": log, "paths": paths}
 
 

@@ -20,10 +20,7 @@ Expected values are written out from the scripts' meaning, not read from our par
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +29,7 @@ import torch
 from llava.data.templates import get_template
 from llava.errors import UsageValueError
 from llava.train.args import parse_args
-from tests.train.test_llava15_scripts import DRIVER, _free_port  # the same in-process driver
+from tests.train.test_llava15_scripts import run_in_one_process  # the same in-process driver
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ("--mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --mm_use_im_start_end False "
@@ -208,13 +205,7 @@ def next_runs(next_paths):
     one DeepSpeed ZeRO-3 process."""
     out = Path(next_paths["OUT"])
     argvs = [script_argv("pretrain_clip", next_paths, 1), script_argv("direct_finetune_clip", next_paths, 2)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(argvs)], cwd=out, env=env, capture_output=True,
-                          text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-8000:]
+    log = run_in_one_process(argvs, out)
     return {"dir": out, "log": log}
 
 

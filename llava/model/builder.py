@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, HAS_CLS_TOKEN
 from llava.data.anyres import AnyresLayout
 from llava.errors import UsageValueError
 from llava.model.anyres_model import (
@@ -50,7 +50,6 @@ VISION_MODELS = {
     "siglip": SiglipVisionModel,
     "siglip_vision_model": SiglipVisionModel,
 }
-HAS_CLS_TOKEN = {"clip_vision_model"}
 
 
 @dataclass
@@ -160,13 +159,9 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
     )
     strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
     layout = anyres_layout(data_args, tower.config, strategy)
-    if layout is None:
-        config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
-                                   select_layer=model_args.mm_vision_select_layer)
-        n_tokens = config.image_seq_length
-    else:
-        config = make_anyres_config(llm.config, tower.config, tokenizer, model_args, layout, strategy)
-        n_tokens = layout.base_tokens
+    config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
+                               select_layer=model_args.mm_vision_select_layer, layout=layout)
+    n_tokens = config.image_seq_length if layout is None else layout.base_tokens
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
         model = LLAVA_CLASSES[config.model_type](config)
@@ -188,36 +183,41 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
         model.is_loaded_in_4bit = bool(quantization_config.load_in_4bit)
         model.is_loaded_in_8bit = bool(quantization_config.load_in_8bit)
 
-    if layout is not None:
-        processor = make_anyres_processor(layout, image_processor, tokenizer, tower.config, strategy)
-        return BuiltModel(model, processor, n_tokens, added, layout)
-    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy)
-    return BuiltModel(model, processor, n_tokens, added)
+    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy, layout)
+    return BuiltModel(model, processor, n_tokens, added, layout)
 
 
-def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: str, select_layer: int) -> LlavaConfig:
+def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: str, select_layer: int,
+                      layout: AnyresLayout | None = None):
     """The Llava config of a vision tower + LLM (before any vocabulary resize): the one assembly used by
-    ``build_llava_model``, ``llava merge`` (streaming) and ``llava import-llava``.
+    ``build_llava_model``, ``llava merge`` (streaming) and ``llava import-llava``; with an anyres ``layout`` the
+    native LlavaNext / LlavaOnevision config (the same fields, plus what ``make_anyres_config`` adds).
 
     ``select_feature``: ``--mm_vision_select_feature`` (patch | cls_patch); ``select_layer``:
     ``--mm_vision_select_layer``."""
     strategy = select_strategy(vision_config, select_feature)
-    return LlavaConfig(
+    common = dict(
         vision_config=vision_config.to_dict(),
         text_config=llm_config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy,
         vision_feature_layer=int(select_layer),
-        image_seq_length=num_image_tokens(vision_config, strategy),
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
     )
+    if layout is not None:
+        return make_anyres_config(common, layout)
+    return LlavaConfig(**common, image_seq_length=num_image_tokens(vision_config, strategy))
 
 
-def make_llava_processor(image_processor, tokenizer, vision_config, strategy: str) -> LlavaProcessor:
+def make_llava_processor(image_processor, tokenizer, vision_config, strategy: str,
+                         layout: AnyresLayout | None = None) -> LlavaProcessor:
     """The processor of a Llava model: the tower's image processor, the tokenizer (with ``<image>``), the patch
-    grid and select strategy the processor needs to expand ``<image>`` the way the model does."""
+    grid and select strategy the processor needs to expand ``<image>`` the way the model does; with an anyres
+    ``layout`` the native LlavaNext / LlavaOnevision processor (``make_anyres_processor``)."""
+    if layout is not None:
+        return make_anyres_processor(layout, image_processor, tokenizer, vision_config, strategy)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -156,7 +156,7 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 
     from llava.constants import DEFAULT_IMAGE_TOKEN
     from llava.data.templates import get_template
-    from llava.model.builder import VISION_MODELS, add_multimodal_tokens, num_image_tokens, select_strategy
+    from llava.model.builder import add_multimodal_tokens, num_image_tokens, select_strategy, vision_model_class
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, use_fast=True)
     add_multimodal_tokens(tokenizer, args.mm_use_im_start_end)
@@ -174,7 +174,7 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
             raise UsageValueError(f"--model_name_or_path {args.model_name_or_path} is a language model, so "
                                   f"--vision_tower is required: give a CLIP or SigLIP directory")
         tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
-        vision_config = VISION_MODELS[tower_type].config_class.from_pretrained(args.vision_tower)
+        vision_config = vision_model_class(args.vision_tower, tower_type).config_class.from_pretrained(args.vision_tower)
         strategy = select_strategy(vision_config, args.mm_vision_select_feature)
         n = num_image_tokens(vision_config, strategy)
         layout = anyres_layout(args, vision_config, strategy)
@@ -295,6 +295,9 @@ def check_main(argv: list[str]) -> int:
                        hint="give the LLM or Llava checkpoint you will train (its tokenizer is used)")
     if args.vision_tower:
         require_model_path("--vision_tower", args.vision_tower, hint="give a CLIP or SigLIP directory")
+    from llava.model.builder import check_model_dirs
+
+    check_model_dirs(args.model_name_or_path, args.vision_tower)
     setup = load_token_setup(args)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)

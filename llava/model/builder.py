@@ -11,8 +11,10 @@ token; ``num_image_tokens`` is what the vision tower yields per image under the 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -30,7 +32,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, HAS_CLS_TOKEN
 from llava.data.anyres import AnyresLayout
-from llava.errors import UsageValueError
+from llava.errors import UsagePathError, UsageValueError
 from llava.model.anyres_model import (
     MODEL_CLASSES,
     anyres_layout,
@@ -100,12 +102,39 @@ def add_multimodal_tokens(tokenizer, mm_use_im_start_end: bool) -> int:
     return added
 
 
+def vision_model_class(path: str, model_type: str):
+    """The transformers class of a ``--vision_tower`` of this ``model_type``; a one-line error for anything else."""
+    cls = VISION_MODELS.get(model_type)
+    if cls is None:
+        raise UsageValueError(f"--vision_tower {path}: model_type {model_type!r} is not one of {sorted(VISION_MODELS)}; "
+                              f"give a CLIP or SigLIP vision tower directory")
+    return cls
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dirs(model_name_or_path: str, vision_tower: str | None) -> None:
+    """What local ``--model_name_or_path`` / ``--vision_tower`` directories hold, read from their ``config.json``
+    before anything loads: an LLM or Llava checkpoint with its tokenizer (not a vision tower), and a CLIP / SigLIP
+    tower. Hub ids are left to ``from_pretrained``; existence is ``require_model_path``'s."""
+    llm = Path(model_name_or_path).expanduser()
+    if (llm / "config.json").is_file():
+        model_type = json.loads((llm / "config.json").read_text()).get("model_type")
+        if model_type in VISION_MODELS:
+            raise UsageValueError(f"--model_name_or_path {model_name_or_path} is a vision tower ({model_type}): give "
+                                  f"the LLM or Llava checkpoint directory (the tower goes to --vision_tower)")
+        if not any((llm / name).is_file() for name in TOKENIZER_FILES):
+            raise UsagePathError(f"--model_name_or_path {model_name_or_path} has no tokenizer ({', '.join(TOKENIZER_FILES)}"
+                                 f"): give an LLM directory saved with its tokenizer")
+    tower = Path(vision_tower).expanduser() if vision_tower else None
+    if tower is not None and (tower / "config.json").is_file():
+        vision_model_class(vision_tower, json.loads((tower / "config.json").read_text()).get("model_type"))
+
+
 def load_vision_tower(path: str, *, torch_dtype=torch.float32, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cls = VISION_MODELS.get(config.model_type)
-    if cls is None:
-        raise UsageValueError(f"--vision_tower {path}: model_type {config.model_type!r} is not one of {sorted(VISION_MODELS)}")
-    tower = cls.from_pretrained(path, dtype=torch_dtype)
+    tower = vision_model_class(path, config.model_type).from_pretrained(path, dtype=torch_dtype)
     image_processor = AutoImageProcessor.from_pretrained(path)
     return tower, image_processor
 

@@ -178,12 +178,14 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """The files and directories the flags name exist, the template is known: checked before any model loads."""
     from llava.data.templates import get_template
+    from llava.model.builder import check_model_dirs
 
     get_template(model_args.version)
     require_model_path("--model_name_or_path", model_args.model_name_or_path,
                        hint="give the directory of an LLM or of a Llava checkpoint")
     if model_args.vision_tower:
         require_model_path("--vision_tower", model_args.vision_tower, hint="give a CLIP or SigLIP directory")
+    check_model_dirs(model_args.model_name_or_path, model_args.vision_tower)
     if model_args.pretrain_mm_mlp_adapter:
         require_path("--pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter, kind="file",
                      hint="stage 1 writes OUTPUT_DIR/mm_projector.safetensors")

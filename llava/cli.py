@@ -128,7 +128,9 @@ def run_command(argv: list[str]) -> int:
 
         return convert_main(rest)
 
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (`llava {args.command} --help` lists the flags)")
     if args.command == "merge":
         from llava.export.merge import merge_main
 

@@ -213,8 +213,13 @@ def test_convert_data_check_demo_and_top_level_mistakes(tiny_models, shapes_data
     assert "invalid int value: 'abc'" in one_error_line(capsys, ["demo", "--batch_size", "abc"], "llava demo")
     assert "--batch_size 0: must be > 0" in one_error_line(capsys, ["demo", "--batch_size", "0"], "llava demo")
     assert "expected True or False, got 'maybe'" in one_error_line(capsys, ["demo", "--lora", "maybe"], "llava demo")
+    assert "expected True or False, got 'maybe'" in one_error_line(capsys, ["demo", "--anyres", "maybe"], "llava demo")
+    line = one_error_line(capsys, ["demo", "--epochs", "x"], "llava demo")
+    assert "unrecognized arguments: --epochs x (`llava demo --help` lists the flags)" in line
     a_file = _write(tmp_path / "f", "")
     assert "is a file" in one_error_line(capsys, ["demo", "--workdir", str(a_file)], "llava demo")
+    line = one_error_line(capsys, ["demo", "--anyres", "True", "--workdir", str(a_file / "sub")], "llava demo")
+    assert f"--workdir {a_file / 'sub'}: cannot create it (Not a directory); give a writable directory" in line
     assert "invalid choice: 'trian'" in one_error_line(capsys, ["trian"], "llava")
     assert "required: COMMAND" in one_error_line(capsys, [], "llava")
 

@@ -132,6 +132,8 @@ def test_merge_mistakes(tmp_path, capsys):
     line = one_error_line(capsys, merge + [str(run)], "llava merge")
     assert "has no adapter_config.json: give the --output_dir of a `llava train --lora_enable True` run" in line
     assert "invalid choice: 'float8'" in one_error_line(capsys, merge + [str(run), "--dtype", "float8"], "llava merge")
+    line = one_error_line(capsys, merge + [str(run), "--max_shard_size", "lots"], "llava merge")
+    assert "argument --max_shard_size: expected a size such as 2GB, 500MB or 1GiB, got 'lots'" in line
 
 
 def test_predict_and_eval_mistakes(tmp_path, capsys):
@@ -143,6 +145,9 @@ def test_predict_and_eval_mistakes(tmp_path, capsys):
     assert "--image missing.png: no such file" in line
     line = one_error_line(capsys, ["predict", "--model", str(ckpt), "--prompt", "hi"], "llava predict")
     assert "has no llava_args.json; pass --version" in line
+    line = one_error_line(capsys, ["predict", "--model", str(ckpt), "--prompt", "hi", "--max_new_tokens", "0"],
+                          "llava predict")
+    assert "argument --max_new_tokens: must be > 0, got 0" in line
     line = one_error_line(capsys, ["eval", "--model", str(ckpt), "--data", "nope.json"], "llava eval")
     assert "--data nope.json: no such file or directory" in line
     data = _write(tmp_path / "held.json", "[]")
@@ -183,6 +188,9 @@ def test_import_llava_mistakes(tmp_path, capsys):
     line = one_error_line(capsys, ["import-llava", "--src", str(src), "--out", str(tmp_path / "o")],
                           "llava import-llava")
     assert "names no mm_vision_tower; pass --vision_tower" in line
+    line = one_error_line(capsys, ["import-llava", "--src", str(src), "--out", str(tmp_path / "o"), "--max_shard_size",
+                                   "5 gigs"], "llava import-llava")
+    assert "expected a size such as 2GB" in line
 
 
 def test_convert_data_check_demo_and_top_level_mistakes(tiny_models, shapes_data, tmp_path, capsys):

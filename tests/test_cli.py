@@ -71,6 +71,10 @@ def _train_argv(p: dict, *, drop: tuple[str, ...] = (), **flags: str) -> list[st
     ("projector_not_a_projector", "is not a projector file (UnpicklingError): give a stage-1 run's"),
     ("megatron_world_size", "1 process(es) launched, not a multiple of --tensor_model_parallel_size 2"),
     ("megatron_lora", "--backend megatron does not support: --lora_enable True"),
+    ("resume_not_a_checkpoint", "is no checkpoint (no trainer_state.json or megatron_checkpoint.json); give a "
+                                "checkpoint-N directory of the run"),
+    ("output_dir_is_a_file", "is a file; give a directory (created if missing)"),
+    ("data_dir_not_saved", "is a directory that `datasets` did not save (no state.json or dataset_dict.json)"),
 ])
 def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
     if case.startswith("megatron"):
@@ -96,6 +100,9 @@ def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
         "projector_not_a_projector": lambda: _train_argv(p, pretrain_mm_mlp_adapter=p["data"]),
         "megatron_world_size": lambda: _train_argv(p, backend="megatron", tensor_model_parallel_size="2"),
         "megatron_lora": lambda: _train_argv(p, backend="megatron", lora_enable="True"),
+        "resume_not_a_checkpoint": lambda: _train_argv(p, resume_from_checkpoint=p["images"]),
+        "output_dir_is_a_file": lambda: _train_argv(p, output_dir=p["data"]),
+        "data_dir_not_saved": lambda: _train_argv(p, data_path=p["images"]),
     }[case]()
     assert expected in one_error_line(capsys, argv, "llava train")
 
@@ -214,6 +221,9 @@ def test_convert_data_check_demo_and_top_level_mistakes(tiny_models, shapes_data
     assert f"--vision_tower {llm}: model_type 'llama' is not one of" in line
     line = one_error_line(capsys, check + [data, "--model_name_or_path", str(tmp_path)], "llava data check")
     assert "has no config.json, so it is no model directory" in line
+    line = one_error_line(capsys, check + [str(tmp_path), "--model_name_or_path", llm, "--vision_tower", tower],
+                          "llava data check")
+    assert "is a directory that `datasets` did not save" in line
     assert "unknown data command foo" in one_error_line(capsys, ["data", "foo"], "llava data")
     assert "required: command" in one_error_line(capsys, ["convert"], "llava convert")
     line = one_error_line(capsys, ["convert", "mcore2hf", str(tmp_path), str(tmp_path / "o")], "llava convert mcore2hf")

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.tokenize import SampleRejected, tokenize_conversation
-from llava.data.validate import DataError, ProblemLog, check_one_image, image_problem_kind, load_raw_records
+from llava.data.validate import (
+    DataError,
+    ProblemLog,
+    check_one_image,
+    image_problem_kind,
+    load_raw_records,
+    require_saved_dataset,
+)
 from llava.errors import ArgumentParser, UsageValueError, report_usage_errors, require_model_path, require_path
 
 SEVERITY = {"duplicate_id": "warning", "image_tokens_exceed_max_length": "dropped", "no_supervised_tokens": "dropped",
@@ -287,7 +294,8 @@ def _bool(text: str) -> bool:
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
     args, _ignored = build_parser().parse_known_args(argv)
-    require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory")
+    if require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory").is_dir():
+        require_saved_dataset(args.data_path)
     if args.image_folder:
         require_path("--image_folder", args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")

@@ -228,6 +228,9 @@ def test_convert_data_check_demo_and_top_level_mistakes(tiny_models, shapes_data
     assert "required: command" in one_error_line(capsys, ["convert"], "llava convert")
     line = one_error_line(capsys, ["convert", "mcore2hf", str(tmp_path), str(tmp_path / "o")], "llava convert mcore2hf")
     assert "no mca_config.json" in line
+    line = one_error_line(capsys, ["convert", "mcore2mcore", "--tp", "2", str(tmp_path), str(tmp_path / "o")],
+                          "llava convert mcore2mcore")
+    assert "no mca_config.json" in line
     assert "invalid int value: 'abc'" in one_error_line(capsys, ["demo", "--batch_size", "abc"], "llava demo")
     assert "--batch_size 0: must be > 0" in one_error_line(capsys, ["demo", "--batch_size", "0"], "llava demo")
     assert "expected True or False, got 'maybe'" in one_error_line(capsys, ["demo", "--lora", "maybe"], "llava demo")

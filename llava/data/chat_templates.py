@@ -31,15 +31,15 @@ _SPLIT_SYSTEM = (
 
 def _content_macro(image: str, image_front: bool) -> str:
     """``content(m)``: a string as it is, or with ``image_front`` and one ``<image>`` in the whole conversation,
-    ``"<image>\\n" + rest.strip()`` (``templates.place_images``); parts: images first, then the text. ``<image>``
-    wrapped if asked."""
+    ``("<image>\\n" + rest.strip()).strip()`` (``templates.place_images``); parts: images first, then the text,
+    stripped as that is. ``<image>`` wrapped if asked."""
     tok = DEFAULT_IMAGE_TOKEN
     lit = json.dumps(image + "\n")
     wrap = "" if image == tok else f".replace('{tok}', {json.dumps(image)})"
     string = f"m['content']{wrap}"
     if image_front:
-        string = (f"(('{tok}\\n' + (m['content'].replace('{tok}', '') | trim)) if n_images() == '1' and '{tok}' in "
-                  f"m['content'] else m['content']){wrap}")
+        string = (f"((('{tok}\\n' + (m['content'].replace('{tok}', '') | trim)) | trim) if n_images() == '1' and "
+                  f"'{tok}' in m['content'] else m['content']){wrap}")
     return (
         "{%- macro n_images() -%}{%- set ns = namespace(n=0) -%}{%- for x in messages -%}"
         f"{{%- if x['content'] is string -%}}{{%- set ns.n = ns.n + x['content'].count('{tok}') -%}}"
@@ -52,7 +52,7 @@ def _content_macro(image: str, image_front: bool) -> str:
         "{%- if p['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}"
         "{%- elif p['type'] == 'text' -%}{%- set ns.text = ns.text + p['text'] -%}{%- endif -%}"
         "{%- endfor -%}"
-        f"{{{{ {lit} * ns.images + ((ns.text | trim) if ns.images else ns.text) }}}}"
+        f"{{{{ (({lit} * ns.images + (ns.text | trim)) | trim) if ns.images else ns.text }}}}"
         "{%- endif -%}"
         "{%- endmacro -%}"
     )

@@ -93,10 +93,18 @@ CONVERSATIONS = {
     "trailing_newline_reply": C(f"{IMG}\nCaption?", "A red circle on a white background.\n"),
     "system_multi_turn_image_late": C("Hi there.", "Hello!", f"What about this {IMG} picture?", "It shows a tree.",
                                       system="You are terse."),
+    "image_only": C(IMG, "A photo of a cat."),
+    "caption_spaces": C(f"{IMG}\n", "  a dog on the grass  "),
+    "caption_lines": C(f"{IMG}\nDescribe.", "Line one.\nLine two."),
+    "image_between_words": C(f"Caption {IMG} please", "3 apples, 2 pears & 1 kiwi (total: 6)."),
+    "quotes": C(f"{IMG}\n\"Quoted\" question?", "He said: \"hello\" — and left…"),
+    "cjk_emoji": C(f"{IMG} 描述一下", "一只猫 🐈 在睡觉。"),
+    "three_images": C(f"{IMG}{IMG}\n{IMG}\nCompare.", "All three are squares."),
 }
 assert len(CONVERSATIONS) >= 15
-PLAIN_CONVERSATIONS = [n for n, c in CONVERSATIONS.items()
+PLAIN_CONVERSATIONS = [n for n, c in CONVERSATIONS.items()  # preprocess_plain: one image turn, one caption
                        if len(c) == 2 and c[0].role == "user" and IMG in c[0].content]
+assert len(PLAIN_CONVERSATIONS) >= 15
 
 
 # --- reference renderings ----------------------------------------------------------------------------------------

@@ -82,6 +82,12 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         raise UsageValueError("--backend megatron does not support: " + "; ".join(bad))
 
 
+def trains_new_embeddings(model_args, added_tokens: int) -> bool:
+    """Stage 1 with ``--mm_use_im_start_end`` trains the input embeddings (the new tokens' rows) with the projector
+    and saves them beside it, as the hf backend does (``llava.model.builder.apply_freezing``, ``LLaVATrainer``)."""
+    return bool(model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens > 0)
+
+
 def _value(option) -> str:
     """The flag's text for a transformers enum option (``OptimizerNames.SGD`` -> ``sgd``) or a plain string."""
     return str(getattr(option, "value", option))

@@ -11,7 +11,7 @@ backend's padded batches) -- all Megatron runs in one torchrun launch (``megatro
 Checked: per-step losses (<= 1e-4 relative) and stage 2's held-out eval loss; the exported weights (native Llava
 checkpoint, or the stage-1 projector file) against the hf backend's (<= 1e-5); that transformers loads the export
 and ``llava predict`` answers from it as from the hf backend's; the modality-grouped order (Qwen2 stage 2) and
-``--mm_projector_lr`` (Llama stage 2); wandb
+``--mm_projector_lr`` (Llama stage 2); the freezing flags and stage 1's new-token embeddings; wandb
 logging; exact resume from a Megatron checkpoint and a kill mid-save; unsupported combinations fail at start-up.
 """
 
@@ -54,6 +54,13 @@ STAGES = {
     2: lambda data: ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]), "--learning_rate", "1e-4"],
 }
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+# the freezing flags and stage 1's new-token embeddings: (LM, stage, flags, layout) -> which weights train
+VARIANTS = {
+    "freeze_backbone": ("llama", 2, ["--freeze_backbone", "True", "--unfreeze_mm_vision_tower", "True"], "tp2pp1"),
+    "freeze_projector": ("llama", 2, ["--freeze_mm_mlp_adapter", "True", "--unfreeze_mm_vision_tower", "True"],
+                         "tp1pp2"),
+    "start_end_tokens": ("qwen2", 1, ["--mm_use_im_start_end", "True"], "tp1pp2"),  # tied: embeddings on both stages
+}
 WANDB_CASE = ("llama", 2, "tp2pp1")
 
 
@@ -150,13 +157,21 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
             train(flags)
         else:
             jobs.append([*flags, "--backend", "megatron", "--pipeline_model_parallel_size", "2"])
+    variants = {}
+    for variant, (name, stage, flags, layout) in VARIANTS.items():
+        variants[variant] = {side: root / f"{side}_{variant}" for side in ("hf", "megatron")}
+        base = _flags(llms[name], tiny_models["vision_tower"], shapes_data, stage, variants[variant]["hf"], flags)
+        train(base)
+        jobs.append([*_flags(llms[name], tiny_models["vision_tower"], shapes_data, stage, variants[variant]["megatron"],
+                             flags), "--backend", "megatron", *LAYOUTS[layout]])
     # resume: 4 steps saving every 2, then a new run resuming from its checkpoint-2 (Qwen2, stage 2, TP1 PP2)
     resume = {"full": root / "resume_full", "resumed": root / "resume_resumed"}
     jobs.append(_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["full"]))
     jobs.append([*_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["resumed"]),
                  "--resume_from_checkpoint", str(resume["full"] / "checkpoint-2")])
     _torchrun(root, jobs, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp, "epochs": epochs}
+    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp, "epochs": epochs,
+            "variants": variants}
 
 
 def _resume_flags(llm, tower, data, out) -> list[str]:
@@ -340,3 +355,27 @@ def test_epochs_count_and_cut_steps_like_the_hf_backend(runs):
     expected, got = _hf_losses(runs["epochs"]["hf"]), _megatron_losses(runs["epochs"]["megatron"])
     assert len(expected) == len(got) == 6
     assert max(abs(g - e) / e for g, e in zip(got, expected)) <= LOSS_RTOL, (expected, got)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_freezing_flags_train_what_the_hf_backend_trains(runs, variant):
+    """--freeze_backbone / --freeze_mm_mlp_adapter / --unfreeze_mm_vision_tower, and stage 1 with
+    --mm_use_im_start_end (the new tokens' embeddings train and are saved beside the projector): the hf backend's
+    losses and weights; the frozen parts are bit-for-bit those of the starting checkpoint, the others moved."""
+    hf_dir, mg_dir = runs["variants"][variant]["hf"], runs["variants"][variant]["megatron"]
+    expected, got = _hf_losses(hf_dir), _megatron_losses(mg_dir)
+    assert len(got) == 5 and max(abs(g - e) / e for g, e in zip(got, expected)) <= LOSS_RTOL, (expected, got)
+    name = "mm_projector.safetensors" if VARIANTS[variant][1] == 1 else "model.safetensors"
+    a, b = load_file(hf_dir / name), load_file(mg_dir / name)
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL
+    init = load_file(mg_dir / "megatron_init" / "model.safetensors")
+    if variant == "start_end_tokens":
+        assert "embed_tokens.weight" in b
+        before = init["language_model.model.embed_tokens.weight"]
+        assert (b["embed_tokens.weight"] - before).abs().max() > 10 * WEIGHT_ATOL
+        return
+    frozen = "language_model." if variant == "freeze_backbone" else "multi_modal_projector."
+    moved = {part: max((b[k] - init[k]).abs().max().item() for k in b if k.startswith(part))
+             for part in ("language_model.", "multi_modal_projector.", "vision_tower.")}
+    assert moved.pop(frozen) == 0.0 and min(moved.values()) > 10 * WEIGHT_ATOL, moved

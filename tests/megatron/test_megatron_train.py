@@ -265,6 +265,8 @@ def test_export_loads_in_transformers_and_predicts(runs, shapes_data):
     (["--gradient_checkpointing", "True"], "--gradient_checkpointing True"),
     (["--optim", "sgd"], "--optim sgd"),
     (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad"], "--image_aspect_ratio anyres"),
+    pytest.param(["--use_cpu", "True", "--bf16", "True"], "--bf16 True without a GPU",  # Float16Optimizer: CUDA only
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 trains on a GPU")),
 ])
 def test_unsupported_combinations_fail_at_start(tiny_models, shapes_data, tmp_path, flags, message):
     argv = [*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 2, tmp_path), "--backend", "megatron",

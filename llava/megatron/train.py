@@ -173,7 +173,10 @@ def apply_freezing(chunks, model_args, added_tokens: int) -> dict[str, int]:
                 param.requires_grad_(tune_projector)
                 part = "projector"
             else:
-                embedding = name == "embedding.word_embeddings.weight"
+                # with tied embeddings at PP > 1 the last stage holds a copy of the word embeddings: it trains with
+                # them (megatron-core all-reduces the two copies' gradients, and waits forever for a frozen one)
+                embedding = name == "embedding.word_embeddings.weight" or (
+                    name == "output_layer.weight" and chunk.share_embeddings_and_output_weights)
                 param.requires_grad_(tune_llm or (embedding and tune_embeddings))
                 part = "language_model"
             counts[part] += param.numel() if param.requires_grad else 0

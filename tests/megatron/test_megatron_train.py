@@ -298,27 +298,45 @@ def test_resume_repeats_the_uninterrupted_run(runs):
 
 
 def test_kill_mid_save_leaves_the_previous_checkpoint_usable(runs, qwen2_llm, tiny_models, shapes_data):
-    """SIGKILL while checkpoint-4 is being written (weights written, optimizer not yet): checkpoint-2 stays the
-    latest complete one, and ``--resume_from_checkpoint True`` continues from it to the uninterrupted losses."""
+    """SIGKILL to both ranks while checkpoint-4 is being written (weights written, optimizer not yet): checkpoint-2
+    stays the latest complete one, and ``--resume_from_checkpoint True`` continues from it to the uninterrupted
+    losses."""
     out = runs["root"] / "killed"
     flags = _resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, out)
     proc = _torchrun(runs["root"], [flags], env={"LLAVA_TEST_PAUSE_IN_SAVE": "4:120"}, popen=True)
     marker = out / "checkpoint-4.tmp" / "PAUSED"
+    ranks: list[int] = []
     try:
         deadline = time.time() + 300
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert marker.exists(), f"never paused in the save of checkpoint-4 (exit code {proc.poll()})"
+        ranks = [int(f.read_text()) for f in marker.parent.glob("PID_*")]
+        assert len(ranks) == 2
+        for pid in ranks:  # the training processes themselves, mid-save
+            os.kill(pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks)
     assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2" / "megatron_checkpoint.json").is_file()
 
     _torchrun(runs["root"], [[*flags, "--resume_from_checkpoint", "True"]])
     expected, got = _megatron_losses(runs["resume"]["full"]), _megatron_losses(out)
     assert all(abs(g - e) <= 1e-6 * abs(e) for g, e in zip(got, expected)) and len(got) == 4, (expected, got)
     assert (out / "checkpoint-4" / "megatron_checkpoint.json").is_file() and not (out / "checkpoint-4.tmp").exists()
+
+
+def _alive(pid: int) -> bool:
+    """A running process (not a zombie waiting for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_wandb_logs_the_step_losses(runs):

@@ -21,12 +21,13 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
+from llava.constants import DEFAULT_IM_START_TOKEN
 from llava.data.chat_templates import set_chat_template
 from llava.data.records import Message
 from llava.data.templates import get_template, place_images
 from llava.data.tokenize import build_generation_prompt, tokenize_conversation
 from llava.demo.tiny_models import write_tiny_vision_tower
-from llava.model.builder import make_llava_processor, num_image_tokens
+from llava.model.builder import add_multimodal_tokens, make_llava_processor, num_image_tokens
 from tests.data.test_template_references import (  # noqa: F401
     AUTO_CASES,
     CASES,
@@ -139,3 +140,30 @@ def test_auto_saves_the_tokenizers_template_and_renders_the_training_ids(tokeniz
         train_ids = tokenize_conversation(msgs, get_template("auto"), tok, image_token_id=image_id, num_image_tokens=n,
                                           model_max_length=100_000).input_ids
         assert processor_ids(loaded, chat, image) == train_ids, conv_name
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llama_2", "chatml"])
+def test_start_end_tokens_render_the_training_ids(tokenizers, tower, tmp_path, name):  # noqa: F811
+    """``--mm_use_im_start_end``: the saved template wraps each image as training does (``<im_start><image><im_end>``)."""
+    tok = copy.deepcopy(tokenizers["sentencepiece"])
+    add_multimodal_tokens(tok, True)
+    template = get_template(name)
+    processor = make_llava_processor(tower["image_processor"], tok, tower["config"], "default")
+    set_chat_template(processor, template, mm_use_im_start_end=True)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    image = Image.new("RGB", (40, 30), (20, 90, 160))
+    image_id, n = tok.convert_tokens_to_ids(IMG), tower["num_image_tokens"]
+    start_id = tok.convert_tokens_to_ids(DEFAULT_IM_START_TOKEN)
+    checked = 0
+    for conv_name, msgs in CONVERSATIONS.items():
+        chat = as_chat(msgs, image)
+        if chat is None:
+            continue
+        train_ids = tokenize_conversation(msgs, template, tok, image_token_id=image_id, num_image_tokens=n,
+                                          model_max_length=100_000, mm_use_im_start_end=True).input_ids
+        rendered = loaded.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"][0]
+        assert rendered == train_ids, (conv_name, loaded.apply_chat_template(chat, tokenize=False))
+        assert train_ids.count(start_id) == sum(m.content.count(IMG) for m in msgs)
+        checked += 1
+    assert checked >= 14

@@ -7,9 +7,12 @@ For each named conversation template (``llava.data.templates``) a Jinja template
 the training ids. The BOS goes where training puts it, as an id: when the tokenizer adds it itself
 (``tokenizer("x")`` starts with it, Llama/Mistral SentencePiece tokenizers) the template leaves it out and the
 processor's tokenization adds it; otherwise the template writes ``bos_token`` (the processor then tokenizes
-without adding special tokens). A message's content is a string (``<image>`` where the image goes) or a list of
-``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts: its images come first, each ``"<image>\\n"``,
-then its text, stripped, which is LLaVA's placement. ``auto`` keeps the tokenizer's own chat template.
+without adding special tokens); for a template that places no BOS (``chatml``, ``auto``) the saved tokenizer stops
+adding one (``add_bos_token`` False). A message's content is a string (``<image>`` where the image goes; with the
+default ``--image_placement front``, one ``<image>`` in the conversation moves to the front of its turn, as in
+training) or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts: its images come first, each
+``"<image>\\n"``, then its text, stripped, which is LLaVA's placement. ``auto`` keeps the tokenizer's own chat
+template (strings rendered as given: send them as training placed them).
 """
 
 from __future__ import annotations
@@ -26,19 +29,30 @@ _SPLIT_SYSTEM = (
 )
 
 
-def _content_macro(image: str) -> str:
-    """``content(m)``: a string as it is (``<image>`` wrapped if asked); parts: images first, then the text."""
+def _content_macro(image: str, image_front: bool) -> str:
+    """``content(m)``: a string as it is, or with ``image_front`` and one ``<image>`` in the whole conversation,
+    ``("<image>\\n" + rest.strip()).strip()`` (``templates.place_images``); parts: images first, then the text,
+    stripped as that is. ``<image>`` wrapped if asked."""
+    tok = DEFAULT_IMAGE_TOKEN
     lit = json.dumps(image + "\n")
-    wrap = "" if image == DEFAULT_IMAGE_TOKEN else f".replace('{DEFAULT_IMAGE_TOKEN}', {json.dumps(image)})"
+    wrap = "" if image == tok else f".replace('{tok}', {json.dumps(image)})"
+    string = f"m['content']{wrap}"
+    if image_front:
+        string = (f"((('{tok}\\n' + (m['content'].replace('{tok}', '') | trim)) | trim) if n_images() == '1' and "
+                  f"'{tok}' in m['content'] else m['content']){wrap}")
     return (
+        "{%- macro n_images() -%}{%- set ns = namespace(n=0) -%}{%- for x in messages -%}"
+        f"{{%- if x['content'] is string -%}}{{%- set ns.n = ns.n + x['content'].count('{tok}') -%}}"
+        "{%- else -%}{%- for p in x['content'] if p['type'] == 'image' -%}{%- set ns.n = ns.n + 1 -%}{%- endfor -%}"
+        "{%- endif -%}{%- endfor -%}{{ ns.n }}{%- endmacro -%}"
         "{%- macro content(m) -%}"
-        f"{{%- if m['content'] is string -%}}{{{{ m['content']{wrap} }}}}"
+        f"{{%- if m['content'] is string -%}}{{{{ {string} }}}}"
         "{%- else -%}{%- set ns = namespace(text='', images=0) -%}"
         "{%- for p in m['content'] -%}"
         "{%- if p['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}"
         "{%- elif p['type'] == 'text' -%}{%- set ns.text = ns.text + p['text'] -%}{%- endif -%}"
         "{%- endfor -%}"
-        f"{{{{ {lit} * ns.images + ((ns.text | trim) if ns.images else ns.text) }}}}"
+        f"{{{{ (({lit} * ns.images + (ns.text | trim)) | trim) if ns.images else ns.text }}}}"
         "{%- endif -%}"
         "{%- endmacro -%}"
     )
@@ -121,7 +135,7 @@ def chat_template_for(template: T.ConversationTemplate, tokenizer, mm_use_im_sta
         image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
     bos = "{{ bos_token }}" if template.uses_bos and tokenizer.bos_token and not tokenizer_adds_bos(tokenizer) else ""
     body = _bodies(default_system)[kind].replace("BOS", bos).replace("SEP", sep)
-    return _content_macro(image) + body
+    return _content_macro(image, template.image_front) + body
 
 
 def set_chat_template(processor, template: T.ConversationTemplate, mm_use_im_start_end: bool = False) -> None:
@@ -129,3 +143,7 @@ def set_chat_template(processor, template: T.ConversationTemplate, mm_use_im_sta
     chat_template = chat_template_for(template, processor.tokenizer, mm_use_im_start_end)
     processor.chat_template = chat_template
     processor.tokenizer.chat_template = chat_template
+    if not template.uses_bos and tokenizer_adds_bos(processor.tokenizer):
+        # chatml / auto place no BOS of their own (auto: only one its chat template writes), so training has none;
+        # a tokenizer that adds one would give processor.apply_chat_template and tokenizer(prompt) an extra first id.
+        processor.tokenizer.add_bos_token = False

@@ -208,7 +208,8 @@ class ConversationTemplate:
 
 
 def place_images(messages: list[Message], image_front: bool = True) -> list[Message]:
-    """LLaVA's placement: with one ``<image>`` in the conversation, its message becomes ``"<image>\\n" + rest.strip()``.
+    """LLaVA's placement: with one ``<image>`` in the conversation, its message becomes
+    ``("<image>\\n" + rest.strip()).strip()`` (so ``"<image>"`` alone when it has no other text).
 
     Multi-image conversations (and ``image_front=False``) keep the record's own placement."""
     if not image_front or sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in messages) != 1:
@@ -216,7 +217,7 @@ def place_images(messages: list[Message], image_front: bool = True) -> list[Mess
     out = []
     for m in messages:
         if DEFAULT_IMAGE_TOKEN in m.content:
-            m = Message(m.role, DEFAULT_IMAGE_TOKEN + "\n" + m.content.replace(DEFAULT_IMAGE_TOKEN, "").strip())
+            m = Message(m.role, (DEFAULT_IMAGE_TOKEN + "\n" + m.content.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip())
         out.append(m)
     return out
 

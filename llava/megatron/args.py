@@ -57,6 +57,8 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         "--deepspeed (the megatron backend replaces DeepSpeed; drop the flag)": bool(training_args.deepspeed),
         "--gradient_checkpointing True (not wired to megatron-core recompute yet)": training_args.gradient_checkpointing,
         "--fp16 True (use --bf16 True or fp32)": training_args.fp16,
+        "--bf16 True without a GPU (megatron-core's mixed-precision optimizer takes CUDA tensors only: train in fp32 "
+        "on CPU)": training_args.bf16 and not _has_gpu(),
         f"--optim {optim} (megatron-core's Adam is torch AdamW: use adamw_torch)":
             optim not in ("adamw_torch", "adamw_torch_fused"),
         f"--lr_scheduler_type {scheduler} (supported: {', '.join(LR_SCHEDULERS)})": scheduler not in LR_SCHEDULERS,
@@ -80,6 +82,18 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         from llava.errors import UsageValueError  # one line from `llava train`, exit code 2
 
         raise UsageValueError("--backend megatron does not support: " + "; ".join(bad))
+
+
+def trains_new_embeddings(model_args, added_tokens: int) -> bool:
+    """Stage 1 with ``--mm_use_im_start_end`` trains the input embeddings (the new tokens' rows) with the projector
+    and saves them beside it, as the hf backend does (``llava.model.builder.apply_freezing``, ``LLaVATrainer``)."""
+    return bool(model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens > 0)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _value(option) -> str:

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from llava.errors import UsageValueError
-from llava.megatron.args import LR_SCHEDULERS, check_megatron_combinations
+from llava.megatron.args import LR_SCHEDULERS, check_megatron_combinations, trains_new_embeddings
 from llava.megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llava.megatron.data import StepBatches, build_dataset, load_processor_bits
 from llava.megatron.dist import ParallelLayout, padded_vocab_size
@@ -165,7 +165,7 @@ def apply_freezing(chunks, model_args, added_tokens: int) -> dict[str, int]:
     tune_llm = not (model_args.tune_mm_mlp_adapter or model_args.freeze_backbone)
     tune_projector = not model_args.freeze_mm_mlp_adapter
     tune_vision = model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter
-    tune_embeddings = model_args.tune_mm_mlp_adapter and model_args.mm_use_im_start_end and added_tokens > 0
+    tune_embeddings = trains_new_embeddings(model_args, added_tokens)
     counts = {"vision_tower": 0, "projector": 0, "language_model": 0}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
@@ -176,7 +176,10 @@ def apply_freezing(chunks, model_args, added_tokens: int) -> dict[str, int]:
                 param.requires_grad_(tune_projector)
                 part = "projector"
             else:
-                embedding = name == "embedding.word_embeddings.weight"
+                # with tied embeddings at PP > 1 the last stage holds a copy of the word embeddings: it trains with
+                # them (megatron-core all-reduces the two copies' gradients, and waits forever for a frozen one)
+                embedding = name == "embedding.word_embeddings.weight" or (
+                    name == "output_layer.weight" and chunk.share_embeddings_and_output_weights)
                 param.requires_grad_(tune_llm or (embedding and tune_embeddings))
                 part = "language_model"
             counts[part] += param.numel() if param.requires_grad else 0

@@ -69,3 +69,25 @@ def test_missing_data_path_exits_two(tiny_models, bad_corpus, tmp_path, capsys):
     corpus = dict(bad_corpus, data_path=tmp_path / "nope.json")
     assert main(check_argv(tiny_models, corpus)) == 2
     assert "llava data check: error: --data_path" in capsys.readouterr().err
+
+
+def test_image_placement_flag_reaches_the_checks_tokenization(tiny_models, bad_corpus):
+    """``llava data check`` tokenizes as training does: the BOS as its id, a single ``<image>`` moved to the front of
+    its turn by default and left where the record has it with ``--image_placement keep``."""
+    from transformers import AutoTokenizer
+
+    from llava.data.check import _tokenize, build_parser, load_token_setup
+    from llava.data.records import parse_record
+
+    record = parse_record({"id": "r", "image": "a.png", "conversations": [
+        {"from": "human", "value": "Which colour is it? <image>"}, {"from": "gpt", "value": "Red."}]}, 0)
+    tok = AutoTokenizer.from_pretrained(tiny_models["llm"])
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions.")
+    for extra, question in (((), "<image>\nWhich colour is it?"), (("--image_placement", "keep"), record.messages[0].content)):
+        args, _ = build_parser().parse_known_args(check_argv(tiny_models, bad_corpus, *extra)[2:])
+        setup = load_token_setup(args)
+        text = f"{system} USER: {question} ASSISTANT: Red.</s>"  # LLaVA's v1, written out
+        ids = [tok.bos_token_id] + setup.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [i for t in ids for i in ([t] * setup.num_image_tokens if t == setup.image_token_id else [t])]
+        assert _tokenize(record, setup, 4096).input_ids == ids, extra

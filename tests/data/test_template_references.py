@@ -8,10 +8,12 @@ conditional ``<<SYS>>`` wrap of its latest version; ``preprocess_plain``; ``prep
 placement), LLaVA-NeXT's ``llava_llama_3`` (Meta's Llama-3 template with LLaVA's system message first), and the
 models' published Jinja chat templates (Mistral-7B-Instruct-v0.1, Qwen2, Llama-3-Instruct) rendered by jinja2.
 The reference ids are the reference prompt tokenized the reference way: the BOS id, then the text (a BOS the Jinja
-template writes is that id). For >= 15 conversations (system prompts, empty system, multi-turn, whitespace, newlines,
-unicode, images anywhere, several images): ``input_ids`` equal the reference ids, and each run of supervised tokens
-decodes to exactly one assistant reply plus its end-of-turn marker (so moving one label breaks the test).
-``mistral`` is also held, id for id, against Mistral's own library (mistral-common's v1 instruct tokenizer).
+template writes is that id). For every template, with both tokenizers, and >= 15 conversations (system prompts, empty
+system, multi-turn, whitespace, newlines, unicode, images anywhere, several images): ``input_ids`` equal the reference
+ids, and each run of supervised tokens decodes to exactly one assistant reply plus its end-of-turn marker, starting
+no earlier than the reply's own text (so moving one label breaks the test). ``auto`` with each published template set
+on the tokenizer equals that template's reference. ``mistral`` is also held, id for id, against Mistral's own library
+(mistral-common's v1 instruct tokenizer).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from transformers import AutoTokenizer
 
 from llava.constants import IGNORE_INDEX
 from llava.data.records import Message
-from llava.data.templates import get_template
+from llava.data.templates import TEMPLATES, get_template
 from llava.data.tokenize import build_generation_prompt, tokenize_conversation
 from llava.demo.tiny_models import train_tiny_tokenizer
 from llava.model.builder import add_multimodal_tokens
@@ -91,10 +93,18 @@ CONVERSATIONS = {
     "trailing_newline_reply": C(f"{IMG}\nCaption?", "A red circle on a white background.\n"),
     "system_multi_turn_image_late": C("Hi there.", "Hello!", f"What about this {IMG} picture?", "It shows a tree.",
                                       system="You are terse."),
+    "image_only": C(IMG, "A photo of a cat."),
+    "caption_spaces": C(f"{IMG}\n", "  a dog on the grass  "),
+    "caption_lines": C(f"{IMG}\nDescribe.", "Line one.\nLine two."),
+    "image_between_words": C(f"Caption {IMG} please", "3 apples, 2 pears & 1 kiwi (total: 6)."),
+    "quotes": C(f"{IMG}\n\"Quoted\" question?", "He said: \"hello\" — and left…"),
+    "cjk_emoji": C(f"{IMG} 描述一下", "一只猫 🐈 在睡觉。"),
+    "three_images": C(f"{IMG}{IMG}\n{IMG}\nCompare.", "All three are squares."),
 }
 assert len(CONVERSATIONS) >= 15
-PLAIN_CONVERSATIONS = [n for n, c in CONVERSATIONS.items()
+PLAIN_CONVERSATIONS = [n for n, c in CONVERSATIONS.items()  # preprocess_plain: one image turn, one caption
                        if len(c) == 2 and c[0].role == "user" and IMG in c[0].content]
+assert len(PLAIN_CONVERSATIONS) >= 15
 
 
 # --- reference renderings ----------------------------------------------------------------------------------------
@@ -175,16 +185,24 @@ REFERENCES = {
     "llama3": jinja_reference(LLAMA3_JINJA),
     "llava_llama_3": jinja_reference(LLAMA3_JINJA, default_system=LLAVA_LLAMA),
 }
-# What each template supervises per reply: the reply and its end-of-turn marker (from the definitions above).
+# What each template renders for a reply from the end of the prompt before it on: the separator the reference puts
+# first (a space in LLaVA's "ASSISTANT: " and " [/INST] "), the reply, its end-of-turn marker (from the definitions
+# above). The supervised tokens decode to this text, less at most its leading whitespace.
 SUPERVISED = {
-    "plain": lambda r: r + "\n", "vicuna_v1": lambda r: r + "</s>", "llava_v1": lambda r: r + "</s>",
-    "llama_2": lambda r: r + " </s>", "llava_llama_2": lambda r: r + " </s>", "mistral_instruct": lambda r: r + " </s>",
-    "mistral": lambda r: r + "</s>", "chatml": lambda r: r + "<|im_end|>",
+    "plain": lambda r: r + "\n", "vicuna_v1": lambda r: " " + r + "</s>", "llava_v1": lambda r: " " + r + "</s>",
+    "llama_2": lambda r: " " + r + " </s>", "llava_llama_2": lambda r: " " + r + " </s>",
+    "mistral_instruct": lambda r: " " + r + " </s>", "mistral": lambda r: " " + r + "</s>",
+    "chatml": lambda r: r + "<|im_end|>",
     "llama3": lambda r: r.strip() + "<|eot_id|>", "llava_llama_3": lambda r: r.strip() + "<|eot_id|>",
 }
-# SentencePiece (Llama/Mistral family): the templates of those models; byte-level BPE with chat markers: all.
-SP_TEMPLATES = ["plain", "vicuna_v1", "llava_v1", "llama_2", "llava_llama_2", "mistral_instruct", "mistral"]
-CASES = [("sentencepiece", t) for t in SP_TEMPLATES] + [("bpe", t) for t in REFERENCES]
+# Both tokenizers, every template: the SentencePiece one (Llama/Mistral family) gets the ChatML and Llama-3 markers
+# as special tokens, as a user adding them to such a vocabulary would; the byte-level BPE one has them already.
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CASES = [(kind, t) for kind in ("sentencepiece", "bpe") for t in REFERENCES]
+# ``auto`` renders the tokenizer's own chat template: with each published template set on the tokenizer it must
+# give what the template's named twin's reference gives.
+AUTO_CASES = [(kind, t) for kind in ("sentencepiece", "bpe") for t in ("mistral", "chatml", "llama3")]
+JINJA = {"mistral": MISTRAL_V01_JINJA, "chatml": QWEN2_JINJA, "llama3": LLAMA3_JINJA}
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +210,10 @@ def tokenizers(sentencepiece_tokenizer_dir):
     sp = AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir)
     texts = [m.content.replace(IMG, "") for c in CONVERSATIONS.values() for m in c] + [VICUNA, META_LLAMA2, LLAVA_LLAMA]
     bpe = train_tiny_tokenizer(texts, vocab_size=600)
+    sp.add_special_tokens({"additional_special_tokens": CHAT_MARKERS})
     for tok in (sp, bpe):
         add_multimodal_tokens(tok, False)
+        assert all(len(tok(m, add_special_tokens=False)["input_ids"]) == 1 for m in CHAT_MARKERS)
     assert sp.convert_ids_to_tokens(sp("A chat")["input_ids"]) == ["<s>", "▁A", "▁chat"]
     return {"sentencepiece": sp, "bpe": bpe}
 
@@ -226,19 +246,44 @@ def _conversations(name):
     return PLAIN_CONVERSATIONS if name == "plain" else list(CONVERSATIONS)
 
 
+def test_every_template_has_a_reference():
+    assert set(REFERENCES) | {"auto"} == set(TEMPLATES)
+    assert {get_template(alias).name for alias in ("v1", "qwen_2", "qwen_1_5")} == {"vicuna_v1", "chatml"}
+
+
+def check_against_reference(tok, name, template, msgs, conv_name):
+    """ids = the reference prompt's ids; each run of supervised tokens is one reply as the reference renders it."""
+    sample = tokenize_conversation(msgs, template, tok, image_token_id=tok.convert_tokens_to_ids(IMG),
+                                   num_image_tokens=N_IMAGE_TOKENS, model_max_length=100_000)
+    assert sample.input_ids == reference_ids(tok, name, msgs), (conv_name, tok.convert_ids_to_tokens(
+        sample.input_ids), tok.convert_ids_to_tokens(reference_ids(tok, name, msgs)))
+    replies = [SUPERVISED[name](m.content) for m in msgs if m.role == "assistant"]
+    runs = supervised_runs(tok, sample.input_ids, sample.labels)
+    assert len(runs) == len(replies), conv_name
+    for run, reply in zip(runs, replies):  # the run starts inside the reply's text, at most its leading space left out
+        assert reply.endswith(run) and run.lstrip() == reply.lstrip(), (conv_name, run, reply)
+
+
 @pytest.mark.parametrize(("kind", "name"), CASES)
 def test_training_ids_equal_reference_and_labels_are_the_replies(tokenizers, kind, name):
-    tok = tokenizers[kind]
-    template = get_template(name)
     for conv_name in _conversations(name):
-        msgs = CONVERSATIONS[conv_name]
-        sample = tokenize_conversation(msgs, template, tok, image_token_id=tok.convert_tokens_to_ids(IMG),
-                                       num_image_tokens=N_IMAGE_TOKENS, model_max_length=100_000)
-        assert sample.input_ids == reference_ids(tok, name, msgs), (conv_name, tok.convert_ids_to_tokens(
-            sample.input_ids), tok.convert_ids_to_tokens(reference_ids(tok, name, msgs)))
-        replies = [SUPERVISED[name](m.content) for m in msgs if m.role == "assistant"]
-        runs = supervised_runs(tok, sample.input_ids, sample.labels)
-        assert [r.lstrip() for r in runs] == [r.lstrip() for r in replies], conv_name
+        check_against_reference(tokenizers[kind], name, get_template(name), CONVERSATIONS[conv_name], conv_name)
+
+
+@pytest.mark.parametrize(("kind", "name"), AUTO_CASES)
+def test_auto_with_a_published_chat_template_equals_its_reference(tokenizers, kind, name):
+    tok = tokenizers[kind]
+    saved = tok.chat_template
+    tok.chat_template = JINJA[name]
+    try:
+        for conv_name in CONVERSATIONS:
+            check_against_reference(tok, name, get_template("auto"), CONVERSATIONS[conv_name], conv_name)
+            msgs = CONVERSATIONS[conv_name][:-1]
+            ids = build_generation_prompt(msgs, get_template("auto"), tok, image_token_id=tok.convert_tokens_to_ids(IMG),
+                                          num_image_tokens=N_IMAGE_TOKENS)
+            assert ids == reference_ids(tok, name, msgs, generation=True), conv_name
+    finally:
+        tok.chat_template = saved
 
 
 @pytest.mark.parametrize(("kind", "name"), CASES)

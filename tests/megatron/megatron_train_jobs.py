@@ -8,7 +8,8 @@ raise (its message is written to ``<output_dir>/error.txt``). Used by ``test_meg
 
 With ``LLAVA_TEST_PAUSE_IN_SAVE=STEP:SECONDS`` in the environment, the save of checkpoint STEP pauses after every
 rank staged its weights (before the optimizer state), leaving ``checkpoint-STEP.tmp/PAUSED`` for the test to kill
-on; the product's checkpoint code knows nothing of it.
+on and ``PID_<rank>`` files naming the ranks to kill (torchrun starts them in sessions of their own, so killing
+torchrun's process group leaves them running); the product's checkpoint code knows nothing of it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def install_pause(step: int, seconds: float) -> None:
     def pausing_write(staging, *args, **kwargs):
         write_rank_shards(staging, *args, **kwargs)
         if Path(staging).name == f"checkpoint-{step}.tmp":
+            (Path(staging) / f"PID_{torch.distributed.get_rank()}").write_text(str(os.getpid()))
+            torch.distributed.barrier()  # every rank's PID is on disk before the test sees PAUSED
             if torch.distributed.get_rank() == 0:
                 (Path(staging) / "PAUSED").write_text("")
             time.sleep(seconds)

@@ -11,7 +11,7 @@ backend's padded batches) -- all Megatron runs in one torchrun launch (``megatro
 Checked: per-step losses (<= 1e-4 relative) and stage 2's held-out eval loss; the exported weights (native Llava
 checkpoint, or the stage-1 projector file) against the hf backend's (<= 1e-5); that transformers loads the export
 and ``llava predict`` answers from it as from the hf backend's; the modality-grouped order (Qwen2 stage 2) and
-``--mm_projector_lr`` (Llama stage 2); wandb
+``--mm_projector_lr`` (Llama stage 2); the freezing flags and stage 1's new-token embeddings; wandb
 logging; exact resume from a Megatron checkpoint and a kill mid-save; unsupported combinations fail at start-up.
 """
 
@@ -54,6 +54,13 @@ STAGES = {
     2: lambda data: ["--version", "vicuna_v1", "--data_path", str(data["stage2_qa"]), "--learning_rate", "1e-4"],
 }
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+# the freezing flags and stage 1's new-token embeddings: (LM, stage, flags, layout) -> which weights train
+VARIANTS = {
+    "freeze_backbone": ("llama", 2, ["--freeze_backbone", "True", "--unfreeze_mm_vision_tower", "True"], "tp2pp1"),
+    "freeze_projector": ("llama", 2, ["--freeze_mm_mlp_adapter", "True", "--unfreeze_mm_vision_tower", "True"],
+                         "tp1pp2"),
+    "start_end_tokens": ("qwen2", 1, ["--mm_use_im_start_end", "True"], "tp1pp2"),  # tied: embeddings on both stages
+}
 WANDB_CASE = ("llama", 2, "tp2pp1")
 
 
@@ -150,13 +157,21 @@ def runs(tiny_models, shapes_data, qwen2_llm, tmp_path_factory) -> dict:
             train(flags)
         else:
             jobs.append([*flags, "--backend", "megatron", "--pipeline_model_parallel_size", "2"])
+    variants = {}
+    for variant, (name, stage, flags, layout) in VARIANTS.items():
+        variants[variant] = {side: root / f"{side}_{variant}" for side in ("hf", "megatron")}
+        base = _flags(llms[name], tiny_models["vision_tower"], shapes_data, stage, variants[variant]["hf"], flags)
+        train(base)
+        jobs.append([*_flags(llms[name], tiny_models["vision_tower"], shapes_data, stage, variants[variant]["megatron"],
+                             flags), "--backend", "megatron", *LAYOUTS[layout]])
     # resume: 4 steps saving every 2, then a new run resuming from its checkpoint-2 (Qwen2, stage 2, TP1 PP2)
     resume = {"full": root / "resume_full", "resumed": root / "resume_resumed"}
     jobs.append(_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["full"]))
     jobs.append([*_resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, resume["resumed"]),
                  "--resume_from_checkpoint", str(resume["full"] / "checkpoint-2")])
     _torchrun(root, jobs, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp, "epochs": epochs}
+    return {"hf": hf, "megatron": megatron, "resume": resume, "root": root, "dp": dp, "epochs": epochs,
+            "variants": variants}
 
 
 def _resume_flags(llm, tower, data, out) -> list[str]:
@@ -250,6 +265,8 @@ def test_export_loads_in_transformers_and_predicts(runs, shapes_data):
     (["--gradient_checkpointing", "True"], "--gradient_checkpointing True"),
     (["--optim", "sgd"], "--optim sgd"),
     (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad"], "--image_aspect_ratio anyres"),
+    pytest.param(["--use_cpu", "True", "--bf16", "True"], "--bf16 True without a GPU",  # Float16Optimizer: CUDA only
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 trains on a GPU")),
 ])
 def test_unsupported_combinations_fail_at_start(tiny_models, shapes_data, tmp_path, flags, message):
     argv = [*_flags(tiny_models["llm"], tiny_models["vision_tower"], shapes_data, 2, tmp_path), "--backend", "megatron",
@@ -281,27 +298,45 @@ def test_resume_repeats_the_uninterrupted_run(runs):
 
 
 def test_kill_mid_save_leaves_the_previous_checkpoint_usable(runs, qwen2_llm, tiny_models, shapes_data):
-    """SIGKILL while checkpoint-4 is being written (weights written, optimizer not yet): checkpoint-2 stays the
-    latest complete one, and ``--resume_from_checkpoint True`` continues from it to the uninterrupted losses."""
+    """SIGKILL to both ranks while checkpoint-4 is being written (weights written, optimizer not yet): checkpoint-2
+    stays the latest complete one, and ``--resume_from_checkpoint True`` continues from it to the uninterrupted
+    losses."""
     out = runs["root"] / "killed"
     flags = _resume_flags(qwen2_llm, tiny_models["vision_tower"], shapes_data, out)
     proc = _torchrun(runs["root"], [flags], env={"LLAVA_TEST_PAUSE_IN_SAVE": "4:120"}, popen=True)
     marker = out / "checkpoint-4.tmp" / "PAUSED"
+    ranks: list[int] = []
     try:
         deadline = time.time() + 300
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert marker.exists(), f"never paused in the save of checkpoint-4 (exit code {proc.poll()})"
+        ranks = [int(f.read_text()) for f in marker.parent.glob("PID_*")]
+        assert len(ranks) == 2
+        for pid in ranks:  # the training processes themselves, mid-save
+            os.kill(pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks)
     assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2" / "megatron_checkpoint.json").is_file()
 
     _torchrun(runs["root"], [[*flags, "--resume_from_checkpoint", "True"]])
     expected, got = _megatron_losses(runs["resume"]["full"]), _megatron_losses(out)
     assert all(abs(g - e) <= 1e-6 * abs(e) for g, e in zip(got, expected)) and len(got) == 4, (expected, got)
     assert (out / "checkpoint-4" / "megatron_checkpoint.json").is_file() and not (out / "checkpoint-4.tmp").exists()
+
+
+def _alive(pid: int) -> bool:
+    """A running process (not a zombie waiting for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_wandb_logs_the_step_losses(runs):
@@ -340,3 +375,27 @@ def test_epochs_count_and_cut_steps_like_the_hf_backend(runs):
     expected, got = _hf_losses(runs["epochs"]["hf"]), _megatron_losses(runs["epochs"]["megatron"])
     assert len(expected) == len(got) == 6
     assert max(abs(g - e) / e for g, e in zip(got, expected)) <= LOSS_RTOL, (expected, got)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_freezing_flags_train_what_the_hf_backend_trains(runs, variant):
+    """--freeze_backbone / --freeze_mm_mlp_adapter / --unfreeze_mm_vision_tower, and stage 1 with
+    --mm_use_im_start_end (the new tokens' embeddings train and are saved beside the projector): the hf backend's
+    losses and weights; the frozen parts are bit-for-bit those of the starting checkpoint, the others moved."""
+    hf_dir, mg_dir = runs["variants"][variant]["hf"], runs["variants"][variant]["megatron"]
+    expected, got = _hf_losses(hf_dir), _megatron_losses(mg_dir)
+    assert len(got) == 5 and max(abs(g - e) / e for g, e in zip(got, expected)) <= LOSS_RTOL, (expected, got)
+    name = "mm_projector.safetensors" if VARIANTS[variant][1] == 1 else "model.safetensors"
+    a, b = load_file(hf_dir / name), load_file(mg_dir / name)
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL
+    init = load_file(mg_dir / "megatron_init" / "model.safetensors")
+    if variant == "start_end_tokens":
+        assert "embed_tokens.weight" in b
+        before = init["language_model.model.embed_tokens.weight"]
+        assert (b["embed_tokens.weight"] - before).abs().max() > 10 * WEIGHT_ATOL
+        return
+    frozen = "language_model." if variant == "freeze_backbone" else "multi_modal_projector."
+    moved = {part: max((b[k] - init[k]).abs().max().item() for k in b if k.startswith(part))
+             for part in ("language_model.", "multi_modal_projector.", "vision_tower.")}
+    assert moved.pop(frozen) == 0.0 and min(moved.values()) > 10 * WEIGHT_ATOL, moved

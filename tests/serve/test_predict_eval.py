@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import defaultdict
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from llava.data.records import Message
+from llava.run_dir import ARGS_FILE
 from llava.serve.eval import evaluate, format_table
 from llava.serve.predict import Predictor
 from llava.train.train import train
@@ -82,6 +84,30 @@ def test_answer_equals_manual_greedy_decode(stage2_dir, predictor, shapes_data, 
         assert got == manual_greedy(model, processor, prompt_ids, image, max_new_tokens=6)
         answers.append(got)
     assert any(answers), "the tiny model should say something, or this comparison proves little"
+
+
+def test_prompt_is_what_training_and_the_saved_chat_template_give(stage2_dir, predictor, tmp_path):
+    """``llava predict`` / ``eval`` prompt ids: the BOS as its id, a single ``<image>`` moved to the front of its turn
+    (the run's default ``--image_placement front``), equal to the checkpoint processor's own chat template and
+    tokenization; a run trained with ``--image_placement keep`` is served with the record's placement."""
+    processor = AutoProcessor.from_pretrained(stage2_dir)
+    question = "Which colour is it? <image>"
+    ids = predictor.prompt_ids([Message("user", question)])
+    text = processor.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert ids == processor(text=text, images=[Image.new("RGB", (64, 64))])["input_ids"][0]
+    assert ids[0] == processor.tokenizer.bos_token_id and ids.count(ids[0]) == 1
+    assert ids == predictor.prompt_ids([Message("user", "<image>\nWhich colour is it?")])
+    kept_dir = tmp_path / "kept"
+    shutil.copytree(stage2_dir, kept_dir)
+    run = json.loads((kept_dir / ARGS_FILE).read_text())
+    run["data_args"]["image_placement"] = "keep"
+    (kept_dir / ARGS_FILE).write_text(json.dumps(run))
+    kept = Predictor.load(kept_dir)
+    assert kept.template.image_front is False
+    kept_ids = kept.prompt_ids([Message("user", question)])
+    image_id = predictor.model.config.image_token_id
+    assert kept_ids.count(image_id) == ids.count(image_id) and kept_ids.index(image_id) > ids.index(image_id)
 
 
 def test_batched_generation_equals_one_at_a_time(predictor, shapes_data, heldout):

@@ -25,6 +25,30 @@ COMMANDS = ("train", "data", "convert", "demo", "predict", "eval", "merge", "imp
 CONVERT_COMMANDS = ("hf2mcore", "mcore2hf", "mcore2mcore")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def shard_size(text: str) -> str:
+    """argparse type: a shard size as ``save_pretrained`` takes it (2GB, 500MB, 1GiB, bytes); kept as given."""
+    from llava.safetensors_io import parse_size  # when the command runs (argparse converts after --help exits)
+
+    try:
+        ok = parse_size(text) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 1GiB, got {text!r}")
+    return text
+
+
 def _demo_parser(sub) -> None:
     from llava.demo.run import add_demo_arguments  # the DemoConfig fields; torch is imported only to run
 
@@ -37,7 +61,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--image", default=None, help="image file (omit for a text-only question)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--version", default=None, help="template override (for checkpoints without llava_args.json)")
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=positive_int, default=64)
 
 
 def _eval_parser(sub) -> None:
@@ -46,7 +70,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--data", required=True, help="LLaVA JSON/JSONL; the last gpt turn of each record is the gold")
     p.add_argument("--image_folder", default=None)
     p.add_argument("--version", default=None)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--blank_images", action="store_true", help="also score with every image blanked")
     p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
 
@@ -56,7 +80,7 @@ def _merge_parser(sub) -> None:
     p.add_argument("--adapter", required=True, help="output directory of a --lora_enable run")
     p.add_argument("--out", required=True, help="where to write the merged Llava checkpoint")
     p.add_argument("--dtype", default="float32", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--max_shard_size", default="2GB")
+    p.add_argument("--max_shard_size", type=shard_size, default="2GB")
     p.add_argument("--model_base", default=None, help="override the base LLM / Llava path recorded in the run")
     p.add_argument("--in_memory", action="store_true", help="merge the whole model in memory instead of streaming")
 
@@ -69,7 +93,7 @@ def _import_parser(sub) -> None:
     p.add_argument("--version", default=None, help="conversation template the model was trained with (default: "
                    "chatml for a Qwen2 LLM, else vicuna_v1)")
     p.add_argument("--vision_tower", default=None, help="override config.json's mm_vision_tower (a local directory)")
-    p.add_argument("--max_shard_size", default="5GB")
+    p.add_argument("--max_shard_size", type=shard_size, default="5GB")
 
 
 def build_parser() -> ArgumentParser:
@@ -128,7 +152,9 @@ def run_command(argv: list[str]) -> int:
 
         return convert_main(rest)
 
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (`llava {args.command} --help` lists the flags)")
     if args.command == "merge":
         from llava.export.merge import merge_main
 

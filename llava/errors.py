@@ -64,8 +64,14 @@ def require_model_path(flag: str, value: str, *, hint: str = "give the directory
     """A model directory, or a Hub id that ``from_pretrained`` can still resolve (online, or in the local cache).
 
     A value that cannot be a Hub id (absolute, ``./``, ``~``, more than one ``/``) must exist; with ``HF_HUB_OFFLINE``
-    set, a Hub id must be in the cache. Anything else is left to ``from_pretrained``."""
-    if Path(value).expanduser().exists():
+    set, a Hub id must be in the cache. Anything else is left to ``from_pretrained``. A local path must be a
+    directory holding ``config.json`` (a model saved with ``save_pretrained``)."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        raise UsagePathError(f"{flag} {value} is a file, not a directory; {hint}")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsagePathError(f"{flag} {value} has no config.json, so it is no model directory; {hint}")
         return
     if not _HUB_ID.match(value) or ".." in value:
         raise UsagePathError(f"{flag} {value}: no such directory; {hint}")

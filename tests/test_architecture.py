@@ -6,6 +6,9 @@
   ``llava/run_dir.py``);
 - no import cycle anywhere in ``llava/``: the graph of "module A imports module B" has no cycle, counting imports
   inside functions (a cycle hidden behind a function-level import is still a cycle);
+- every module of ``llava/`` is placed in ``docs/architecture.md`` (by its path, or by its file name in the paragraph
+  of its package);
+- nothing in the repository points at the developers' ``../shared`` or ``/work/shared`` (users do not have it);
 - every repository file that a docstring, comment or doc cites by path (under llava, tests, scripts, docs,
   playground, zero_configs) exists: in the package, the tests, the scripts, the README and ``docs/``.
 
@@ -134,3 +137,38 @@ def test_every_cited_file_exists():
     assert {"llava/run_dir.py", "docs/architecture.md", "zero_configs/zero2.json"} <= set(cited)  # the pattern works
     missing = {rel: where for rel, where in cited.items() if not (REPO / rel).exists() and rel not in NOT_OURS}
     assert missing == {}, f"files cited but not in the repository: {missing}"
+
+
+def unplaced_modules(root: Path, doc: str, package: str = "llava") -> list[str]:
+    """Modules of ``root/package`` the architecture doc does not name: by path (``llava/run_dir.py``,
+    ``train/train.py``), or by file name within the paragraph that opens with its subpackage (``**`llava/pkg`**``)."""
+    paragraphs = doc.split("\n\n")
+    missing = []
+    for path in sorted((root / package).rglob("*.py")):
+        rel = path.relative_to(root / package).as_posix()
+        sub = rel.rpartition("/")[0]
+        if path.name == "__init__.py" or f"{package}/{rel}" in doc or (sub and rel in doc):
+            continue
+        if sub and any(f"**`{package}/{sub}`**" in p and f"`{path.name}`" in p for p in paragraphs):
+            continue
+        missing.append(rel)
+    return missing
+
+
+def test_every_module_is_placed_in_the_architecture_doc(tmp_path):
+    doc = (REPO / "docs/architecture.md").read_text()
+    assert unplaced_modules(REPO, doc) == [], "place these modules in docs/architecture.md"
+    write_package(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "", "pkg/data/b.py": "", "pkg/data/c.py": "",
+                             "pkg/train/d.py": "", "pkg/train/e.py": ""})
+    toy = "**`pkg/a.py`** is a.\n\n**`pkg/data`** has `b.py`.\n\n**`pkg/train`** has `c.py`; see `train/d.py`."
+    assert unplaced_modules(tmp_path, toy, "pkg") == ["data/c.py", "train/e.py"]  # c: named in another paragraph
+
+
+def test_nothing_points_at_the_developers_shared_folder():
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"\.\./shared\b|/work/shared\b")
+    hits = [f for f in files if (REPO / f).is_file() and pattern.search((REPO / f).read_text(errors="replace"))
+            and f != "tests/test_architecture.py"]
+    assert hits == [], f"these files point at a folder users do not have: {hits}"

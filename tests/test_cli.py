@@ -64,8 +64,21 @@ def _train_argv(p: dict, *, drop: tuple[str, ...] = (), **flags: str) -> list[st
     ("unknown_template", "--version 'nope' is not a known template"),
     ("projector_missing", "--pretrain_mm_mlp_adapter nope.safetensors: no such file"),
     ("invalid_json_data", "invalid JSON"),
+    ("model_is_a_tower", "is a vision tower (clip_vision_model): give the LLM or Llava checkpoint directory"),
+    ("model_is_a_stage1_run", "has no config.json, so it is no model directory"),
+    ("model_without_tokenizer", "has no tokenizer (tokenizer.json"),
+    ("tower_is_an_llm", "model_type 'llama' is not one of ['clip', 'clip_vision_model', 'siglip'"),
+    ("projector_not_a_projector", "is not a projector file (UnpicklingError): give a stage-1 run's"),
+    ("megatron_world_size", "1 process(es) launched, not a multiple of --tensor_model_parallel_size 2"),
+    ("megatron_lora", "--backend megatron does not support: --lora_enable True"),
+    ("resume_not_a_checkpoint", "is no checkpoint (no trainer_state.json or megatron_checkpoint.json); give a "
+                                "checkpoint-N directory of the run"),
+    ("output_dir_is_a_file", "is a file; give a directory (created if missing)"),
+    ("data_dir_not_saved", "is a directory that `datasets` did not save (no state.json or dataset_dict.json)"),
 ])
 def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
+    if case.startswith("megatron"):
+        pytest.importorskip("megatron.core")  # the backend's module imports it (the megatron extra)
     p = train_paths
     argv = {
         "no_vision_tower": lambda: _train_argv(p, drop=("--vision_tower",)),
@@ -80,12 +93,38 @@ def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
         "unknown_template": lambda: _train_argv(p, version="nope"),
         "projector_missing": lambda: _train_argv(p, pretrain_mm_mlp_adapter="nope.safetensors"),
         "invalid_json_data": lambda: _train_argv(p, data_path=str(_write(tmp_path / "d.json", "[{"))),
+        "model_is_a_tower": lambda: _train_argv(p, model_name_or_path=p["tower"]),
+        "model_is_a_stage1_run": lambda: _train_argv(p, model_name_or_path=str(_stage1_like(tmp_path / "s1"))),
+        "model_without_tokenizer": lambda: _train_argv(p, model_name_or_path=str(_config_only(tmp_path / "m", "llama"))),
+        "tower_is_an_llm": lambda: _train_argv(p, vision_tower=p["llm"]),
+        "projector_not_a_projector": lambda: _train_argv(p, pretrain_mm_mlp_adapter=p["data"]),
+        "megatron_world_size": lambda: _train_argv(p, backend="megatron", tensor_model_parallel_size="2"),
+        "megatron_lora": lambda: _train_argv(p, backend="megatron", lora_enable="True"),
+        "resume_not_a_checkpoint": lambda: _train_argv(p, resume_from_checkpoint=p["images"]),
+        "output_dir_is_a_file": lambda: _train_argv(p, output_dir=p["data"]),
+        "data_dir_not_saved": lambda: _train_argv(p, data_path=p["images"]),
     }[case]()
     assert expected in one_error_line(capsys, argv, "llava train")
 
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
+    return path
+
+
+def _config_only(path: Path, model_type: str) -> Path:
+    """A directory whose config.json says ``model_type`` and nothing else (no weights, no tokenizer)."""
+    path.mkdir(exist_ok=True)
+    _write(path / "config.json", json.dumps({"model_type": model_type}))
+    return path
+
+
+def _stage1_like(path: Path, kind: str = "stage1", files: tuple[str, ...] = ("mm_projector.safetensors",)) -> Path:
+    """The files of a run directory of ``kind`` (what each mistake below is told apart by; no weights in them)."""
+    path.mkdir(exist_ok=True)
+    _write(path / "llava_args.json", json.dumps({"run_kind": kind, "model_args": {}, "training_args": {}}))
+    for name in files:
+        _write(path / name, "")
     return path
 
 
@@ -100,11 +139,12 @@ def test_merge_mistakes(tmp_path, capsys):
     line = one_error_line(capsys, merge + [str(run)], "llava merge")
     assert "has no adapter_config.json: give the --output_dir of a `llava train --lora_enable True` run" in line
     assert "invalid choice: 'float8'" in one_error_line(capsys, merge + [str(run), "--dtype", "float8"], "llava merge")
+    line = one_error_line(capsys, merge + [str(run), "--max_shard_size", "lots"], "llava merge")
+    assert "argument --max_shard_size: expected a size such as 2GB, 500MB or 1GiB, got 'lots'" in line
 
 
 def test_predict_and_eval_mistakes(tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"  # exists, but is no checkpoint: the mistakes below are found before any loading
-    ckpt.mkdir()
+    ckpt = _config_only(tmp_path / "ckpt", "llava")  # a Llava config, no weights: the mistakes below come first
     line = one_error_line(capsys, ["predict", "--model", "nope", "--prompt", "hi"], "llava predict")
     assert "--model nope: no such directory" in line and "llava train" in line
     line = one_error_line(capsys, ["predict", "--model", str(ckpt), "--image", "missing.png", "--prompt", "hi"],
@@ -112,6 +152,9 @@ def test_predict_and_eval_mistakes(tmp_path, capsys):
     assert "--image missing.png: no such file" in line
     line = one_error_line(capsys, ["predict", "--model", str(ckpt), "--prompt", "hi"], "llava predict")
     assert "has no llava_args.json; pass --version" in line
+    line = one_error_line(capsys, ["predict", "--model", str(ckpt), "--prompt", "hi", "--max_new_tokens", "0"],
+                          "llava predict")
+    assert "argument --max_new_tokens: must be > 0, got 0" in line
     line = one_error_line(capsys, ["eval", "--model", str(ckpt), "--data", "nope.json"], "llava eval")
     assert "--data nope.json: no such file or directory" in line
     data = _write(tmp_path / "held.json", "[]")
@@ -120,6 +163,24 @@ def test_predict_and_eval_mistakes(tmp_path, capsys):
     assert "--image_folder nope: no such directory" in line
     assert "--batch_size" in one_error_line(capsys, ["eval", "--model", str(ckpt), "--data", str(data),
                                                      "--batch_size", "x"], "llava eval")
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_predict_and_eval_refuse_what_is_not_a_llava_checkpoint(tmp_path, capsys, command):
+    """Directories people pass as --model by mistake: each gets a one-line error saying what to do instead."""
+    extra = ["--prompt", "hi"] if command == "predict" else ["--data", str(_write(tmp_path / "held.json", "[]"))]
+    cases = {
+        _stage1_like(tmp_path / "stage1"): "is a stage-1 run (the projector only): train stage 2 from it",
+        _stage1_like(tmp_path / "lora", "lora", ("adapter_config.json", "adapter_model.safetensors")):
+            "is a lora run (an adapter): merge it first, `llava merge --adapter",
+        _stage1_like(tmp_path / "cut", "full", ()): "a full run directory, but ['config.json'] are missing",
+        tmp_path: "has no config.json; give a checkpoint directory written by `llava train` or `llava merge`",
+        _config_only(tmp_path / "llm", "llama"): "is a 'llama' model, not a Llava checkpoint (llava, llava_next, "
+                                                  "llava_onevision)",
+    }
+    for model, expected in cases.items():
+        line = one_error_line(capsys, [command, "--model", str(model), *extra, "--version", "plain"], f"llava {command}")
+        assert expected in line, line
 
 
 def test_import_llava_mistakes(tmp_path, capsys):
@@ -134,6 +195,9 @@ def test_import_llava_mistakes(tmp_path, capsys):
     line = one_error_line(capsys, ["import-llava", "--src", str(src), "--out", str(tmp_path / "o")],
                           "llava import-llava")
     assert "names no mm_vision_tower; pass --vision_tower" in line
+    line = one_error_line(capsys, ["import-llava", "--src", str(src), "--out", str(tmp_path / "o"), "--max_shard_size",
+                                   "5 gigs"], "llava import-llava")
+    assert "expected a size such as 2GB" in line
 
 
 def test_convert_data_check_demo_and_top_level_mistakes(tiny_models, shapes_data, tmp_path, capsys):
@@ -149,11 +213,34 @@ def test_convert_data_check_demo_and_top_level_mistakes(tiny_models, shapes_data
     assert "--model_name_or_path nope: no such directory" in line
     line = one_error_line(capsys, check + [data, "--model_name_or_path", str(tiny_models["llm"])], "llava data check")
     assert "--vision_tower is required" in line
+    tower, llm = str(tiny_models["vision_tower"]), str(tiny_models["llm"])
+    line = one_error_line(capsys, check + [data, "--model_name_or_path", tower, "--vision_tower", tower],
+                          "llava data check")
+    assert f"--model_name_or_path {tower} is a vision tower (clip_vision_model)" in line
+    line = one_error_line(capsys, check + [data, "--model_name_or_path", llm, "--vision_tower", llm], "llava data check")
+    assert f"--vision_tower {llm}: model_type 'llama' is not one of" in line
+    line = one_error_line(capsys, check + [data, "--model_name_or_path", str(tmp_path)], "llava data check")
+    assert "has no config.json, so it is no model directory" in line
+    line = one_error_line(capsys, check + [str(tmp_path), "--model_name_or_path", llm, "--vision_tower", tower],
+                          "llava data check")
+    assert "is a directory that `datasets` did not save" in line
+    assert "unknown data command foo" in one_error_line(capsys, ["data", "foo"], "llava data")
+    assert "required: command" in one_error_line(capsys, ["convert"], "llava convert")
+    line = one_error_line(capsys, ["convert", "mcore2hf", str(tmp_path), str(tmp_path / "o")], "llava convert mcore2hf")
+    assert "no mca_config.json" in line
+    line = one_error_line(capsys, ["convert", "mcore2mcore", "--tp", "2", str(tmp_path), str(tmp_path / "o")],
+                          "llava convert mcore2mcore")
+    assert "no mca_config.json" in line
     assert "invalid int value: 'abc'" in one_error_line(capsys, ["demo", "--batch_size", "abc"], "llava demo")
     assert "--batch_size 0: must be > 0" in one_error_line(capsys, ["demo", "--batch_size", "0"], "llava demo")
     assert "expected True or False, got 'maybe'" in one_error_line(capsys, ["demo", "--lora", "maybe"], "llava demo")
+    assert "expected True or False, got 'maybe'" in one_error_line(capsys, ["demo", "--anyres", "maybe"], "llava demo")
+    line = one_error_line(capsys, ["demo", "--epochs", "x"], "llava demo")
+    assert "unrecognized arguments: --epochs x (`llava demo --help` lists the flags)" in line
     a_file = _write(tmp_path / "f", "")
     assert "is a file" in one_error_line(capsys, ["demo", "--workdir", str(a_file)], "llava demo")
+    line = one_error_line(capsys, ["demo", "--anyres", "True", "--workdir", str(a_file / "sub")], "llava demo")
+    assert f"--workdir {a_file / 'sub'}: cannot create it (Not a directory); give a writable directory" in line
     assert "invalid choice: 'trian'" in one_error_line(capsys, ["trian"], "llava")
     assert "required: COMMAND" in one_error_line(capsys, [], "llava")
 
@@ -173,7 +260,7 @@ def test_debug_shows_the_traceback_and_real_faults_keep_theirs(tmp_path, monkeyp
         raise RuntimeError("a fault in the program, not in the input")
 
     monkeypatch.setattr(llava.serve.predict.Predictor, "load", fault)
-    (tmp_path / "ckpt").mkdir()
+    _config_only(tmp_path / "ckpt", "llava")
     with pytest.raises(RuntimeError, match="a fault in the program"):
         main(["predict", "--model", str(tmp_path / "ckpt"), "--prompt", "hi"])
 
@@ -201,7 +288,9 @@ def test_train_help_first_screen_is_the_llava_flags(monkeypatch):
     after = {flag for i, flag in flags if i > inherited}
     assert {"--output_dir", "--learning_rate", "--deepspeed", "--num_train_epochs", "--bf16"} <= after
     titles = [line for line in lines[:inherited] if re.match(r"^\w.*:$", line)]
-    assert titles[:4] == ["options:", "model:", "data:", "stage and freezing:"], titles
+    assert titles[:9] == ["options:", "model:", "data:", "stage and freezing:", "LoRA / QLoRA:", "high resolution:",
+                          "packing, speed, memory and start-up:", "Megatron:",
+                          "accepted from LLaVA scripts (fixed values):"], titles
 
 
 def test_stored_flag_table_matches_the_parser():

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from llava.constants import HAS_CLS_TOKEN
 from llava.data.images import ImageLoadError, resolve_image_path
 from llava.errors import UsageValueError
 
@@ -118,7 +119,7 @@ class AnyresLayout:
     def from_vision_config(cls, vision_config, strategy: str, pinpoints: list[list[int]],
                            max_num_patches: int | None = None) -> AnyresLayout:
         side = vision_config.image_size // vision_config.patch_size
-        has_cls = vision_config.model_type == "clip_vision_model"
+        has_cls = vision_config.model_type in HAS_CLS_TOKEN
         base = side * side + (1 if has_cls and strategy == "full" else 0)
         return cls(tuple((int(h), int(w)) for h, w in pinpoints), vision_config.image_size, vision_config.patch_size,
                    base, max_num_patches)

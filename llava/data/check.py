@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.tokenize import SampleRejected, tokenize_conversation
-from llava.data.validate import DataError, ProblemLog, check_one_image, image_problem_kind, load_raw_records
+from llava.data.validate import (
+    DataError,
+    ProblemLog,
+    check_one_image,
+    image_problem_kind,
+    load_raw_records,
+    require_saved_dataset,
+)
 from llava.errors import ArgumentParser, UsageValueError, report_usage_errors, require_model_path, require_path
 
 SEVERITY = {"duplicate_id": "warning", "image_tokens_exceed_max_length": "dropped", "no_supervised_tokens": "dropped",
@@ -156,7 +163,7 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 
     from llava.constants import DEFAULT_IMAGE_TOKEN
     from llava.data.templates import get_template
-    from llava.model.builder import VISION_MODELS, add_multimodal_tokens, num_image_tokens, select_strategy
+    from llava.model.builder import add_multimodal_tokens, num_image_tokens, select_strategy, vision_model_class
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, use_fast=True)
     add_multimodal_tokens(tokenizer, args.mm_use_im_start_end)
@@ -174,7 +181,7 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
             raise UsageValueError(f"--model_name_or_path {args.model_name_or_path} is a language model, so "
                                   f"--vision_tower is required: give a CLIP or SigLIP directory")
         tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
-        vision_config = VISION_MODELS[tower_type].config_class.from_pretrained(args.vision_tower)
+        vision_config = vision_model_class(args.vision_tower, tower_type).config_class.from_pretrained(args.vision_tower)
         strategy = select_strategy(vision_config, args.mm_vision_select_feature)
         n = num_image_tokens(vision_config, strategy)
         layout = anyres_layout(args, vision_config, strategy)
@@ -287,7 +294,8 @@ def _bool(text: str) -> bool:
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
     args, _ignored = build_parser().parse_known_args(argv)
-    require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory")
+    if require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory").is_dir():
+        require_saved_dataset(args.data_path)
     if args.image_folder:
         require_path("--image_folder", args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
@@ -295,6 +303,9 @@ def check_main(argv: list[str]) -> int:
                        hint="give the LLM or Llava checkpoint you will train (its tokenizer is used)")
     if args.vision_tower:
         require_model_path("--vision_tower", args.vision_tower, hint="give a CLIP or SigLIP directory")
+    from llava.model.builder import check_model_dirs
+
+    check_model_dirs(args.model_name_or_path, args.vision_tower)
     setup = load_token_setup(args)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)

@@ -155,9 +155,11 @@ class SavedDatasetRecords(Sequence):
     def __init__(self, path: str | os.PathLike):
         import datasets
 
+        from llava.data.validate import require_saved_dataset
+
         self.path = str(path)
         self.bad_lines: list[tuple[str, str]] = []
-        self._ds = datasets.load_from_disk(self.path)
+        self._ds = datasets.load_from_disk(str(require_saved_dataset(self.path)))
 
     def __len__(self) -> int:
         return len(self._ds)

@@ -83,7 +83,7 @@ def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None =
     if path.is_dir():
         import datasets
 
-        return datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(require_saved_dataset(path)))
     if not path.is_file():
         raise UsagePathError(f"--data_path {data_path} does not exist")
     if path.suffix == ".jsonl":
@@ -107,6 +107,16 @@ def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None =
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
 
+
+
+def require_saved_dataset(path: str | os.PathLike) -> Path:
+    """A ``--data_path`` directory must be what ``datasets``' ``save_to_disk`` writes (its ``state.json`` or
+    ``dataset_dict.json``), else a one-line error (``datasets`` itself raises a bare ``FileNotFoundError``)."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+        raise DataError(f"--data_path {path} is a directory that `datasets` did not save (no state.json or "
+                        f"dataset_dict.json): give a LLaVA JSON/JSONL file or a `save_to_disk` directory")
+    return path
 
 def image_problem_kind(err: ImageLoadError) -> str:
     """The report kind of an image error: ``image_<kind>`` (a directory counts as missing)."""

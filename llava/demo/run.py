@@ -112,7 +112,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     parser.add_argument("--workdir", default="demo_workdir", help="where data, models and outputs go")
-    parser.add_argument("--anyres", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+    parser.add_argument("--anyres", type=_bool, default=False, metavar="BOOL",
                         help="the high-resolution demo instead (llava/demo/fine_detail.py): pad vs anyres")
     for name, value in vars(defaults).items():
         kind = _bool if isinstance(value, bool) else type(value)
@@ -126,13 +126,18 @@ def _bool(text: str) -> bool:
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    if Path(args.workdir).is_file():
+        raise UsagePathError(f"--workdir {args.workdir} is a file; give a directory (created if missing)")
+    try:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsagePathError(f"--workdir {args.workdir}: cannot create it ({err.strerror}); give a writable "
+                             f"directory") from err
     if args.anyres:
         from llava.demo.fine_detail import run_anyres_demo
 
         run_anyres_demo(args.workdir)
         return 0
     cfg = DemoConfig(**{k: getattr(args, k) for k in vars(DemoConfig())})
-    if Path(args.workdir).is_file():
-        raise UsagePathError(f"--workdir {args.workdir} is a file; give a directory (created if missing)")
     run_demo(args.workdir, cfg)
     return 0

@@ -29,12 +29,12 @@ import json
 import logging
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+from llava.constants import HAS_CLS_TOKEN
 from llava.data.anyres import AnyresLayout
 from llava.data.chat_templates import set_chat_template
 from llava.data.templates import get_template
@@ -46,9 +46,7 @@ from llava.export.original_config import (
     read_original_settings,
     trim_siglip_tower,
 )
-from llava.model.anyres_model import make_anyres_config, make_anyres_processor
 from llava.model.builder import (
-    HAS_CLS_TOKEN,
     LLAVA_CLASSES,
     add_multimodal_tokens,
     load_vision_tower,
@@ -162,11 +160,8 @@ def import_llava(src: str | Path, out: str | Path, *, version: str | None = None
     if settings.anyres:
         layout = AnyresLayout.from_vision_config(vision_config, strategy, native_grid_pinpoints(
             settings, vision_config.image_size), settings.max_num_patches)
-        config = make_anyres_config(text_config, vision_config, tokenizer,
-                                    SimpleNamespace(mm_vision_select_layer=select_layer), layout, strategy)
-    else:
-        config = make_llava_config(text_config, vision_config, tokenizer, select_feature=settings.select_feature,
-                                   select_layer=select_layer)
+    config = make_llava_config(text_config, vision_config, tokenizer, select_feature=settings.select_feature,
+                               select_layer=select_layer, layout=layout)
 
     with torch.device("meta"):
         model = LLAVA_CLASSES[config.model_type](config)
@@ -184,10 +179,7 @@ def import_llava(src: str | Path, out: str | Path, *, version: str | None = None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
-    if layout is None:
-        processor = make_llava_processor(image_processor, tokenizer, vision_config, strategy)
-    else:
-        processor = make_anyres_processor(layout, image_processor, tokenizer, vision_config, strategy)
+    processor = make_llava_processor(image_processor, tokenizer, vision_config, strategy, layout)
     set_chat_template(processor, get_template(version))  # renders its training prompts
     model.save_pretrained(out, max_shard_size=max_shard_size)
     processor.save_pretrained(out)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llava.errors import UsagePathError, UsageValueError
 from llava.megatron.convert import chunk_file, rank_dir
 from llava.megatron.weights import load_rank_state, write_mca_meta, write_rank_shards
 from llava.run_dir import fsync_dir
@@ -89,7 +90,7 @@ def resolve_resume(run_dir: str | Path, value: str | None) -> Path | None:
         return max(done, key=lambda p: int(_NAME.match(p.name).group(1))) if done else None
     path = Path(value)
     if not (path / META_FILE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no {META_FILE} (not a complete checkpoint of a "
+        raise UsagePathError(f"--resume_from_checkpoint {value}: no {META_FILE} (not a complete checkpoint of a "
                                 f"--backend megatron run)")
     return path
 
@@ -102,7 +103,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, layout) -> tuple[in
     tp_rank, pp_rank, dp_rank, dp_size = _ranks()
     saved = meta["parallel"]
     if (saved["tp"], saved["pp"], saved["vpp"]) != (layout.tp, layout.pp, layout.vpp):
-        raise ValueError(f"{path} was written at TP{saved['tp']} PP{saved['pp']} VPP{saved['vpp']}; resume with the "
+        raise UsageValueError(f"--resume_from_checkpoint {path} was written at TP{saved['tp']} PP{saved['pp']} VPP{saved['vpp']}; resume with the "
                          f"same --tensor_model_parallel_size / --pipeline_model_parallel_size / "
                          f"--virtual_pipeline_model_parallel_size (the optimizer state is per shard)")
     chunks = [m.module for m in model]

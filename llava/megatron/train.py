@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 import transformers
 
+from llava.errors import UsageValueError
 from llava.megatron.args import LR_SCHEDULERS, check_megatron_combinations, trains_new_embeddings
 from llava.megatron.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from llava.megatron.data import StepBatches, build_dataset, load_processor_bits
@@ -42,6 +43,13 @@ VOCAB_DIVISOR = 1  # pad the vocabulary only to a multiple of TP; padded logits 
 def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
     """Train; returns the log history (one entry per step: step, loss, grad_norm, learning_rate)."""
     check_megatron_combinations(model_args, data_args, training_args, mg_args)
+    tp, pp = mg_args.tensor_model_parallel_size, mg_args.pipeline_model_parallel_size
+    world = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+             else int(os.environ.get("WORLD_SIZE", "1")))  # what torchrun launched (1 without a launcher)
+    if world % (tp * pp):
+        raise UsageValueError(f"{world} process(es) launched, not a multiple of --tensor_model_parallel_size {tp} x "
+                              f"--pipeline_model_parallel_size {pp}: launch with torchrun --nproc_per_node "
+                              f"{tp * pp} (or a multiple), or lower them")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # --- setup: process groups, CPU shims, model-parallel RNG
     from megatron.core import parallel_state, tensor_parallel
@@ -52,13 +60,8 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
     shims = install_cpu_shims()
     if shims:
         logger.info("no GPU: megatron-core CPU shims installed (%s)", ", ".join(shims))
-    tp, pp = mg_args.tensor_model_parallel_size, mg_args.pipeline_model_parallel_size
     vpp = mg_args.virtual_pipeline_model_parallel_size if (mg_args.virtual_pipeline_model_parallel_size or 1) > 1 \
         else None
-    world = torch.distributed.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of --tensor_model_parallel_size {tp} x "
-                         f"--pipeline_model_parallel_size {pp}")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp)
     tensor_parallel.model_parallel_cuda_manual_seed(training_args.seed)

@@ -2,10 +2,12 @@
 ``LlavaOnevisionForConditionalGeneration`` (anyres_max_N), composed from a vision tower + an LLM by the builder.
 
     layout = anyres_layout(data_args, vision_config, strategy)      # None for pad / square (LLaVA-1.5)
-    config = make_anyres_config(llm.config, tower.config, tokenizer, model_args, layout)
     newline = new_image_newline(hidden_size, dtype)                  # randn(hidden) / sqrt(hidden), as LLaVA-NeXT
-    processor = make_anyres_processor(layout, tower_processor, tokenizer, tower.config, strategy)
     processor = load_processor(checkpoint_dir)                       # AutoProcessor, or OneVision's files without it
+
+The config and processor are assembled by ``make_llava_config(..., layout=layout)`` and
+``make_llava_processor(..., layout)`` in ``llava/model/builder.py`` (one assembly for the three classes), which
+call ``make_anyres_config`` / ``make_anyres_processor`` here for what LlavaNext / LlavaOnevision add.
 
 ``image_newline`` is created as LLaVA-NeXT's ``initialize_vision_modules`` creates it for a ``spatial_unpad`` merge
 (``torch.randn(hidden_size) * 1 / sqrt(hidden_size)``, drawn right after the projector), trains with the projector,
@@ -30,7 +32,7 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, HAS_CLS_TOKEN
 from llava.data.anyres import (
     AnyresLayout,
     build_anyres_image_processor,
@@ -75,18 +77,10 @@ def layout_from_config(config) -> AnyresLayout | None:
                                            config.image_grid_pinpoints, max_n)
 
 
-def make_anyres_config(llm_config, vision_config, tokenizer, model_args, layout: AnyresLayout, strategy: str):
-    common = dict(
-        vision_config=vision_config.to_dict(),
-        text_config=llm_config.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=model_args.mm_vision_select_layer,
-        image_grid_pinpoints=[list(p) for p in layout.grid_pinpoints],
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
-    )
+def make_anyres_config(common: dict, layout: AnyresLayout) -> LlavaNextConfig | LlavaOnevisionConfig:
+    """The native config of ``layout``: the Llava fields ``common`` (assembled by ``builder.make_llava_config``, its
+    one caller) plus the pinpoints and the class's own field."""
+    common = {**common, "image_grid_pinpoints": [list(p) for p in layout.grid_pinpoints]}
     if layout.max_num_patches:
         return LlavaOnevisionConfig(**common, vision_aspect_ratio=layout.vision_aspect_ratio)
     return LlavaNextConfig(**common, image_seq_length=layout.base_tokens)
@@ -100,7 +94,7 @@ def new_image_newline(hidden_size: int, dtype: torch.dtype) -> torch.nn.Paramete
 def make_anyres_processor(layout: AnyresLayout, tower_processor, tokenizer, vision_config, strategy: str):
     """The native processor, told the tower's extra CLS token so its counts equal the model's features."""
     image_processor = build_anyres_image_processor(layout, tower_processor)
-    has_cls = vision_config.model_type == "clip_vision_model"
+    has_cls = vision_config.model_type in HAS_CLS_TOKEN
     chat_template = getattr(tokenizer, "chat_template", None)
     if layout.max_num_patches:
         side = vision_config.image_size // vision_config.patch_size

@@ -11,8 +11,10 @@ token; ``num_image_tokens`` is what the vision tower yields per image under the 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -28,9 +30,9 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, HAS_CLS_TOKEN
 from llava.data.anyres import AnyresLayout
-from llava.errors import UsageValueError
+from llava.errors import UsagePathError, UsageValueError
 from llava.model.anyres_model import (
     MODEL_CLASSES,
     anyres_layout,
@@ -50,7 +52,6 @@ VISION_MODELS = {
     "siglip": SiglipVisionModel,
     "siglip_vision_model": SiglipVisionModel,
 }
-HAS_CLS_TOKEN = {"clip_vision_model"}
 
 
 @dataclass
@@ -101,12 +102,39 @@ def add_multimodal_tokens(tokenizer, mm_use_im_start_end: bool) -> int:
     return added
 
 
+def vision_model_class(path: str, model_type: str):
+    """The transformers class of a ``--vision_tower`` of this ``model_type``; a one-line error for anything else."""
+    cls = VISION_MODELS.get(model_type)
+    if cls is None:
+        raise UsageValueError(f"--vision_tower {path}: model_type {model_type!r} is not one of {sorted(VISION_MODELS)}; "
+                              f"give a CLIP or SigLIP vision tower directory")
+    return cls
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dirs(model_name_or_path: str, vision_tower: str | None) -> None:
+    """What local ``--model_name_or_path`` / ``--vision_tower`` directories hold, read from their ``config.json``
+    before anything loads: an LLM or Llava checkpoint with its tokenizer (not a vision tower), and a CLIP / SigLIP
+    tower. Hub ids are left to ``from_pretrained``; existence is ``require_model_path``'s."""
+    llm = Path(model_name_or_path).expanduser()
+    if (llm / "config.json").is_file():
+        model_type = json.loads((llm / "config.json").read_text()).get("model_type")
+        if model_type in VISION_MODELS:
+            raise UsageValueError(f"--model_name_or_path {model_name_or_path} is a vision tower ({model_type}): give "
+                                  f"the LLM or Llava checkpoint directory (the tower goes to --vision_tower)")
+        if not any((llm / name).is_file() for name in TOKENIZER_FILES):
+            raise UsagePathError(f"--model_name_or_path {model_name_or_path} has no tokenizer ({', '.join(TOKENIZER_FILES)}"
+                                 f"): give an LLM directory saved with its tokenizer")
+    tower = Path(vision_tower).expanduser() if vision_tower else None
+    if tower is not None and (tower / "config.json").is_file():
+        vision_model_class(vision_tower, json.loads((tower / "config.json").read_text()).get("model_type"))
+
+
 def load_vision_tower(path: str, *, torch_dtype=torch.float32, trust_remote_code: bool = False):
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cls = VISION_MODELS.get(config.model_type)
-    if cls is None:
-        raise UsageValueError(f"--vision_tower {path}: model_type {config.model_type!r} is not one of {sorted(VISION_MODELS)}")
-    tower = cls.from_pretrained(path, dtype=torch_dtype)
+    tower = vision_model_class(path, config.model_type).from_pretrained(path, dtype=torch_dtype)
     image_processor = AutoImageProcessor.from_pretrained(path)
     return tower, image_processor
 
@@ -160,13 +188,9 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
     )
     strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
     layout = anyres_layout(data_args, tower.config, strategy)
-    if layout is None:
-        config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
-                                   select_layer=model_args.mm_vision_select_layer)
-        n_tokens = config.image_seq_length
-    else:
-        config = make_anyres_config(llm.config, tower.config, tokenizer, model_args, layout, strategy)
-        n_tokens = layout.base_tokens
+    config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
+                               select_layer=model_args.mm_vision_select_layer, layout=layout)
+    n_tokens = config.image_seq_length if layout is None else layout.base_tokens
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
         model = LLAVA_CLASSES[config.model_type](config)
@@ -188,36 +212,41 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
         model.is_loaded_in_4bit = bool(quantization_config.load_in_4bit)
         model.is_loaded_in_8bit = bool(quantization_config.load_in_8bit)
 
-    if layout is not None:
-        processor = make_anyres_processor(layout, image_processor, tokenizer, tower.config, strategy)
-        return BuiltModel(model, processor, n_tokens, added, layout)
-    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy)
-    return BuiltModel(model, processor, n_tokens, added)
+    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy, layout)
+    return BuiltModel(model, processor, n_tokens, added, layout)
 
 
-def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: str, select_layer: int) -> LlavaConfig:
+def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: str, select_layer: int,
+                      layout: AnyresLayout | None = None):
     """The Llava config of a vision tower + LLM (before any vocabulary resize): the one assembly used by
-    ``build_llava_model``, ``llava merge`` (streaming) and ``llava import-llava``.
+    ``build_llava_model``, ``llava merge`` (streaming) and ``llava import-llava``; with an anyres ``layout`` the
+    native LlavaNext / LlavaOnevision config (the same fields, plus what ``make_anyres_config`` adds).
 
     ``select_feature``: ``--mm_vision_select_feature`` (patch | cls_patch); ``select_layer``:
     ``--mm_vision_select_layer``."""
     strategy = select_strategy(vision_config, select_feature)
-    return LlavaConfig(
+    common = dict(
         vision_config=vision_config.to_dict(),
         text_config=llm_config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy,
         vision_feature_layer=int(select_layer),
-        image_seq_length=num_image_tokens(vision_config, strategy),
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
     )
+    if layout is not None:
+        return make_anyres_config(common, layout)
+    return LlavaConfig(**common, image_seq_length=num_image_tokens(vision_config, strategy))
 
 
-def make_llava_processor(image_processor, tokenizer, vision_config, strategy: str) -> LlavaProcessor:
+def make_llava_processor(image_processor, tokenizer, vision_config, strategy: str,
+                         layout: AnyresLayout | None = None) -> LlavaProcessor:
     """The processor of a Llava model: the tower's image processor, the tokenizer (with ``<image>``), the patch
-    grid and select strategy the processor needs to expand ``<image>`` the way the model does."""
+    grid and select strategy the processor needs to expand ``<image>`` the way the model does; with an anyres
+    ``layout`` the native LlavaNext / LlavaOnevision processor (``make_anyres_processor``)."""
+    if layout is not None:
+        return make_anyres_processor(layout, image_processor, tokenizer, vision_config, strategy)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from llava.errors import UsagePathError
+from llava.errors import UsagePathError, UsageValueError
 from llava.run_dir import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,14 @@ def read_projector_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = str(path)
     if not os.path.isfile(path):
         raise UsagePathError(f"--pretrain_mm_mlp_adapter {path} does not exist")
-    raw = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                               weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise UsageValueError(f"--pretrain_mm_mlp_adapter {path} is not a projector file ({type(err).__name__}): give "
+                              f"a stage-1 run's mm_projector.safetensors or LLaVA's mm_projector.bin") from err
+    if not isinstance(raw, dict):
+        raise UsageValueError(f"--pretrain_mm_mlp_adapter {path} holds a {type(raw).__name__}, not a state dict")
     out: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         if "embed_tokens" in key:
@@ -48,7 +57,7 @@ def read_projector_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         short = key.split("mm_projector.")[-1].split("multi_modal_projector.")[-1]
         short = LLAVA_KEY_MAP.get(short, short)
         if short not in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"):
-            raise ValueError(f"{path}: key {key!r} is not a projector weight of an mlp2x_gelu projector")
+            raise UsageValueError(f"{path}: key {key!r} is not a projector weight of an mlp2x_gelu projector")
         out[short] = value
     return out
 
@@ -65,7 +74,7 @@ def load_projector_state(model, path: str | os.PathLike) -> None:
                        "and trains when the projector does", path)
     if newline is not None and model_newline is not None:
         if newline.shape != model_newline.shape:
-            raise ValueError(f"{path}: image_newline {tuple(newline.shape)} does not match the model's "
+            raise UsageValueError(f"{path}: image_newline {tuple(newline.shape)} does not match the model's "
                              f"{tuple(model_newline.shape)}")
         with torch.no_grad():
             model_newline.copy_(newline.to(model_newline.dtype))
@@ -73,12 +82,12 @@ def load_projector_state(model, path: str | os.PathLike) -> None:
     expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
-        raise ValueError(f"{path}: projector shapes {got} do not match this model's projector {expected} "
+        raise UsageValueError(f"{path}: projector shapes {got} do not match this model's projector {expected} "
                          "(was it trained for another vision tower or LLM?)")
     projector.load_state_dict({k: v.to(projector.linear_1.weight.dtype) for k, v in state.items()})
     if embed is not None:
         current = model.get_input_embeddings().weight
         if embed.shape != current.shape:
-            raise ValueError(f"{path}: embed_tokens {tuple(embed.shape)} does not match the model's {tuple(current.shape)}")
+            raise UsageValueError(f"{path}: embed_tokens {tuple(embed.shape)} does not match the model's {tuple(current.shape)}")
         with torch.no_grad():
             current.copy_(embed.to(current.dtype))

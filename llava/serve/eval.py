@@ -22,7 +22,7 @@ from llava.data.images import load_image_rgb
 from llava.data.records import parse_record
 from llava.data.validate import load_raw_records
 from llava.errors import require_model_path, require_path
-from llava.serve.predict import MODEL_HINT, Predictor
+from llava.serve.predict import MODEL_HINT, Predictor, check_checkpoint_dir
 
 
 def normalize_answer(text: str) -> str:
@@ -81,6 +81,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def eval_main(args) -> int:
+    check_checkpoint_dir(args.model)
     require_model_path("--model", args.model, hint=MODEL_HINT)
     require_path("--data", args.data, hint="give a LLaVA JSON/JSONL file of held-out records")
     if args.image_folder:

@@ -9,6 +9,7 @@ checkpoints not written by us). Generation is greedy and batched with left paddi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,36 @@ from llava.data.images import expand2square
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
-from llava.errors import UsageValueError, require_model_path, require_path
+from llava.errors import UsagePathError, UsageValueError, require_model_path, require_path
 from llava.model.anyres_model import layout_from_config, load_processor
 from llava.model.builder import LLAVA_CLASSES, num_image_tokens
-from llava.run_dir import ARGS_FILE, read_run_args
+from llava.run_dir import ARGS_FILE, CONFIG_FILE, PROJECTOR_FILE, RunKind, read_run_args, run_kind
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
 MODEL_HINT = "give a checkpoint directory written by `llava train` or `llava merge`"
+
+
+def check_checkpoint_dir(model_dir: str | Path, flag: str = "--model") -> None:
+    """A Llava checkpoint that ``Predictor.load`` can load: a one-line error (what to do) for a stage-1 run, a LoRA run,
+    an incomplete run, a directory without ``config.json`` or a model that is not Llava / LlavaNext / LlavaOnevision.
+    A Hub id is left to ``from_pretrained``."""
+    model_dir = Path(model_dir)
+    if (model_dir / ARGS_FILE).is_file():
+        kind = run_kind(model_dir)  # names missing files of an interrupted save
+        if kind is RunKind.STAGE1:
+            raise UsageValueError(f"{flag} {model_dir} is a stage-1 run (the projector only): train stage 2 from it "
+                                  f"(--pretrain_mm_mlp_adapter {model_dir / PROJECTOR_FILE}) and give that run")
+        if kind in (RunKind.LORA, RunKind.QLORA):
+            raise UsageValueError(f"{flag} {model_dir} is a {kind.value} run (an adapter): merge it first, `llava merge "
+                                  f"--adapter {model_dir} --out MERGED_DIR`, then give {flag} MERGED_DIR")
+    if model_dir.is_dir():
+        if not (model_dir / CONFIG_FILE).is_file():
+            raise UsagePathError(f"{flag} {model_dir} has no {CONFIG_FILE}; {MODEL_HINT}")
+        model_type = json.loads((model_dir / CONFIG_FILE).read_text()).get("model_type")
+        if model_type not in LLAVA_CLASSES:
+            raise UsageValueError(f"{flag} {model_dir} is a {model_type!r} model, not a Llava checkpoint "
+                                  f"({', '.join(LLAVA_CLASSES)}); {MODEL_HINT} (an original LLaVA checkpoint: "
+                                  f"`llava import-llava` first)")
 
 
 @dataclass
@@ -44,6 +68,7 @@ class Predictor:
     @classmethod
     def load(cls, model_dir: str | Path, *, version: str | None = None, dtype=torch.float32) -> Predictor:
         model_dir = Path(model_dir)
+        check_checkpoint_dir(model_dir)
         run = read_run_args(model_dir) if (model_dir / ARGS_FILE).is_file() else {}
         model_args, data_args = run.get("model_args", {}), run.get("data_args", {})
         name = version or model_args.get("version")
@@ -123,6 +148,7 @@ class Predictor:
 def predict_main(args) -> int:
     from llava.data.images import open_image_rgb
 
+    check_checkpoint_dir(args.model)
     require_model_path("--model", args.model, hint=MODEL_HINT)
     if args.image:
         require_path("--image", args.image, kind="file", hint="give an image file (PNG, JPEG, ...)")

@@ -178,12 +178,14 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """The files and directories the flags name exist, the template is known: checked before any model loads."""
     from llava.data.templates import get_template
+    from llava.model.builder import check_model_dirs
 
     get_template(model_args.version)
     require_model_path("--model_name_or_path", model_args.model_name_or_path,
                        hint="give the directory of an LLM or of a Llava checkpoint")
     if model_args.vision_tower:
         require_model_path("--vision_tower", model_args.vision_tower, hint="give a CLIP or SigLIP directory")
+    check_model_dirs(model_args.model_name_or_path, model_args.vision_tower)
     if model_args.pretrain_mm_mlp_adapter:
         require_path("--pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter, kind="file",
                      hint="stage 1 writes OUTPUT_DIR/mm_projector.safetensors")
@@ -193,13 +195,20 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
                      hint="give the directory the records' image paths are relative to")
     if data_args.eval_data_path:
         require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file")
+    if Path(training_args.output_dir).is_file():
+        raise UsagePathError(f"--output_dir {training_args.output_dir} is a file; give a directory (created if missing)")
     resume = training_args.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "false", "none"):
-        require_path("--resume_from_checkpoint", resume, kind="dir",
-                     hint="give a checkpoint-N directory of the run, or True for the latest in --output_dir")
+        hint = "give a checkpoint-N directory of the run, or True for the latest in --output_dir"
+        require_path("--resume_from_checkpoint", resume, kind="dir", hint=hint)
+        if not any((Path(resume) / name).is_file() for name in CHECKPOINT_FILES):
+            raise UsagePathError(f"--resume_from_checkpoint {resume} is no checkpoint (no {' or '.join(CHECKPOINT_FILES)}"
+                                 f"); {hint}")
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+# what a checkpoint-N directory holds: the Trainer's state (hf backend) or llava/megatron/checkpoint.py's META_FILE
+CHECKPOINT_FILES = ("trainer_state.json", "megatron_checkpoint.json")
 # Flags of the LLaVA-1.5 launcher scripts that transformers has renamed since: old -> new.
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
 ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"

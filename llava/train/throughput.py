@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llava.constants import HAS_CLS_TOKEN
+
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of the best of ``reps`` ``n x n`` matmuls (the machine's achievable peak for this dtype and threads)."""
@@ -83,7 +85,7 @@ class FlopCounts:
         lm_trains = any(p.requires_grad for n, p in lm.named_parameters() if "lora_" not in n)
         lora = any("lora_" in n for n, _ in lm.named_parameters())
         vcfg, tcfg = llava.config.vision_config, llava.config.text_config
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2 + (1 if vcfg.model_type == "clip_vision_model" else 0)
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2 + int(vcfg.model_type in HAS_CLS_TOKEN)
         return cls(
             n_lm=_matmul_params(lm) + llava.lm_head.weight.numel(),
             lm_layers=tcfg.num_hidden_layers,

@@ -108,7 +108,6 @@ def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None =
     return records
 
 
-
 def require_saved_dataset(path: str | os.PathLike) -> Path:
     """A ``--data_path`` directory must be what ``datasets``' ``save_to_disk`` writes (its ``state.json`` or
     ``dataset_dict.json``), else a one-line error (``datasets`` itself raises a bare ``FileNotFoundError``)."""
@@ -117,6 +116,7 @@ def require_saved_dataset(path: str | os.PathLike) -> Path:
         raise DataError(f"--data_path {path} is a directory that `datasets` did not save (no state.json or "
                         f"dataset_dict.json): give a LLaVA JSON/JSONL file or a `save_to_disk` directory")
     return path
+
 
 def image_problem_kind(err: ImageLoadError) -> str:
     """The report kind of an image error: ``image_<kind>`` (a directory counts as missing)."""

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
 _CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
-                 "index_batch")
+                 "index_batch", "video")
 CHUNK = 2048  # records per worker task
 
 
@@ -271,6 +271,9 @@ class IndexSettings:
     model_max_length: int
     mm_use_im_start_end: bool = False
     anyres: Any = None  # llava.data.anyres.AnyresLayout: image tokens from each image's size (header read, no decode)
+    video: Any = None  # llava.data.video.VideoLayout: a video's tokens from its frame count (container metadata)
+    video_folder: str | None = None  # what records' "video" paths are relative to
+    video_token_id: int | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     Trainer,
 )
@@ -49,7 +50,7 @@ from llava.train.samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 LLAVA_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                       LlavaOnevisionForConditionalGeneration)
+                       LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
 
 
 class LLaVATrainer(Trainer):

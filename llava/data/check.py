@@ -271,9 +271,10 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         "dropped": dropped, "num_image_tokens": setup.num_image_tokens,
     })
     if setup.video is not None:
-        with_video = sum(1 for r in records if r.video is not None)
-        report.stats["modality"] = {"image": with_image - with_video, "video": with_video,
-                                    "text_only": len(records) - with_image}
+        with_video = sum(1 for r in records if r.video is not None)  # (a record with images and a video: video)
+        image_only = sum(1 for r in records if r.images and r.video is None)
+        report.stats["modality"] = {"image": image_only, "video": with_video,
+                                    "text_only": len(records) - image_only - with_video}
         report.stats["video"] = {key: _percentiles([v[key] for v in video_stats])
                                  for key in ("frames", "sampled_frames", "tokens")}
         report.stats["video"]["duration_s"] = _percentiles([v["duration"] for v in video_stats])

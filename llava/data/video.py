@@ -43,6 +43,7 @@ VIDEO_ERROR_KINDS = (
     "outside_folder",  # the path leaves --video_folder through '..' or a symlink
     "invalid_path",  # empty or a NUL byte
     "unreadable",  # not a video PyAV can open (or a truncated container), or the OS refused to read it
+    "truncated",  # the container opens, but decoding breaks off or ends well before its frame count
     "empty",  # a container without a video stream or without frames, or a directory without frame images
     "zero_length",  # a video stream whose duration is zero
     "too_large",  # frames of more than MAX_FRAME_PIXELS pixels
@@ -195,7 +196,8 @@ def decode_video_frames(video_folder: str | Path | None, rel: str, indices: list
                         info: VideoInfo | None = None) -> list[Image.Image]:
     """The frames at ``indices`` (as :func:`sample_frame_indices` gives them), RGB, each resized to ``size`` x
     ``size`` right after decoding. A file is read by seeking: only the sampled frames are converted, never the whole
-    video. An index past the last decodable frame gets the last frame (so the count always matches ``indices``)."""
+    video. An index just past the last decodable frame gets the last frame (the count always matches ``indices``);
+    one more than a second past it is a ``truncated`` video."""
     info = info or probe_video(video_folder, rel)
     real = resolve_video_path(video_folder, rel)
     if info.frame_dir:
@@ -220,8 +222,10 @@ def _decode_container(real: Path, rel: str, video_folder, indices: list[int], in
 
     wanted = sorted(set(indices))
     got: dict[int, Image.Image] = {}
+    opened = False
     try:
         with av.open(str(real)) as container:
+            opened = True
             stream = container.streams.video[0]
             base = stream.time_base
             start = stream.start_time or 0
@@ -235,14 +239,20 @@ def _decode_container(real: Path, rel: str, video_folder, indices: list[int], in
                     last_index = round(float((frame.pts - start) * base) * info.fps) if frame.pts is not None else target
                     if last_index >= target:
                         break
-                else:
-                    decoder = None  # ran out: the remaining targets get the last frame
+                else:  # ran out: a frame or so short of the metadata's count is common, seconds short is a cut file
+                    decoder = None
+                    if last_frame is not None and target - last_index > max(1.0, info.fps * SEEK_AFTER_SECONDS):
+                        raise VideoLoadError("truncated", rel, f"the stream ends at frame {last_index}, the container "
+                                             f"lists {info.frames}", video_folder=video_folder)
                 if last_frame is None:
                     raise VideoLoadError("empty", rel, "no frame could be decoded", video_folder=video_folder)
                 got[target] = _resized(last_frame.to_image(), size)
     except VideoLoadError:
         raise
     except (av.FFmpegError, OSError, ValueError) as err:
+        if opened:  # the container opened and listed its frames: the data breaks off (cut or damaged)
+            raise VideoLoadError("truncated", rel, f"decoding failed after {len(got)} of {len(wanted)} sampled "
+                                 f"frames ({err})", video_folder=video_folder) from err
         raise VideoLoadError("unreadable", rel, f"decoding failed ({err})", video_folder=video_folder) from err
     return [got[i] for i in indices]
 

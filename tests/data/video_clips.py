@@ -26,20 +26,22 @@ def frame_index(image: Image.Image) -> int:
     return int(round((level - 8) / LEVEL_STEP))
 
 
-def _codec(container) -> str:
+def _codec(container) -> str:  # noqa: ARG001
     import av
 
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def write_clip(path: str | Path, frames: list[np.ndarray], fps: int = 10, gop: int = 12) -> Path:
-    """Encode RGB uint8 ``frames`` (all one size, even sides) into ``path``."""
+def write_clip(path: str | Path, frames: list[np.ndarray], fps: int = 10, gop: int = 12, *,
+               size: tuple[int, int] | None = None, faststart: bool = False) -> Path:
+    """Encode RGB uint8 ``frames`` (all one size, even sides; ``size`` (h, w) when there are none) into ``path``;
+    ``faststart``: the index (moov) before the data, so a cut file still opens."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = frames[0].shape[:2]
-    with av.open(str(path), "w") as container:
+    height, width = frames[0].shape[:2] if frames else size
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream(_codec(container), rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.gop_size = gop
@@ -48,6 +50,8 @@ def write_clip(path: str | Path, frames: list[np.ndarray], fps: int = 10, gop: i
             stream.options = {"crf": "10", "preset": "ultrafast"}
         else:
             stream.bit_rate = 4_000_000
+        if not frames:
+            container.start_encoding()  # the header (a video stream) without a single frame
         for array in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)

@@ -108,6 +108,7 @@ class LazySupervisedDataset(Dataset):
         self._keep = index.keep
         self._lengths = index.lengths
         self._has_image = index.has_image
+        self._has_video = index.has_video
         if self.problems.counts:
             if on_bad_sample == "error":
                 raise DataError(
@@ -194,6 +195,14 @@ class LazySupervisedDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
         return np.where(self._has_image, self._lengths, -self._lengths).tolist()
+
+    @property
+    def modalities(self) -> list[int] | None:
+        """With video on: 0 text-only, 1 image, 2 video (a record with images and a video counts as video), the
+        grouped sampler's modality per sample; None otherwise (the sign of ``modality_lengths`` says it)."""
+        if self.video is None or self._has_video is None:
+            return None
+        return np.where(self._has_video, 2, np.where(self._has_image, 1, 0)).tolist()
 
     def record(self, i: int) -> Record:
         j = int(self._keep[i])

@@ -285,6 +285,7 @@ class DatasetIndex:
     dropped: list[tuple[str, str, str]] = field(default_factory=list)  # the same, for valid records that cannot train
     image_dirs: dict[str, int] = field(default_factory=dict)  # directory -> mtime_ns when indexed
     from_cache: bool = False
+    has_video: np.ndarray | None = None  # kept samples with a video (None: an index without the field)
 
 
 def index_key(digest: str, tokenizer, template, settings: IndexSettings) -> str:
@@ -350,6 +351,7 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
         has_image=np.concatenate([r["has_image"] for r in results]).astype(bool) if results else np.zeros(0, bool),
         problems=[p for r in results for p in r["problems"]],
         dropped=[p for r in results for p in r["dropped"]],
+        has_video=np.concatenate([r["has_video"] for r in results]).astype(bool) if results else np.zeros(0, bool),
     )
     dirs = sorted({d for r in results for d in r["image_dirs"]})
     index.image_dirs = {d: _mtime_ns(d) for d in dirs}
@@ -392,7 +394,7 @@ def _write_index(path: Path, key: str, index: DatasetIndex) -> None:
     meta = {"key": key, "format": INDEX_FORMAT, "problems": index.problems, "dropped": index.dropped,
             "image_dirs": index.image_dirs}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, keep=index.keep, lengths=index.lengths, has_image=index.has_image,
+    np.savez(tmp, keep=index.keep, lengths=index.lengths, has_image=index.has_image, has_video=index.has_video,
              meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     os.replace(tmp, path)
 
@@ -407,7 +409,7 @@ def _read_index(path: Path, key: str) -> DatasetIndex | None:
             return DatasetIndex(keep=f["keep"], lengths=f["lengths"], has_image=f["has_image"],
                                 problems=[tuple(p) for p in meta["problems"]],
                                 dropped=[tuple(p) for p in meta["dropped"]], image_dirs=meta["image_dirs"],
-                                from_cache=True)
+                                from_cache=True, has_video=f["has_video"] if "has_video" in f else None)
     except (OSError, ValueError, KeyError) as err:
         logger.warning("could not read the dataset index %s (%s): rebuilding", path, err)
         return None

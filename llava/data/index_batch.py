@@ -107,16 +107,17 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
                     outcomes[k] = ("problem", (*problem, record.id))
                     continue
             outcomes[k] = ("keep", length, bool(record.images))
-    keep, lengths, has_image, problems, dropped = [], [], [], [], []
+    keep, lengths, has_image, has_video, problems, dropped = [], [], [], [], [], []
     for k, outcome in enumerate(outcomes):
         if outcome[0] == "keep":
             keep.append(start + k)
             lengths.append(outcome[1])
             has_image.append(outcome[2])
+            has_video.append(len(outcome) > 3 and outcome[3])
         else:
             (problems if outcome[0] == "problem" else dropped).append(outcome[1])
     return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
-            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
+            "has_image": np.asarray(has_image, bool), "has_video": np.asarray(has_video, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
 
 
 def _sample_length(ids: list[int], offsets: list[tuple[int, int]], head: list[int], mask: bytearray, placeholders: int,
@@ -232,4 +233,4 @@ def index_video_record(record, tokenizer, template, s, dirs: set[str]) -> tuple:
                                        num_video_tokens=s.video.video_tokens(len(indices)))
     except SampleRejected as err:
         return ("dropped", (err.kind, f"record {record.id!r}: {err}", record.id))
-    return ("keep", len(sample.input_ids), True)
+    return ("keep", len(sample.input_ids), True, True)

@@ -70,6 +70,7 @@ class LLaVATrainer(Trainer):
             dataset.modality_lengths,
             group_by_modality=True,
             seed=self.args.seed,
+            modalities=getattr(dataset, "modalities", None),  # video runs: video a modality of its own
         )
 
     def create_optimizer(self, model=None):

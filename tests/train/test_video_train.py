@@ -18,6 +18,9 @@ import pytest
 import torch
 from transformers import LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
+from llava.constants import IGNORE_INDEX
+from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
+from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.errors import UsageValueError
 from llava.train.args import parse_args
 from llava.train.train import train
@@ -68,8 +71,15 @@ def _check_native_parity(trainer, out, native_cls, model_type):
     return config, batch, records
 
 
-def test_onevision_video_run_saves_native_onevision_with_logit_parity(tiny_models, video_corpus, tmp_path):
-    trainer = train(video_argv(tiny_models, video_corpus, tmp_path))
+@pytest.fixture(scope="module")
+def onevision_run(tiny_models, video_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onevision_video")
+    return {"dir": out, "trainer": train(video_argv(tiny_models, video_corpus, out,
+                                                    extra=["--group_by_modality_length", "True"]))}
+
+
+def test_onevision_video_run_saves_native_onevision_with_logit_parity(onevision_run):
+    trainer, tmp_path = onevision_run["trainer"], onevision_run["dir"]
     config, batch, records = _check_native_parity(trainer, tmp_path, LlavaOnevisionForConditionalGeneration,
                                                   "llava_onevision")
     assert batch["pixel_values_videos"].shape[:2] == (3, FRAMES)  # v0, v1 (frames directory), mix
@@ -102,19 +112,23 @@ def test_next_video_run_saves_native_llava_next_video_with_logit_parity(tiny_mod
     assert counts == [per_video if r.video else 0 for r in records]
 
 
-def test_onevision_video_lora_run_merges_with_logit_parity(tiny_models, video_corpus, tmp_path):
+@pytest.mark.parametrize(("newline", "native"), [("one_token", LlavaOnevisionForConditionalGeneration),
+                                                 ("no_token", LlavaNextVideoForConditionalGeneration)])
+def test_video_lora_run_merges_with_logit_parity(tiny_models, video_corpus, tmp_path, newline, native):
     from llava.export.merge import merge_lora
 
     run_dir = tmp_path / "lora"
-    trainer = train(video_argv(tiny_models, video_corpus, run_dir, extra=[
+    trainer = train(video_argv(tiny_models, video_corpus, run_dir, newline=newline, extra=[
         "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3"]))
     batch, _ = _mixed_batch(trainer)
+    model = trainer.model.eval()
     with torch.no_grad():
-        expected = trainer.model.eval()(**batch).logits  # the adapter model as it trained
+        expected = model(**batch).logits  # the adapter model as it trained
+        with model.disable_adapter():
+            assert (model(**batch).logits - expected).abs().max() > 1e-3  # the adapter matters
     merged_dir = merge_lora(run_dir, tmp_path / "merged")
-    assert json.loads((merged_dir / "config.json").read_text())["architectures"] == [
-        "LlavaOnevisionForConditionalGeneration"]
-    merged = LlavaOnevisionForConditionalGeneration.from_pretrained(merged_dir).eval()
+    assert json.loads((merged_dir / "config.json").read_text())["architectures"] == [native.__name__]
+    merged = native.from_pretrained(merged_dir).eval()
     with torch.no_grad():
         got = merged(**batch).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -135,3 +149,70 @@ def test_settings_no_native_class_computes_are_refused_at_start(tiny_models, vid
     with pytest.raises(UsageValueError, match=message) as info:
         parse_args(video_argv(tiny_models, video_corpus, tmp_path, extra=extra))
     assert "\n" not in str(info.value)
+
+
+def test_packed_video_batch_equals_padded_and_videos_follow_their_tokens(onevision_run):
+    trainer = onevision_run["trainer"]
+    ds = trainer.train_dataset
+    ids = {ds.record(i).id: i for i in range(len(ds))}
+    samples = [ds[ids[k]] for k in ("v0", "mix", "v2", "i1")]
+    n = [len(x["input_ids"]) for x in samples]
+    assert n[1] > max(n[0], n[2])
+    pad = trainer.processing_class.tokenizer.pad_token_id
+    collate = DataCollatorWithPacking(pad, max_length=max(n[1] + n[3], n[0] + n[2]), batch_num_images=True)
+    rows = collate.rows_of(n)
+    assert rows == [[0, 2], [1, 3]]  # rows reorder the samples (v0, v2 | mix, i1): videos must follow their tokens
+    packed = collate(samples)
+    order = [i for row in rows for i in row if samples[i].get("pixel_values_videos") is not None]
+    expected_videos = torch.cat([samples[i]["pixel_values_videos"] for i in order])
+    assert torch.equal(packed["pixel_values_videos"], expected_videos)
+    padded = DataCollatorForSupervisedDataset(pad, batch_num_images=True)(samples)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss_padded = model(**padded, use_cache=False).loss
+        torch.testing.assert_close(model(**packed, use_cache=False).loss, loss_padded, atol=1e-5, rtol=0)
+        in_batch_order = torch.cat([x["pixel_values_videos"] for x in samples if x.get("pixel_values_videos") is not None])
+        assert not torch.equal(in_batch_order, expected_videos)
+        right = model(**packed, use_cache=False).logits
+        wrong = model(**{**packed, "pixel_values_videos": in_batch_order}, use_cache=False).logits
+        assert (wrong - right).abs().max() > 1e-3  # the order matters to the model: the check can fail
+
+
+def test_grouped_sampler_keeps_video_a_modality_of_its_own(onevision_run):
+    trainer = onevision_run["trainer"]
+    ds = trainer.train_dataset
+    expected = [2 if ds.record(i).video else 1 if ds.record(i).images else 0 for i in range(len(ds))]
+    assert ds.modalities == expected and set(expected) == {0, 1, 2}
+    sampler = trainer._get_train_sampler()
+    assert sampler.modalities == expected
+    order = sampler.indices()
+    batch = trainer.args.per_device_train_batch_size
+    n_full = sum(expected.count(m) // batch for m in (0, 1, 2))  # full megabatches hold one modality each
+    steps = [order[k * batch:(k + 1) * batch] for k in range(n_full)]
+    assert all(len({expected[i] for i in step}) == 1 for step in steps)
+    assert sorted(order) == list(range(len(ds)))
+
+
+def test_truncation_never_cuts_a_video(onevision_run):
+    trainer = onevision_run["trainer"]
+    ds = trainer.train_dataset
+    record = ds.record(0)
+    assert record.video is not None
+    tokenizer = trainer.processing_class.tokenizer
+    image_id, video_id = ds.image_token_id, ds.video_token_id
+    long_answer = [type(m)(m.role, m.content + " right" * 200 if m.role == "assistant" else m.content)
+                   for m in record.messages]
+    per_video = ds.video.video_tokens(FRAMES)
+    full = tokenize_conversation(long_answer, ds.template, tokenizer, image_token_id=image_id, num_image_tokens=1,
+                                 model_max_length=10_000, video_token_id=video_id, num_video_tokens=per_video)
+    first = full.input_ids.index(video_id)
+    for limit in (first + per_video + 20, 120):  # cut after the video: the whole video kept
+        cut = tokenize_conversation(long_answer, ds.template, tokenizer, image_token_id=image_id, num_image_tokens=1,
+                                    model_max_length=limit, video_token_id=video_id, num_video_tokens=per_video)
+        assert cut.truncated and cut.input_ids == full.input_ids[:limit] and cut.input_ids.count(video_id) == per_video
+        assert any(label != IGNORE_INDEX for label in cut.labels)
+    for limit in (first + 1, first + per_video - 1):  # inside the video: refused, never cut
+        with pytest.raises(SampleRejected) as info:
+            tokenize_conversation(long_answer, ds.template, tokenizer, image_token_id=image_id, num_image_tokens=1,
+                                  model_max_length=limit, video_token_id=video_id, num_video_tokens=per_video)
+        assert info.value.kind == "video_tokens_exceed_max_length"

@@ -246,7 +246,11 @@ def _decode_container(real: Path, rel: str, video_folder, indices: list[int], in
                                              f"lists {info.frames}", video_folder=video_folder)
                 if last_frame is None:
                     raise VideoLoadError("empty", rel, "no frame could be decoded", video_folder=video_folder)
-                got[target] = _resized(last_frame.to_image(), size)
+                # scaled by FFmpeg in the frame's own pixel format, then converted: no full-resolution RGB copy
+                small = (last_frame.reformat(width=size, height=size, interpolation="BICUBIC") if size
+                         else last_frame)
+                image = small.to_image()
+                got[target] = _resized(image, size)
     except VideoLoadError:
         raise
     except (av.FFmpegError, OSError, ValueError) as err:

@@ -194,15 +194,17 @@ class LazySupervisedDataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
-        return np.where(self._has_image, self._lengths, -self._lengths).tolist()
+        return np.where(self._has_image | (self._has_video if self._has_video is not None else False), self._lengths,
+                        -self._lengths).tolist()
 
     @property
     def modalities(self) -> list[int] | None:
-        """With video on: 0 text-only, 1 image, 2 video (a record with images and a video counts as video), the
-        grouped sampler's modality per sample; None otherwise (the sign of ``modality_lengths`` says it)."""
+        """With video on, the grouped sampler's modality per sample: 0 text-only, 1 images, 2 a video, 3 images and a
+        video (each runs its own tower path: under ZeRO-3 every rank of a step must run the same one); None otherwise
+        (the sign of ``modality_lengths`` says it)."""
         if self.video is None or self._has_video is None:
             return None
-        return np.where(self._has_video, 2, np.where(self._has_image, 1, 0)).tolist()
+        return (self._has_video * 2 + self._has_image).tolist()
 
     def record(self, i: int) -> Record:
         j = int(self._keep[i])

@@ -233,4 +233,4 @@ def index_video_record(record, tokenizer, template, s, dirs: set[str]) -> tuple:
                                        num_video_tokens=s.video.video_tokens(len(indices)))
     except SampleRejected as err:
         return ("dropped", (err.kind, f"record {record.id!r}: {err}", record.id))
-    return ("keep", len(sample.input_ids), True, True)
+    return ("keep", len(sample.input_ids), bool(record.images), True)  # has_image: its own images (besides the video)

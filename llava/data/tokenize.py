@@ -181,6 +181,8 @@ def build_generation_prompt(
     num_image_tokens: int | list[int],
     mm_use_im_start_end: bool = False,
     system: str | None = None,
+    video_token_id: int | None = None,
+    num_video_tokens: int = 0,
 ) -> list[int]:
     """Prompt ids for generation: the conversation ending in a user turn, rendered up to the assistant marker."""
     if not messages or messages[-1].role != "user":
@@ -188,5 +190,8 @@ def build_generation_prompt(
     segments = template.render_with_tokenizer(prepare_messages(messages, template, mm_use_im_start_end), tokenizer, system)
     ids, labels = label_segments(segments, tokenizer)
     n = ids.count(image_token_id)
-    ids, _ = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n)
+    ids, labels = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n)
+    if video_token_id is not None:
+        ids, _ = expand_image_tokens(ids, labels, video_token_id, num_video_tokens, ids.count(video_token_id),
+                                     placeholder=DEFAULT_VIDEO_TOKEN)
     return ids

@@ -65,7 +65,7 @@ def moving_dot_frames(n: int, direction: int, size: int = 32, colour=(250, 40, 4
 
 
 def write_video_corpus(root: str | Path, *, n_videos: int = 6, frames: int = 8, fps: int = 4, n_images: int = 3,
-                       text: bool = True) -> dict:
+                       text: bool = True, mix: bool = True) -> dict:
     """Video records (a dot moving left or right; one a directory of frames), image records, a record with an image and
     a video, and a text record. ``{"video_folder", "image_folder", "train", "records"}``."""
     root = Path(root)
@@ -95,8 +95,9 @@ def write_video_corpus(root: str | Path, *, n_videos: int = 6, frames: int = 8, 
             break
         records.append({"id": f"i{i}", "image": f"img{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour}]})
-    records.append({"id": "mix", "image": "img0.png", "video": "clip0.mp4", "conversations": [
-        {"from": "human", "value": "<image>\n<video>\nSame colour as the dot?"}, {"from": "gpt", "value": "yes"}]})
+    if mix:
+        records.append({"id": "mix", "image": "img0.png", "video": "clip0.mp4", "conversations": [
+            {"from": "human", "value": "<image>\n<video>\nSame colour as the dot?"}, {"from": "gpt", "value": "yes"}]})
     if text:
         records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."},
                                                         {"from": "gpt", "value": "hi"}]})

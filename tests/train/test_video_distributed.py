@@ -22,14 +22,16 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_zero3_video_mix_two_ranks_match_one_process_and_resume(tiny_models, tmp_path):
-    corpus = write_video_corpus(tmp_path / "corpus", n_videos=4)
+    corpus = write_video_corpus(tmp_path / "corpus", n_videos=4)  # v0..v3 (v1 a frames directory), i0..i2, mix
     by_id = {r["id"]: r for r in corpus["records"]}
     two = {"id": "two", "images": ["img1.png", "img2.png"], "conversations": [
         {"from": "human", "value": "<image>\n<image>\nSame colour?"}, {"from": "gpt", "value": "no"}]}
     texts = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say {w}."}, {"from": "gpt", "value": w}]}
              for i, w in enumerate(("hi", "yes", "no", "ok"))]
-    # 4 with a video (one also with an image), 4 with images (one with two), 4 text: whole steps of one modality
-    records = [by_id[k] for k in ("v0", "v1", "v2", "mix", "i0", "i1", "i2")] + [two] + texts
+    # 4 with a video, 4 with images (one with two), 4 text, 4 with an image and a video: whole steps of one modality
+    # (under ZeRO-3 every rank of a step runs the same tower path; --group_by_modality_length keeps them apart)
+    mixes = [{**by_id["mix"], "id": f"mix{k}", "video": by_id[v]["video"]} for k, v in enumerate(("v0", "v1", "v2", "v3"))]
+    records = [by_id[k] for k in ("v0", "v1", "v2", "v3", "i0", "i1", "i2")] + [two] + texts + mixes
     data = tmp_path / "mix.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "zero3_video"

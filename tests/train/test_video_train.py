@@ -181,13 +181,13 @@ def test_packed_video_batch_equals_padded_and_videos_follow_their_tokens(onevisi
 def test_grouped_sampler_keeps_video_a_modality_of_its_own(onevision_run):
     trainer = onevision_run["trainer"]
     ds = trainer.train_dataset
-    expected = [2 if ds.record(i).video else 1 if ds.record(i).images else 0 for i in range(len(ds))]
-    assert ds.modalities == expected and set(expected) == {0, 1, 2}
+    expected = [2 * bool(ds.record(i).video) + bool(ds.record(i).images) for i in range(len(ds))]
+    assert ds.modalities == expected and set(expected) == {0, 1, 2, 3}  # 3: the image + video record
     sampler = trainer._get_train_sampler()
     assert sampler.modalities == expected
     order = sampler.indices()
     batch = trainer.args.per_device_train_batch_size
-    n_full = sum(expected.count(m) // batch for m in (0, 1, 2))  # full megabatches hold one modality each
+    n_full = sum(expected.count(m) // batch for m in (0, 1, 2, 3))  # full megabatches hold one modality each
     steps = [order[k * batch:(k + 1) * batch] for k in range(n_full)]
     assert all(len({expected[i] for i in step}) == 1 for step in steps)
     assert sorted(order) == list(range(len(ds)))
@@ -216,3 +216,23 @@ def test_truncation_never_cuts_a_video(onevision_run):
             tokenize_conversation(long_answer, ds.template, tokenizer, image_token_id=image_id, num_image_tokens=1,
                                   model_max_length=limit, video_token_id=video_id, num_video_tokens=per_video)
         assert info.value.kind == "video_tokens_exceed_max_length"
+
+
+def test_predict_video_prompts_as_training_and_answers(onevision_run, video_corpus, capsys):
+    from llava.cli import main
+    from llava.serve.predict import Predictor
+
+    trainer, out = onevision_run["trainer"], onevision_run["dir"]
+    ds = trainer.train_dataset
+    i = next(i for i in range(len(ds)) if ds.record(i).id == "v1")  # the frames directory
+    record = ds.record(i)
+    predictor = Predictor.load(out)
+    ids, pixels = predictor.video_prompt(video_corpus["video_folder"], record.video, record.messages[0].content)
+    sample = ds[i]
+    assert ids == sample["input_ids"][:len(ids)].tolist()  # the training prompt up to the answer
+    assert torch.equal(pixels, sample["pixel_values_videos"])
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--video", str(video_corpus["video_folder"] / "clip0.mp4"),
+                 "--prompt", "Which way does the dot move?", "--max_new_tokens", "3"]) == 0
+    expected = predictor.answer_video(video_corpus["video_folder"], "clip0.mp4", "Which way does the dot move?", 3)
+    assert capsys.readouterr().out == expected + "\n"  # the tiny model may well answer with its end token: ""

@@ -146,3 +146,20 @@ def test_records_mark_the_video_with_image_or_video():
         with pytest.raises(RecordError) as info:
             parse_record(raw)
         assert info.value.kind == kind and info.value.record_id == raw["id"]
+
+
+def test_frame_pixels_equal_the_tower_image_processor(clip):
+    """``frames_to_pixel_values`` (rescale + normalise of the tower-sized frames) against transformers' own CLIP image
+    processor on the same frames (resize and crop are no-ops at the tower's size)."""
+    import torch
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from llava.data.video import frames_to_pixel_values
+
+    frames = decode_video_frames(clip, "count.mp4", [0, 30, 59], size=32)
+    frames = [Image.fromarray(np.asarray(f) // 3 + np.arange(32, dtype=np.uint8)[None, :, None]) for f in frames]
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    expected = processor(images=frames, return_tensors="pt")["pixel_values"]
+    got = frames_to_pixel_values(frames, processor)
+    assert got.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

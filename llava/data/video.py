@@ -162,7 +162,7 @@ def probe_video(video_folder: str | Path | None, rel: str) -> VideoInfo:
 
 
 def _probe_container(real: Path, rel: str, video_folder) -> VideoInfo:
-    import av
+    import av  # PyAV and its FFmpeg libraries load with the first video file, not with the package
 
     try:
         with av.open(str(real)) as container:
@@ -218,7 +218,7 @@ def decode_video_frames(video_folder: str | Path | None, rel: str, indices: list
 
 def _decode_container(real: Path, rel: str, video_folder, indices: list[int], info: VideoInfo,
                       size: int | None) -> list[Image.Image]:
-    import av
+    import av  # PyAV and its FFmpeg libraries load with the first video file, not with the package
 
     wanted = sorted(set(indices))
     got: dict[int, Image.Image] = {}
@@ -306,7 +306,7 @@ def frames_to_pixel_values(frames: list[Image.Image], image_processor):
     """Square RGB frames -> ``[frames, 3, S, S]`` float32: rescaled and normalised with the tower processor's
     ``rescale_factor`` / ``image_mean`` / ``image_std``, as the saved video processor does (resize to the tower's
     square input, no crop)."""
-    import torch
+    import torch  # only where pixels are made: `llava data check` reads this module without torch
 
     mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
     std = np.asarray(image_processor.image_std, np.float32)[:, None, None]

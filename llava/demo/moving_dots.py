@@ -15,13 +15,12 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
 
 def _codec() -> str:
-    import av
-
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
@@ -29,8 +28,6 @@ def write_clip(path: str | Path, frames: list[np.ndarray], fps: int = 10, gop: i
                size: tuple[int, int] | None = None, faststart: bool = False) -> Path:
     """Encode RGB uint8 ``frames`` (all one size, even sides; ``size`` (h, w) when there are none) into ``path``;
     ``faststart``: the index (moov) before the data, so a cut file still opens."""
-    import av
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames[0].shape[:2] if frames else size

@@ -58,6 +58,7 @@ def next_video_processor_dict(image_processor: dict) -> dict:
     """The ``video_processor`` entry of a LlavaNextVideo ``processor_config.json`` (transformers' own class writes
     it): frames resized to the tower's square input, no crop, the image processor's normalisation, as training
     feeds them to the model."""
+    # transformers' video processor module, only when a LlavaNextVideo processor is saved
     from transformers.models.llava_next_video.video_processing_llava_next_video import LlavaNextVideoVideoProcessor
 
     size = image_processor["size"]
@@ -106,6 +107,7 @@ def make_next_video_processor(layout: AnyresLayout, tower_processor, tokenizer, 
 
 def load_next_video_processor_files(path, config: dict, tokenizer, chat_template):
     """``VideoProcessorFiles`` read back from a LlavaNextVideo checkpoint's ``processor_config.json``."""
+    # the PIL image processor, only when a checkpoint's processor is read without torchvision
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     image = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}

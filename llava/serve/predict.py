@@ -17,17 +17,26 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, LlavaForConditionalGeneration
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images
 from llava.data.collator import collate_images
 from llava.data.dataset import process_images
-from llava.data.images import expand2square
+from llava.data.images import expand2square, open_image_rgb
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
+from llava.data.video import (
+    VideoSampling,
+    decode_video_frames,
+    frames_to_pixel_values,
+    probe_video,
+    sample_frame_indices,
+    video_messages,
+)
 from llava.errors import UsagePathError, UsageValueError, require_model_path, require_path
 from llava.model.anyres_model import layout_from_config, load_processor
 from llava.model.builder import LLAVA_CLASSES, num_image_tokens
+from llava.model.video_model import video_layout_from_config
 from llava.run_dir import ARGS_FILE, CONFIG_FILE, PROJECTOR_FILE, RunKind, read_run_args, run_kind
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
@@ -158,17 +167,6 @@ class Predictor:
 
     def video_prompt(self, video_folder: str | Path, video: str, prompt: str) -> tuple[list[int], torch.Tensor]:
         """The prompt ids (``<video>`` expanded to the video's tokens) and ``pixel_values_videos`` ``[1, F, 3, S, S]``."""
-        from llava.constants import DEFAULT_VIDEO_TOKEN
-        from llava.data.video import (
-            VideoSampling,
-            decode_video_frames,
-            frames_to_pixel_values,
-            probe_video,
-            sample_frame_indices,
-            video_messages,
-        )
-        from llava.model.video_model import video_layout_from_config
-
         d = self.video_args
         layout = video_layout_from_config(
             self.model.config, VideoSampling(d.get("frames_upbound", 0), float(d.get("video_fps", 1.0)),
@@ -191,8 +189,6 @@ class Predictor:
 
 
 def predict_main(args) -> int:
-    from llava.data.images import open_image_rgb
-
     check_checkpoint_dir(args.model)
     require_model_path("--model", args.model, hint=MODEL_HINT)
     if args.image:

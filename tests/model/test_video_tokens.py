@@ -29,7 +29,7 @@ from transformers import (
 
 from llava.data.video_flags import video_layout_from_flags
 from llava.errors import UsageValueError
-from llava.model.args import ModelArguments
+from llava.model.model_args import ModelArguments
 
 PATCH = 4
 FRAMES = (1, 2, 3, 4, 5)

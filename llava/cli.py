@@ -5,7 +5,7 @@
     llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train; --help lists them grouped
     llava data check --data_path ... (the same flags)       # validate data + statistics before training; --json
     llava predict --model DIR --image X.png --prompt "..."
-    llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images]
+    llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images] [--report DIR]
     llava convert hf2mcore|mcore2hf|mcore2mcore ...         # optional Megatron path (pip install .[megatron])
     llava merge --adapter RUN_DIR --out DIR [--dtype bfloat16] [--max_shard_size 2GB]   # LoRA -> native Llava
     llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA-1.5/1.6/OneVision -> native checkpoint
@@ -73,6 +73,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--blank_images", action="store_true", help="also score with every image blanked")
     p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write an HTML page of every sample: images, "
+                   "question, reference, answers (DIR/index.html, thumbnails beside it)")
 
 
 def _merge_parser(sub) -> None:
@@ -171,6 +173,10 @@ def run_command(argv: list[str]) -> int:
         from llava.serve.predict import predict_main
 
         return predict_main(args)
+    if args.report:  # the page writer (llava/report) is imported by commands only
+        from llava.report.eval_page import eval_report_main
+
+        return eval_report_main(args)
     from llava.serve.eval import eval_main
 
     return eval_main(args)

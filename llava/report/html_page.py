@@ -46,7 +46,8 @@ border:1px solid #dde2ea;background:#fafafa}
 .filters label{margin-right:16px}.count{color:#5b6475}
 .badge{display:inline-block;border-radius:3px;padding:0 6px;font-size:12px;color:#fff}
 .sev-error{background:#b3261e}.sev-dropped{background:#c26401}.sev-warning{background:#8a6d00}.sev-note{background:#5b6475}
-.charts{display:flex;flex-wrap:wrap;gap:18px}.chart{border:1px solid #dde2ea;padding:6px}
+.charts{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.chart{border:1px solid #dde2ea;padding:6px}
+.chart>svg{display:block;margin-top:4px}
 .advice{margin:4px 0 8px;padding:4px 8px;background:#f1f3f7;border-left:3px solid #4a6fa5}
 pre,.txt{white-space:pre-wrap;margin:0;font:12px/1.35 ui-monospace,"DejaVu Sans Mono",monospace}
 """
@@ -167,8 +168,9 @@ def svg_histogram(values, *, title: str, bins: int = 30, marker: float | None = 
     if marker is not None and lo <= marker <= hi * 1.5:
         x = left + plot_w * min(1.0, (marker - lo) / (hi - lo))
         parts.append(f'<line x1="{x:.1f}" y1="{height - bottom - plot_h}" x2="{x:.1f}" y2="{height - bottom}" '
-                     f'stroke="#b3261e" stroke-dasharray="4 3"/><text x="{x - 3:.1f}" y="{height - bottom - plot_h + 8}" '
-                     f'font-size="10" fill="#b3261e" text-anchor="end">{esc(marker_label)}</text>')
+                     f'stroke="#b3261e" stroke-dasharray="4 3"/><text x="{x + (3 if x < left + plot_w / 2 else -3):.1f}" '
+                     f'y="{height - bottom - plot_h / 2:.1f}" font-size="10" fill="#b3261e" '
+                     f'text-anchor="{"start" if x < left + plot_w / 2 else "end"}">{esc(marker_label)} {_num(marker)}</text>')
     parts.append("</svg>")
     return head + f' <span class="count">({len(values)} values)</span>' + "".join(parts) + "</div>"
 

@@ -43,8 +43,14 @@ from llava.run_dir import (
     write_run_args,
 )
 from llava.train.checkpoint import gather_named_parameters
+from llava.train.curves import LR_GROUP_PREFIX, MISSING_HINT, matplotlib_available, write_training_curves
 from llava.train.lora import save_lora_checkpoint
-from llava.train.param_groups import deepspeed_optimizer_keeps_groups, needs_param_groups, optimizer_param_groups
+from llava.train.param_groups import (
+    deepspeed_optimizer_keeps_groups,
+    is_projector_param,
+    needs_param_groups,
+    optimizer_param_groups,
+)
 from llava.train.samplers import LengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class LLaVATrainer(Trainer):
     def __init__(self, *args, projector_only: bool = False, run_args: dict[str, Any] | None = None, **kwargs):
         self.projector_only = projector_only
         self.run_args = run_args or {}
+        self._can_plot: bool | None = None  # matplotlib present? asked at the first save (curves.png)
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -109,6 +116,45 @@ class LLaVATrainer(Trainer):
                                      bits=getattr(self.args, "bits", 16))
             write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only, "run_kind": kind.value})
             self._write_bad_samples(output_dir)
+            self._write_curves(output_dir)
+
+    def _write_curves(self, output_dir: str) -> None:
+        """``curves.png`` (loss, learning rate per group, grad norm) beside every save; without matplotlib, one
+        warning per run and nothing else."""
+        if self._can_plot is None:
+            self._can_plot = matplotlib_available()
+            if not self._can_plot:
+                logger.warning(MISSING_HINT)
+        if self._can_plot:
+            write_training_curves(output_dir, self.state.log_history)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """With parameter groups at different learning rates (projector, vision tower), each group's rate too."""
+        groups = getattr(self.optimizer, "param_groups", None) or []
+        if "learning_rate" in logs and self.lr_scheduler is not None and len(groups) > 1:
+            rates = self.lr_scheduler.get_last_lr()
+            if len({g.get("initial_lr", g.get("lr")) for g in groups}) > 1:  # groups at their own rates
+                for name, rate in zip(self._lr_group_names(len(rates)), rates):
+                    logs.setdefault(LR_GROUP_PREFIX + name, rate)
+        super().log(logs, start_time)
+
+    def _lr_group_names(self, n: int) -> list[str]:
+        """What each optimizer group trains (projector / vision tower / language model), by its parameters."""
+        cached = getattr(self, "_lr_names", None)
+        if cached is not None and len(cached) == n:
+            return cached
+        model = self.accelerator.unwrap_model(self.model)
+        owner = {id(p): ("projector" if is_projector_param(name) else "vision tower" if "vision_tower" in name
+                         else "language model") for name, p in model.named_parameters()}
+        groups = getattr(self.optimizer, "param_groups", [])
+        names = []
+        for i in range(n):
+            params = groups[i]["params"] if i < len(groups) else []
+            parts = sorted({owner.get(id(p), "?") for p in params})
+            name = " + ".join(parts) if parts and "?" not in parts else f"group {i}"
+            names.append(name if name not in names else f"{name} ({i})")
+        self._lr_names = names
+        return names
 
     def _write_bad_samples(self, output_dir: str) -> None:
         """Counts of skipped samples by kind (``bad_samples.json``), so a run says what it did not train on."""

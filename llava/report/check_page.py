@@ -33,6 +33,7 @@ from llava.report.html_page import (
 PAGE = "index.html"
 RESULTS_FILE = "check_results.json"
 MAX_IMAGES_PER_KIND = 6  # example records' images shown per problem kind
+SEVERITY_ORDER = ("error", "dropped", "warning", "note")  # the page lists what stops training first
 
 
 def check_report_main(argv: list[str]) -> int:
@@ -70,10 +71,15 @@ def write_check_report(out_dir: str | Path, report: ProblemReport, *, data_path:
             "<h2>Statistics</h2>", _stats_table(stats), "<h2>Distributions</h2>",
             f'<div class="charts">{_charts(report, stats)}</div>',
             f"<h2>Problems ({len(info['problems'])} kinds)</h2>"]
+    order = sorted(info["problems"], key=lambda k: (SEVERITY_ORDER.index(info["problems"][k]["severity"])
+                                                    if info["problems"][k]["severity"] in SEVERITY_ORDER else 0,
+                                                    -info["problems"][k]["count"]))
     if not info["problems"]:
         body.append('<p class="count">none found</p>')
-    for kind, problem in info["problems"].items():
-        body.append(_problem_section(kind, problem, shown[kind], thumbs))
+    else:
+        body.append(_problem_index(order, info["problems"]))
+    for kind in order:
+        body.append(_problem_section(kind, info["problems"][kind], shown[kind], thumbs))
     page = write_page(out, PAGE, html_page(f"Data check: {data_path}", "\n".join(body)))
     write_page(out, RESULTS_FILE, json.dumps(info, indent=1))
     return page
@@ -136,6 +142,13 @@ def _charts(report: ProblemReport, stats: dict) -> str:
     return "\n".join(charts)
 
 
+def _problem_index(order: list[str], problems: dict) -> str:
+    rows = "".join(f'<tr><td><span class="badge sev-{esc(problems[k]["severity"])}">{esc(problems[k]["severity"])}'
+                   f'</span></td><td><a href="#kind-{esc(k)}">{esc(k)}</a></td><td class="num">{problems[k]["count"]}'
+                   f"</td></tr>" for k in order)
+    return f'<table class="grid" id="problem-index"><tr><th>severity</th><th>kind</th><th>records</th></tr>{rows}</table>'
+
+
 def _problem_section(kind: str, problem: dict, shown, thumbs: ThumbnailWriter) -> str:
     severity = problem["severity"]
     examples = "".join(f"<li><code>{esc(rid)}</code>: {esc(message)}</li>"
@@ -144,7 +157,7 @@ def _problem_section(kind: str, problem: dict, shown, thumbs: ThumbnailWriter) -
     images = "".join(f'<figure style="margin:0">{thumbs.img(key)}<figcaption class="count">{esc(rid)}</figcaption>'
                      f"</figure>" for rid, key in shown)
     more = problem["count"] - len(problem["record_ids"])
-    return (f'<section data-kind="{esc(kind)}" data-count="{problem["count"]}" data-severity="{esc(severity)}">'
+    return (f'<section id="kind-{esc(kind)}" data-kind="{esc(kind)}" data-count="{problem["count"]}" data-severity="{esc(severity)}">'
             f'<h3><span class="badge sev-{esc(severity)}">{esc(severity)}</span> {esc(kind)}: '
             f'{problem["count"]} record(s)</h3>{advice}<ul>{examples}'
             f'{f"<li class=count>… and {more} more</li>" if more > 0 else ""}</ul>'

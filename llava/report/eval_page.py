@@ -19,6 +19,7 @@ from llava.report.html_page import ThumbnailWriter, esc, html_page, prepare_repo
 from llava.serve.eval import EvalResult, print_results, run_eval
 
 PAGE = "index.html"
+EMPTY = '<span class="count">(empty answer)</span>'
 RESULTS_FILE = "eval_results.json"
 
 FILTER_JS = """
@@ -122,7 +123,8 @@ def _sample_table(results, names, samples, keys, thumbs: ThumbnailWriter) -> str
             sign = '<span class="ok">✓</span>' if p["correct"] else '<span class="bad">✗</span>'
             marks.append(f' data-wrong-{j}="{int(not p["correct"])}"')
             cells.append(f'<td class="answer {verdict}" data-run="{esc(name)}" data-correct="{int(p["correct"])}">'
-                         f'{sign} <span class="txt">{esc(p["answer"])}</span></td>')
+                         f'{sign} <span class="txt">{esc(p["answer"])}</span>'
+                         f'{"" if p["answer"].strip() else EMPTY}</td>')
         images = "".join(thumbs.img(key, alt=f"image {k + 1} of {sample['id']}") for k, key in enumerate(keys[i]))
         lines.append(f'<tr class="sample" data-id="{esc(sample["id"])}" data-type="{esc(sample["type"])}"'
                      f'{"".join(marks)}><td class="num">{i + 1}<br><span class="count">{esc(sample["id"])}</span></td>'

@@ -181,3 +181,20 @@ def visible_rows(dom: str) -> list[str]:
     """``data-id`` of the sample rows the page's script left visible."""
     rows = re.findall(r'<tr class="sample"([^>]*)>', dom)
     return [re.search(r'data-id="([^"]*)"', r).group(1) for r in rows if "display: none" not in r]
+
+
+def eval_report_via_cli(model_dir: Path, data: Path, image_folder: Path, out: Path, capsys) -> ParsedPage:
+    """``llava eval ... --blank_images --json --report OUT`` on a checkpoint, then :func:`check_eval_page` against the
+    JSON line it printed and the record ids read from ``data``."""
+    from llava.cli import main
+
+    assert main(["eval", "--model", str(model_dir), "--data", str(data), "--image_folder", str(image_folder),
+                 "--batch_size", "8", "--blank_images", "--json", "--report", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"evaluation page: {out / 'index.html'}"
+    accuracy = json.loads(printed[-2])
+    records = json.loads(Path(data).read_text())
+    page = check_eval_page(out, accuracy_json=accuracy, expected_ids=[str(r["id"]) for r in records])
+    for row, record in zip(page.rows, records):
+        assert len(row["images"]) == len(record.get("images") or ([record["image"]] if record.get("image") else []))
+    return page

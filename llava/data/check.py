@@ -298,6 +298,8 @@ def _bool(text: str) -> bool:
 
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
+    if build_parser().parse_known_args(argv)[0].report:  # the page writer lives on the command side (llava/report)
+        raise UsageValueError("--report: write the page with `llava data check ... --report DIR`")
     args, report = run_check(argv)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
     return report.exit_code

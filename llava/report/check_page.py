@@ -146,7 +146,8 @@ def _problem_index(order: list[str], problems: dict) -> str:
     rows = "".join(f'<tr><td><span class="badge sev-{esc(problems[k]["severity"])}">{esc(problems[k]["severity"])}'
                    f'</span></td><td><a href="#kind-{esc(k)}">{esc(k)}</a></td><td class="num">{problems[k]["count"]}'
                    f"</td></tr>" for k in order)
-    return f'<table class="grid" id="problem-index"><tr><th>severity</th><th>kind</th><th>records</th></tr>{rows}</table>'
+    head = "<tr><th>severity</th><th>kind</th><th>records</th></tr>"
+    return f'<table class="grid" id="problem-index">{head}{rows}</table>'
 
 
 def _problem_section(kind: str, problem: dict, shown, thumbs: ThumbnailWriter) -> str:
@@ -157,7 +158,8 @@ def _problem_section(kind: str, problem: dict, shown, thumbs: ThumbnailWriter) -
     images = "".join(f'<figure style="margin:0">{thumbs.img(key)}<figcaption class="count">{esc(rid)}</figcaption>'
                      f"</figure>" for rid, key in shown)
     more = problem["count"] - len(problem["record_ids"])
-    return (f'<section id="kind-{esc(kind)}" data-kind="{esc(kind)}" data-count="{problem["count"]}" data-severity="{esc(severity)}">'
+    return (f'<section id="kind-{esc(kind)}" data-kind="{esc(kind)}" data-count="{problem["count"]}" '
+            f'data-severity="{esc(severity)}">'
             f'<h3><span class="badge sev-{esc(severity)}">{esc(severity)}</span> {esc(kind)}: '
             f'{problem["count"]} record(s)</h3>{advice}<ul>{examples}'
             f'{f"<li class=count>… and {more} more</li>" if more > 0 else ""}</ul>'

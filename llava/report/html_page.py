@@ -167,10 +167,11 @@ def svg_histogram(values, *, title: str, bins: int = 30, marker: float | None = 
                  f'</text>')
     if marker is not None and lo <= marker <= hi * 1.5:
         x = left + plot_w * min(1.0, (marker - lo) / (hi - lo))
+        side, anchor = (3, "start") if x < left + plot_w / 2 else (-3, "end")  # the label on the roomier side
         parts.append(f'<line x1="{x:.1f}" y1="{height - bottom - plot_h}" x2="{x:.1f}" y2="{height - bottom}" '
-                     f'stroke="#b3261e" stroke-dasharray="4 3"/><text x="{x + (3 if x < left + plot_w / 2 else -3):.1f}" '
+                     f'stroke="#b3261e" stroke-dasharray="4 3"/><text x="{x + side:.1f}" '
                      f'y="{height - bottom - plot_h / 2:.1f}" font-size="10" fill="#b3261e" '
-                     f'text-anchor="{"start" if x < left + plot_w / 2 else "end"}">{esc(marker_label)} {_num(marker)}</text>')
+                     f'text-anchor="{anchor}">{esc(marker_label)} {_num(marker)}</text>')
     parts.append("</svg>")
     return head + f' <span class="count">({len(values)} values)</span>' + "".join(parts) + "</div>"
 

@@ -20,7 +20,8 @@ CURVES_JSON = "curves.json"
 STATE_FILE = "trainer_state.json"  # transformers' Trainer.save_state (the run's log history)
 LR_GROUP_PREFIX = "learning_rate/"  # per-group rates the trainer logs beside "learning_rate" (llava/train/trainer.py)
 PANELS = ("loss", "learning rate", "grad norm")
-MISSING_HINT = "matplotlib is not installed, so no training curves picture (curves.png) is written: pip install 'llava[plot]'"
+MISSING_HINT = ("matplotlib is not installed, so no training curves picture (curves.png) is written: "
+                "pip install 'llava[plot]'")
 
 
 def matplotlib_available() -> bool:
@@ -87,6 +88,9 @@ def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str =
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no step logged (see --logging_steps)", ha="center", va="center", transform=ax.transAxes,
+                    color="0.4")
         if panel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         drawn[panel] = {line.get_label(): {"steps": [int(x) for x in line.get_xdata()],

@@ -71,7 +71,8 @@ def test_page_shows_every_sample_image_and_mark(mixed_records, tmp_path):
     page = check_eval_page(out, expected_ids=["one", "two", "three", "text", "big", "blue"])
     # known marks: records 0 and 3 answered with their (upper-cased) gold, the rest wrong
     assert [r["data-wrong-0"] for r in page.rows] == ["0", "1", "1", "0", "1", "1"]
-    counts = {c["data-type"]: (c["data-correct"], c["data-total"]) for c in page.accuracy if c["data-run"] == "real images"}
+    counts = {c["data-type"]: (c["data-correct"], c["data-total"])
+              for c in page.accuracy if c["data-run"] == "real images"}
     assert counts == {"colour": ("1", "3"), "compare": ("0", "1"), "count": ("0", "1"), "text": ("1", "1"),
                       "overall": ("2", "6")}
     # the same image used by several samples is written once; the big one is shrunk, the small ones kept exact

@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from llava.cli import main as cli_main
+from llava.train.curves import matplotlib_available
 
-pytest.importorskip("matplotlib", reason="the plot extra (pip install 'llava[plot]') draws the curves")
+needs_matplotlib = pytest.mark.skipif(not matplotlib_available(), reason="the plot extra (pip install 'llava[plot]') "
+                                      "draws the curves")
 
 STEPS = 4
 
@@ -54,6 +56,7 @@ def expected_lines(history: list[dict]) -> dict[str, dict[str, tuple[list[int], 
             "grad norm": {"grad norm": points("grad_norm")}}
 
 
+@needs_matplotlib
 @pytest.mark.parametrize("where", ["", "checkpoint-2", "checkpoint-4"])
 def test_curves_beside_the_run_and_each_checkpoint(run, where):
     folder = run / where if where else run
@@ -75,6 +78,7 @@ def test_curves_beside_the_run_and_each_checkpoint(run, where):
         assert image.size == (1300, 380)
 
 
+@needs_matplotlib
 def test_llava_plot_overlays_runs(run, tmp_path, capsys):
     from llava.train.curves import plot_runs, read_log_history
 

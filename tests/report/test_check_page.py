@@ -47,7 +47,12 @@ def test_check_page_matches_the_json_report(tiny_models, bad_corpus, tmp_path, c
         bins = [b for b in page.bins if b["histogram"] == title]
         assert sum(int(b["data-count"]) for b in bins) == page.histograms[title] > 0
         assert float(bins[0]["data-lo"]) == stats[key]["min"] and float(bins[-1]["data-hi"]) == stats[key]["max"]
+    # known counts of this corpus: 20 records tokenized + 2 measured, then dropped (toomany, nosupervised); images
+    # decoded: 8 good + gray + anim + 2 dup + 5 of toomany + nosupervised's + long_ok's = 19
+    assert page.histograms["token length"] == 22
+    assert stats["modality"]["image"] + stats["modality"]["text_only"] + stats["dropped"] == 22
     n_images = page.histograms["image width (pixels)"]
+    assert n_images == 19
     assert page.histograms["image height (pixels)"] == n_images == page.histograms["image tokens per image"]
     tokens = [b for b in page.bins if b["histogram"] == "image tokens per image" and int(b["data-count"])]
     assert len(tokens) == 1 and float(tokens[0]["data-lo"]) <= 16 <= float(tokens[0]["data-hi"])  # fixed: 16 each

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llava.data.images import ImageLoadError, load_image_rgb
+from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_rgb, resolve_image_path
 from llava.errors import UsagePathError
 
 THUMB_DIR = "images"
@@ -87,10 +87,25 @@ def write_page(out_dir: Path, name: str, text: str) -> Path:
     return path
 
 
+def _open_for_thumbnail(image_folder: str, rel: str) -> Image.Image:
+    """A JPEG decoded at reduced scale (PIL's draft mode: several times faster for photos), anything else, or a JPEG
+    that fails, the way training opens it (``load_image_rgb``: its checks and its error for what cannot be shown)."""
+    path = resolve_image_path(image_folder, rel)  # confined to the image folder, before anything is opened
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG" and image.width * image.height <= DEFAULT_MAX_PIXELS:
+                image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))
+                image.load()
+                return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError):
+        pass  # load_image_rgb below names the problem
+    return load_image_rgb(image_folder, rel)[0]
+
+
 def _make_thumbnail(image_folder: str, rel: str, dest_stem: Path) -> tuple[str, str]:
     """``(file name, "")`` of the written thumbnail, or ``("", why)`` when the image cannot be shown."""
     try:
-        image, _notes = load_image_rgb(image_folder, rel)
+        image = _open_for_thumbnail(image_folder, rel)
     except ImageLoadError as err:
         return "", f"{err.kind}: {err.detail}"
     if max(image.size) <= THUMB_SIDE:  # small (synthetic) images stay exact: PNG, scaled up by the browser

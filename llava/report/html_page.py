@@ -97,7 +97,7 @@ def _open_for_thumbnail(image_folder: str, rel: str) -> Image.Image:
                 image.draft("RGB", (THUMB_SIDE, THUMB_SIDE))
                 image.load()
                 return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError):
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         pass  # load_image_rgb below names the problem
     return load_image_rgb(image_folder, rel)[0]
 

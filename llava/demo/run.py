@@ -55,8 +55,10 @@ def _banner(text: str) -> None:
 
 
 def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, dict[str, float]]:
+    # `llava --help` builds this module's parser: torch loads only when the demo runs
     from llava.demo.shapes import generate_shapes_dataset
     from llava.demo.tiny_models import write_demo_models
+    from llava.report.eval_page import write_eval_report
     from llava.serve.eval import evaluate, format_table
     from llava.serve.predict import Predictor
     from llava.train.train import train
@@ -94,6 +96,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
                            "--learning_rate", str(cfg.lora_lr if cfg.lora else cfg.stage2_lr),
                            "--output_dir", str(stage2)])
     if cfg.lora:
+        # `llava --help` imports this module: torch loads only when the demo runs
         from llava.export.merge import merge_lora
 
         stage2 = merge_lora(stage2, workdir / "out" / "merged")
@@ -106,8 +109,6 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     rows = {name: result.accuracy() for name, result in results.items()}
     print(format_table(rows))
     print(f"chance: colour 25%, shape 33%, position 25%, count 33%; total time {time.time() - t0:.0f} s")
-    from llava.report.eval_page import write_eval_report  # the page: every held-out question, its image, answers
-
     page = write_eval_report(workdir / "report", results, image_folder=str(data["image_folder"]), model=stage2,
                              data=data["heldout_qa"], title="llava demo: held-out questions")
     print(f"evaluation page (open it in a browser): {page}")
@@ -140,6 +141,7 @@ def demo_main(args: argparse.Namespace) -> int:
         raise UsagePathError(f"--workdir {args.workdir}: cannot create it ({err.strerror}); give a writable "
                              f"directory") from err
     if args.anyres:
+        # `llava --help` imports this module: torch loads only when the demo runs
         from llava.demo.fine_detail import run_anyres_demo
 
         run_anyres_demo(args.workdir)

@@ -16,9 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from llava.data.check import ProblemReport, run_check
 from llava.data.records import RecordError, parse_record
 from llava.data.validate import DataError, ProblemLog, load_raw_records
+from llava.data_check import ProblemReport, run_check
 from llava.errors import ArgumentParser
 from llava.report.html_page import (
     ThumbnailWriter,

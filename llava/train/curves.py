@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from llava.errors import UsagePathError, UsageValueError
+
 CURVES_PNG = "curves.png"
 CURVES_JSON = "curves.json"
 STATE_FILE = "trainer_state.json"  # transformers' Trainer.save_state (the run's log history)
@@ -26,7 +28,7 @@ MISSING_HINT = ("matplotlib is not installed, so no training curves picture (cur
 
 def matplotlib_available() -> bool:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (an optional extra: asked for, never required)
     except ImportError:
         return False
     return True
@@ -64,6 +66,7 @@ def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str =
     """Draw each run's log history (``{label: log_history}``) on one figure of three panels; save it to ``path``
     (PNG, written through a temporary file). Returns the points each drawn line holds, read back from the figure:
     ``{panel: {line label: {"steps": [...], "values": [...]}}}``."""
+    # matplotlib is optional (the plot extra): imported only to draw
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -118,8 +121,6 @@ def write_training_curves(output_dir: str | os.PathLike, log_history: list[dict]
 def read_log_history(run_dir: str | os.PathLike) -> list[dict]:
     """A run's log history: its ``trainer_state.json``, else its latest checkpoint's, else the Megatron backend's
     ``megatron_state.json``; a one-line error naming the directory when there is none."""
-    from llava.errors import UsagePathError
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsagePathError(f"llava plot: {run_dir} is not a directory; give training output directories")
@@ -139,8 +140,6 @@ def read_log_history(run_dir: str | os.PathLike) -> list[dict]:
 
 def plot_main(args) -> int:
     """``llava plot RUN_DIR [RUN_DIR ...] [--out FILE]``: the runs' curves on one figure."""
-    from llava.errors import UsagePathError, UsageValueError
-
     if not Path(args.out).resolve().parent.is_dir():
         raise UsagePathError(f"--out {args.out}: its folder does not exist; create it or give another path")
     histories = {}

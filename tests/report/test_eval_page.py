@@ -1,7 +1,8 @@
 """The evaluation page (``llava eval --report``) from known answers: rows, images, marks, accuracy, filters, speed.
 
-A stub predictor with known answers drives the real ``evaluate`` (the pages of real checkpoints are checked where
-their fixtures train them: tests/serve, tests/train/test_anyres_train.py, tests/export/test_merge.py, the demo).
+A stub predictor with known answers drives the real ``evaluate``. The pages of real checkpoints are checked where
+their fixtures train them: Llava in tests/serve/test_predict_eval.py, LlavaNext and a merged OneVision LoRA run in
+tests/train/test_anyres_train.py, the demo's page in tests/demo/test_demo_run.py.
 
     .venv/bin/pytest tests/report/test_eval_page.py
 """

@@ -277,6 +277,7 @@ def test_onevision_lora_run_merges_into_native_onevision_with_logit_parity(tiny_
 
 
 
+@pytest.mark.slow
 def test_eval_report_page_of_a_merged_onevision_lora_run(tiny_models, anyres_data, next_stage1, tmp_path, capsys):
     """``llava eval --report`` on LlavaOnevision, a merged LoRA run (#26)."""
     from llava.export.merge import merge_lora

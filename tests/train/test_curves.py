@@ -101,6 +101,7 @@ train(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_training_without_matplotlib_says_so_once(tiny_models, shapes_data, tmp_path):
     out = tmp_path / "run"
     argv = curves_argv(tiny_models, shapes_data, out)

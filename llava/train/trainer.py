@@ -130,30 +130,37 @@ class LLaVATrainer(Trainer):
             write_training_curves(output_dir, self.state.log_history)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """With parameter groups at different learning rates (projector, vision tower), each group's rate too."""
+        """With parameter groups at their own learning rates (projector, vision tower), each part's rate too: the
+        highest of its groups (a tower under layer decay has a group per layer, all on the same schedule)."""
         groups = getattr(self.optimizer, "param_groups", None) or []
         if "learning_rate" in logs and self.lr_scheduler is not None and len(groups) > 1:
-            rates = self.lr_scheduler.get_last_lr()
-            if len({g.get("initial_lr", g.get("lr")) for g in groups}) > 1:  # groups at their own rates
+            if len({g.get("initial_lr", g.get("lr")) for g in groups}) > 1:
+                rates = self.lr_scheduler.get_last_lr()
+                per_part: dict[str, float] = {}
                 for name, rate in zip(self._lr_group_names(len(rates)), rates):
+                    per_part[name] = max(rate, per_part.get(name, rate))
+                for name, rate in per_part.items():
                     logs.setdefault(LR_GROUP_PREFIX + name, rate)
         super().log(logs, start_time)
 
     def _lr_group_names(self, n: int) -> list[str]:
-        """What each optimizer group trains (projector / vision tower / language model), by its parameters."""
+        """What each optimizer group trains (projector / vision tower / language model), by its parameters (under ZeRO,
+        the parameters DeepSpeed keeps per group); "group i" where they are not the model's."""
         cached = getattr(self, "_lr_names", None)
         if cached is not None and len(cached) == n:
             return cached
         model = self.accelerator.unwrap_model(self.model)
         owner = {id(p): ("projector" if is_projector_param(name) else "vision tower" if "vision_tower" in name
                          else "language model") for name, p in model.named_parameters()}
-        groups = getattr(self.optimizer, "param_groups", [])
+        params = [g["params"] for g in getattr(self.optimizer, "param_groups", [])]
+        zero = getattr(self.optimizer, "optimizer", None)  # DeepSpeed ZeRO keeps each group's own parameters here
+        originals = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
+        if originals is not None and len(originals) == n:
+            params = originals
         names = []
         for i in range(n):
-            params = groups[i]["params"] if i < len(groups) else []
-            parts = sorted({owner.get(id(p), "?") for p in params})
-            name = " + ".join(parts) if parts and "?" not in parts else f"group {i}"
-            names.append(name if name not in names else f"{name} ({i})")
+            parts = sorted({owner.get(id(p), "?") for p in (params[i] if i < len(params) else [])})
+            names.append(" + ".join(parts) if parts and "?" not in parts else f"group {i}")
         self._lr_names = names
         return names
 

@@ -24,13 +24,16 @@ STEPS = 4
 
 
 def curves_argv(tiny_models, shapes_data, out) -> list[str]:
-    """Two optimizer groups at different rates (projector 2e-3, the rest 1e-3), eval every 2 steps, saves every 2."""
+    """Groups at their own rates (projector 2e-3, LM 1e-3, the vision tower 5e-4 with layer decay 0.5: one group
+    per tower layer), eval every 2 steps, saves every 2."""
     return ["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
             "--version", "vicuna_v1", "--data_path", str(shapes_data["stage2_qa"]),
             "--eval_data_path", str(shapes_data["heldout_qa"]), "--eval_strategy", "steps", "--eval_steps", "2",
             "--per_device_eval_batch_size", "16", "--image_folder", str(shapes_data["image_folder"]),
             "--output_dir", str(out), "--per_device_train_batch_size", "8", "--max_steps", str(STEPS),
             "--learning_rate", "1e-3", "--mm_projector_lr", "2e-3", "--lr_scheduler_type", "linear",
+            "--mm_tunable_parts", "mm_vision_tower,mm_mlp_adapter,mm_language_model", "--mm_vision_tower_lr", "5e-4",
+            "--mm_vision_tower_lr_decay", "0.5",
             "--logging_steps", "1", "--save_steps", "2", "--report_to", "none", "--model_max_length", "256",
             "--use_cpu", "True", "--seed", "0", "--dataloader_num_workers", "0"]
 
@@ -66,13 +69,14 @@ def test_curves_beside_the_run_and_each_checkpoint(run, where):
     last = int(where.split("-")[1]) if where else STEPS
     assert expected["loss"]["train loss"][0] == list(range(1, last + 1))  # one point per logged step
     assert expected["loss"]["eval loss"][0] == list(range(2, last + 1, 2))
-    assert set(expected["learning rate"]) == {"projector", "language model"}
+    assert set(expected["learning rate"]) == {"projector", "language model", "vision tower"}
     for panel, lines in expected.items():
         assert set(drawn[panel]) == set(lines), panel
         for name, (steps, values) in lines.items():
             assert drawn[panel][name]["steps"] == steps and drawn[panel][name]["values"] == pytest.approx(values)
-    projector, lm = (drawn["learning rate"][k]["values"] for k in ("projector", "language model"))
+    projector, lm, tower = (drawn["learning rate"][k]["values"] for k in ("projector", "language model", "vision tower"))
     assert projector == pytest.approx([2 * v for v in lm])  # the same linear schedule at twice the rate
+    assert tower == pytest.approx([v / 2 for v in lm])  # the tower's top layer (its highest rate): 5e-4
     with Image.open(folder / "curves.png") as image:
         image.load()
         assert image.size == (1300, 380)
@@ -101,7 +105,6 @@ train(sys.argv[1:])
 """
 
 
-@pytest.mark.slow
 def test_training_without_matplotlib_says_so_once(tiny_models, shapes_data, tmp_path):
     out = tmp_path / "run"
     argv = curves_argv(tiny_models, shapes_data, out)

@@ -111,3 +111,13 @@ def test_thousand_samples_take_seconds(tmp_path):
     page = parse_page(tmp_path / "report" / "index.html")
     assert len(page.rows) == 1000 and len(set(page.images)) == 1000
     assert seconds < 60, seconds
+
+
+def test_report_flag_error_comes_before_the_model_loads(tmp_path, capsys):
+    from llava.cli import main
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--data", str(a_file), "--report", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llava eval: error: --report") and "is a file" in err and len(err.strip().splitlines()) == 1

@@ -97,6 +97,23 @@ def test_llava_plot_overlays_runs(run, tmp_path, capsys):
     assert "trainer_state.json" in capsys.readouterr().err
 
 
+def test_plot_reads_a_megatron_run_and_the_latest_checkpoint(tmp_path):
+    """``llava plot`` takes the log history of a ``--backend megatron`` run (``megatron_state.json``), and of a run
+    whose final ``trainer_state.json`` is missing (its latest checkpoint's)."""
+    from llava.train.curves import read_log_history
+
+    history = [{"step": 1, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.5}, {"step": 2, "eval_loss": 1.9}]
+    megatron = tmp_path / "megatron_run"
+    megatron.mkdir()
+    (megatron / "megatron_state.json").write_text(json.dumps({"log_history": history, "memory": []}))
+    assert read_log_history(megatron) == history
+    hf = tmp_path / "hf_run"
+    for step, n in ((2, 1), (10, 2)):  # checkpoint-10 is the latest, though "checkpoint-2" sorts after it as text
+        (hf / f"checkpoint-{step}").mkdir(parents=True)
+        (hf / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": history[:n]}))
+    assert read_log_history(hf) == history
+
+
 BLOCKED = """
 import sys
 sys.modules["matplotlib"] = None  # as if the plot extra were not installed

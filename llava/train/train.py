@@ -33,6 +33,7 @@ from llava.model.causal_padding import use_causal_padding
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
+from llava.model.tower_cut import use_tower_cut
 from llava.train.args import check_inputs, parse_args, resolved_args_dict
 from llava.train.distributed import close_process_group
 from llava.train.lora import setup_lora
@@ -97,6 +98,7 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     set_use_cache(built.model, False)  # no KV cache while training (and packed sequences need none)
     if uses_packed_sdpa(model_args, training_args):  # attention per packed sample, no masked-out blocks computed
         use_packed_sdpa(built.model)
+    use_tower_cut(built.model)  # frozen tower layers past the feature layer are not run (exact; weights untouched)
     if training_args.supervised_head:  # LM head + loss on supervised positions only (training forwards)
         use_supervised_head(built.model)
     if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices

@@ -41,6 +41,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                       "quant_type")),
     ("high resolution", ("image_grid_pinpoints", "mm_patch_merge_type", "mm_newline_position")),
     ("packing, speed, memory and start-up", ("packing", "packing_attention", "supervised_head", "skip_padding_mask",
+                                             "tiled_mlp_shards", "supervised_head_chunk_rows",
                                              "index_cache_dir", "index_workers")),
     ("Megatron", ("backend", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "sequence_parallel", "save_hf")),

@@ -2,13 +2,16 @@
 
     PYTHONPATH=. python scripts/bench_head_memory.py --vocab 152064 --batch 4 --seq 2048 [--supervised 0.3]
     PYTHONPATH=. python scripts/bench_head_memory.py --variants head --seq 2048     # one side only
+    PYTHONPATH=. python scripts/bench_head_memory.py --variants head,tiled --vocab 512 --batch 1 --seq 8192 \
+        --intermediate 1024 --shards 8        # + the tiled MLP (--tiled_mlp_shards): long samples, MLP-dominated
 
 A tiny LLaVA built from configs (Llama 2 layers of width 64, vocab ``--vocab``; CLIP 2 layers at 64 px / patch 8 ->
 64 image tokens per sample), fp32, AdamW; one batch of ``--batch`` x ``--seq`` tokens, one image per row, labels on
 ``--supervised`` of the positions (answer spans spread over each row, as in LLaVA SFT). Each variant runs in its own
 process: the step is forward + backward + optimizer step; "step peak" is the process's peak resident memory during
 the step (``VmHWM``, reset through ``/proc/self/clear_refs`` just before) minus its resident memory just before (on a
-GPU: ``torch.cuda.max_memory_allocated`` minus allocated before). Prints one JSON line per variant, then the ratio.
+GPU: ``torch.cuda.max_memory_allocated`` minus allocated before). Variant ``tiled`` is ``head`` plus the tiled MLP
+(``llava/model/tiled_mlp.py``, ``--shards`` slices; ``--intermediate`` sets the MLP width). Prints one JSON line per variant, then the ratio.
 The machine's memory is shared: a variant whose estimate does not fit in ``MemAvailable`` is skipped, not run.
 """
 
@@ -25,10 +28,10 @@ import torch
 LM_WIDTH, VISION_IMAGE, VISION_PATCH = 64, 64, 8
 
 
-def build_model(vocab: int):
+def build_model(vocab: int, intermediate: int = 4 * LM_WIDTH):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    text = LlamaConfig(vocab_size=vocab, hidden_size=LM_WIDTH, intermediate_size=4 * LM_WIDTH, num_hidden_layers=2,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=LM_WIDTH, intermediate_size=intermediate, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
                        tie_word_embeddings=False)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -69,14 +72,19 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
-def run_variant(variant: str, vocab: int, batch: int, seq: int, supervised: float) -> dict:
+def run_variant(variant: str, vocab: int, batch: int, seq: int, supervised: float, intermediate: int = 4 * LM_WIDTH,
+                shards: int = 4) -> dict:
     """One training step in this process; returns the step's peak memory above the memory held before it."""
     from llava.model.supervised_head import use_supervised_head
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(vocab).to(device).train()
-    if variant == "head":
+    model = build_model(vocab, intermediate).to(device).train()
+    if variant in ("head", "tiled"):
         assert use_supervised_head(model)
+    if variant == "tiled":
+        from llava.model.tiled_mlp import use_tiled_mlp
+
+        assert use_tiled_mlp(model, shards)
     data = {k: v.to(device) for k, v in build_batch(vocab, batch, seq, supervised).items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     n_supervised = int((data["labels"][:, 1:] != -100).sum())
@@ -99,6 +107,7 @@ def run_variant(variant: str, vocab: int, batch: int, seq: int, supervised: floa
     else:
         peak = _status_kib("VmHWM") * 1024
     return {"variant": variant, "device": device.type, "vocab": vocab, "tokens": f"{batch}x{seq}",
+            "intermediate": intermediate, **({"shards": shards} if variant == "tiled" else {}),
             "supervised_tokens": n_supervised, "loss": round(float(loss), 6),
             "step_peak_mib": round((peak - before) / 2**20, 1), "held_before_mib": round(before / 2**20, 1),
             "step_seconds": round(seconds, 2)}
@@ -124,11 +133,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--supervised", type=float, default=0.3, help="fraction of positions with a label")
-    p.add_argument("--variants", default="stock,head")
+    p.add_argument("--variants", default="stock,head", help="stock, head, tiled (head + tiled MLP)")
+    p.add_argument("--intermediate", type=int, default=4 * LM_WIDTH, help="the MLP's intermediate size")
+    p.add_argument("--shards", type=int, default=4, help="tiled: MLP slices")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run this variant here, print JSON
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_variant(args.one, args.vocab, args.batch, args.seq, args.supervised)))
+        print(json.dumps(run_variant(args.one, args.vocab, args.batch, args.seq, args.supervised, args.intermediate,
+                                     args.shards)))
         return []
     results = []
     for variant in args.variants.split(","):
@@ -138,7 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                              f"MiB available"}), flush=True)
             continue
         out = subprocess.run([sys.executable, __file__, "--one", variant, "--vocab", str(args.vocab), "--batch",
-                              str(args.batch), "--seq", str(args.seq), "--supervised", str(args.supervised)],
+                              str(args.batch), "--seq", str(args.seq), "--supervised", str(args.supervised),
+                              "--intermediate", str(args.intermediate), "--shards", str(args.shards)],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
@@ -147,6 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"step peak: stock {by['stock']['step_peak_mib']} MiB, head {by['head']['step_peak_mib']} MiB: "
               f"{by['stock']['step_peak_mib'] / by['head']['step_peak_mib']:.1f}x lower; loss "
               f"{by['stock']['loss']} vs {by['head']['loss']}")
+    if {"head", "tiled"} <= set(by):
+        print(f"step peak: head {by['head']['step_peak_mib']} MiB, head + tiled MLP {by['tiled']['step_peak_mib']} "
+              f"MiB: {by['head']['step_peak_mib'] / by['tiled']['step_peak_mib']:.2f}x lower; loss "
+              f"{by['head']['loss']} vs {by['tiled']['loss']}")
     return results
 
 

@@ -11,8 +11,12 @@ and an explicit mask also keeps CPU/GPU kernels from skipping the causal half. F
 GPU from ``cu_seqlens``; this is the same idea for any device: the row is cut at every position-id restart and
 ``scaled_dot_product_attention(..., is_causal=True)`` runs on each sample. Batches without packed rows (a padded
 batch with its ``attention_mask``, generation with a cache) take transformers' own ``sdpa`` path unchanged, and
-``AttentionMaskInterface`` builds the same masks as for ``sdpa``, so the results equal ``sdpa``'s exactly up to
-float rounding (held by ``tests/train/test_packing.py``).
+the mask function (``packed_sdpa_mask``) builds the same masks as ``sdpa``'s for them, so the results equal
+``sdpa``'s up to float rounding (held by ``tests/train/test_packing.py``). For packed rows it builds none: stock
+``sdpa`` gets a dense block-diagonal ``[B, 1, T, T]`` mask there, which the per-sample attention never reads. The
+samples' sizes are found once per forward, by a forward pre-hook on the language model that hands them to every
+layer's attention through the layers' ``**kwargs`` (one host sync per step, not one per layer); a sample starts
+where the position id does not follow its neighbour by 1, transformers' own packed-row rule.
 
 Measured (``scripts/bench_train.py``, small model, 2-core CPU, interleaved): 1.36x real tokens/s over the masked
 row when the machine was otherwise idle (attention 2.39 s -> 1.96 s of a profiled step), but 0.73-0.76x when it
@@ -29,14 +33,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "llava_packed_sdpa"
+SIZES_KWARG = "llava_packed_sample_sizes"  # per row, the sample lengths; passed from the hook to every layer
+_HOOK_ATTR = "_llava_packed_sizes_hook"
 
 
 def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                   is_causal=None, **kwargs):
     """``query/key/value``: ``[batch, heads, seq, head_dim]``; returns ``([batch, seq, heads, head_dim], None)``."""
-    position_ids = kwargs.get("position_ids")
-    starts = _sample_starts(position_ids) if position_ids is not None and query.shape[2] == key.shape[2] else None
-    if starts is None:
+    sizes = kwargs.pop(SIZES_KWARG, None)
+    if sizes is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # grouped-query heads attend to their key/value head in SDPA itself (enable_gqa): no repeated copies of the
@@ -46,29 +51,61 @@ def packed_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     # split/cat, never slice-indexing: the backward of a slice writes a zero tensor of the whole input per slice,
     # the backward of split is one cat (measured: slicing made this slower than the masked full-row attention)
     rows = []
-    for row_starts, q, k, v in zip(starts, query.split(1), key.split(1), value.split(1)):
-        sizes = [b - a for a, b in zip(row_starts, row_starts[1:])]
+    for row_sizes, q, k, v in zip(sizes, query.split(1), key.split(1), value.split(1)):
         rows.append(torch.cat([
             F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=scaling, is_causal=True,
                                            enable_gqa=gqa)
-            for qs, ks, vs in zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2))
+            for qs, ks, vs in zip(q.split(row_sizes, dim=2), k.split(row_sizes, dim=2), v.split(row_sizes, dim=2))
         ], dim=2))
     out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _sample_starts(position_ids: torch.Tensor) -> list[list[int]] | None:
-    """Per row, the offsets where a sample starts (position id 0) plus the row length; None when no row is packed."""
-    restarts = position_ids[:, 1:] == 0
-    if not bool(restarts.any()):
+def sample_sizes(position_ids: torch.Tensor, batch_size: int | None = None) -> list[list[int]] | None:
+    """Per row, the lengths of its samples; None when no row is packed. A sample starts wherever the position id
+    does not follow its left neighbour by 1 -- transformers' own rule (``masking_utils.find_packed_sequence_indices``),
+    so the rows this cuts are exactly the rows transformers would give a block-diagonal mask. One host sync."""
+    if batch_size is not None and position_ids.shape[0] != batch_size:
+        position_ids = position_ids.expand(batch_size, -1)
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    found = starts.nonzero().tolist()  # [[row, column], ...] in row-major order
+    if len(found) == position_ids.shape[0]:  # one sample per row
         return None
     length = position_ids.shape[1]
-    return [[0, *((r.nonzero().flatten() + 1).tolist()), length] for r in restarts]
+    per_row: list[list[int]] = [[] for _ in range(position_ids.shape[0])]
+    for row, column in found:
+        per_row[row].append(column)
+    return [[b - a for a, b in zip(row, [*row[1:], length])] for row in per_row]
+
+
+def _note_sample_sizes(module, args, kwargs):
+    """Forward pre-hook of the language model: the sample sizes of a packed batch, once per forward (not per layer),
+    handed to every attention call through the layers' ``**kwargs``."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or SIZES_KWARG in kwargs:
+        return None
+    embeds = kwargs.get("inputs_embeds")
+    batch = embeds.shape[0] if embeds is not None else None
+    return args, {**kwargs, SIZES_KWARG: sample_sizes(position_ids, batch)}
+
+
+def packed_sdpa_mask(*args, **kwargs):
+    """``sdpa``'s mask, except for packed rows: none is built, since the per-sample attention never reads it.
+
+    ``create_causal_mask`` turns ``allow_is_causal_skip`` off for a mask-less, cache-less batch exactly when it finds
+    packed rows in the position ids (the language models trained here pass no or/and mask functions); those rows are
+    the ones :func:`sample_sizes` cuts. Padded batches (a 2-D ``attention_mask``) and generation (a cache: a query
+    offset or a longer key length) get ``sdpa``'s mask unchanged."""
+    if (kwargs.get("attention_mask") is None and not kwargs.get("allow_is_causal_skip", True)
+            and not args and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_length") == kwargs.get("q_length")):
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def register_packed_sdpa() -> None:
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
-    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
 
 
 def use_packed_sdpa(model, enable: bool = True) -> None:
@@ -76,6 +113,13 @@ def use_packed_sdpa(model, enable: bool = True) -> None:
     the vision tower keeps its own implementation."""
     register_packed_sdpa()
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = llava.model.language_model
+    handle = language_model.__dict__.pop(_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
     name = PACKED_SDPA if enable else "sdpa"
-    llava.model.language_model.set_attn_implementation(name)  # it holds a config object of its own (see builder)
+    language_model.set_attn_implementation(name)  # it holds a config object of its own (see builder)
     llava.config.text_config._attn_implementation = name
+    if enable:
+        language_model.__dict__[_HOOK_ATTR] = language_model.register_forward_pre_hook(_note_sample_sizes,
+                                                                                       with_kwargs=True)

@@ -112,6 +112,12 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "training forwards of right-padded batches under sdpa drop the padding mask: causal attention alone "
                 "keeps real tokens from the pads after them (same loss and gradients), and SDPA runs unmasked with "
                 "grouped-query heads (no [B,1,T,T] mask, no copied key/value heads); False: the stock masked attention"})
+    tiled_mlp_shards: int = field(default=0, metadata={
+        "help": "long samples: each decoder MLP runs N slices of the sequence at a time, activations recomputed per "
+                "slice in the backward pass (peak MLP memory / N, one more MLP forward; same loss). 0: off"})
+    supervised_head_chunk_rows: int = field(default=0, metadata={
+        "help": "rows per chunk of the supervised head's tiled linear + cross-entropy (its logits tile); 0: "
+                "2^24 / vocabulary size"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})
@@ -156,6 +162,11 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--mm_vision_tower_lr_decay must be in (0, 1], got {self.mm_vision_tower_lr_decay}")
         if self.packing_attention not in ("per_sample", "mask"):
             raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
+        if self.tiled_mlp_shards < 0 or self.supervised_head_chunk_rows < 0:
+            raise ValueError(f"--tiled_mlp_shards and --supervised_head_chunk_rows must be >= 0, got "
+                             f"{self.tiled_mlp_shards} and {self.supervised_head_chunk_rows}")
+        if self.supervised_head_chunk_rows and not self.supervised_head:
+            raise ValueError("--supervised_head_chunk_rows needs --supervised_head True")
 
     @cached_property
     def _setup_devices(self):

@@ -33,6 +33,8 @@ from llava.model.causal_padding import use_causal_padding
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
+from llava.model.tiled_mlp import use_tiled_mlp
+from llava.model.tower_cut import use_tower_cut
 from llava.run_dir import resolved_args_dict
 from llava.train.args import check_inputs, parse_args
 from llava.train.distributed import close_process_group
@@ -75,6 +77,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     if uses_packed_sdpa(model_args, training_args):
         use_packed_sdpa(built.model, False)
     use_supervised_head(built.model, False)
+    use_tiled_mlp(built.model, 0)
     use_causal_padding(built.model, False)
     trainer.save_model(training_args.output_dir)
     _finish_wandb(training_args)
@@ -99,8 +102,11 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     set_use_cache(built.model, False)  # no KV cache while training (and packed sequences need none)
     if uses_packed_sdpa(model_args, training_args):  # attention per packed sample, no masked-out blocks computed
         use_packed_sdpa(built.model)
+    use_tower_cut(built.model)  # frozen tower layers past the feature layer are not run (exact; weights untouched)
     if training_args.supervised_head:  # LM head + loss on supervised positions only (training forwards)
-        use_supervised_head(built.model)
+        use_supervised_head(built.model, chunk_rows=training_args.supervised_head_chunk_rows or None)
+    if training_args.tiled_mlp_shards > 1:  # long samples: decoder MLPs a slice of the sequence at a time
+        use_tiled_mlp(built.model, training_args.tiled_mlp_shards)
     if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
         use_causal_padding(built.model)
     if training_args.gradient_checkpointing:

@@ -272,3 +272,70 @@ def test_train_entry_point_with_lora_and_packing(tiny_models, shapes_data, tmp_p
     assert (tmp_path / "adapter_model.safetensors").is_file()
     base = trainer.model.get_base_model()
     assert base.model.language_model.config._attn_implementation == "sdpa"
+
+
+def test_packed_rows_get_no_mask_and_sample_sizes_once_per_forward(built, samples, monkeypatch):
+    """The block-diagonal 4-D mask the per-sample attention never reads is not built for packed rows, while a padded
+    batch gets ``sdpa``'s mask unchanged; the sample sizes are found once per forward, not once per layer."""
+    import copy
+
+    from transformers.masking_utils import create_causal_mask
+
+    from llava.model import packed_attention
+
+    model = built.model.eval()
+    set_lm_attention(model, PACKED_SDPA)
+    lm = model.model.language_model
+    sdpa_config = copy.copy(lm.config)
+    sdpa_config._attn_implementation = "sdpa"
+    pad = built.tokenizer.pad_token_id
+    packed = DataCollatorWithPacking(pad_token_id=pad)(samples)
+    padded = DataCollatorForSupervisedDataset(pad_token_id=pad)(samples)
+    for batch, packed_rows in ((packed, True), (padded, False)):
+        embeds = torch.zeros(*batch["input_ids"].shape, lm.config.hidden_size)
+        mask_args = dict(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"), past_key_values=None,
+                         position_ids=batch.get("position_ids"))
+        ours = create_causal_mask(config=lm.config, **mask_args)
+        stock = create_causal_mask(config=sdpa_config, **mask_args)
+        assert stock is not None and stock.dim() == 4  # sdpa: a block-diagonal / padding mask
+        if packed_rows:
+            assert ours is None
+        else:
+            assert torch.equal(ours, stock)
+    assert packed_attention.sample_sizes(packed["position_ids"]) == [[len(x["input_ids"]) for x in samples]]
+    assert packed_attention.sample_sizes(torch.arange(5)[None]) is None
+    assert packed_attention.sample_sizes(torch.tensor([[0, 1, 2, 5, 6]]), 2) == [[3, 2], [3, 2]]  # transformers' rule
+    calls = []
+    real = packed_attention.sample_sizes
+    monkeypatch.setattr(packed_attention, "sample_sizes", lambda *a: calls.append(a) or real(*a))
+    with torch.no_grad():
+        model(**packed)
+    assert lm.config.num_hidden_layers > 1 and len(calls) == 1
+    set_lm_attention(model, "sdpa")
+    with torch.no_grad():
+        model(**packed)
+    assert len(calls) == 1  # switched back: the hook is gone
+
+
+def test_generation_with_packed_sdpa_equals_sdpa(built, samples):
+    """Left-padded generation with a cache takes the masked ``sdpa`` path unchanged under ``llava_packed_sdpa``."""
+    model = built.model.eval()
+    pad = built.tokenizer.pad_token_id
+    prompts = [samples[1]["input_ids"][:n] for n in (12, 7)]  # the text-only sample
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([[width - len(p)] for p in prompts])).long()
+    set_use_cache(model, True)
+    try:
+        out = {}
+        for attn in ("sdpa", PACKED_SDPA):
+            set_lm_attention(model, attn)
+            with torch.no_grad():
+                out[attn] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                           pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out["sdpa"].sequences, out[PACKED_SDPA].sequences)
+        for a, b in zip(out["sdpa"].logits, out[PACKED_SDPA].logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    finally:
+        set_use_cache(model, False)
+        set_lm_attention(model, "sdpa")

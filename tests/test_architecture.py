@@ -14,6 +14,8 @@
 - every module of ``llava/`` is placed in ``docs/architecture.md`` (by its path, or by its file name in the paragraph
   of its package);
 - nothing in the repository points at the developers' ``../shared`` or ``/work/shared`` (users do not have it);
+- the README stays under ``README_MAX_LINES`` and links every page of ``docs/``; links between pages resolve (file
+  and heading);
 - every repository file that a docstring, comment or doc cites by path (under llava, tests, scripts, docs,
   playground, zero_configs) exists: in the package, the tests, the scripts, the README and ``docs/``.
 
@@ -244,6 +246,40 @@ def test_every_cited_file_exists():
     assert {"llava/run_dir.py", "docs/architecture.md", "zero_configs/zero2.json"} <= set(cited)  # the pattern works
     missing = {rel: where for rel, where in cited.items() if not (REPO / rel).exists() and rel not in NOT_OURS}
     assert missing == {}, f"files cited but not in the repository: {missing}"
+
+
+README_MAX_LINES = 250
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s#]*?\.md)?(?:#([\w-]+))?\)")  # [text](page.md#anchor), [text](#anchor)
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces -> ``-``."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in markdown.splitlines() if line.startswith("#")}
+
+
+def test_readme_is_short_and_maps_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES, "move detail into a docs/ page and link it from the README"
+    linked = {target for target, _ in LINK.findall(readme)}
+    pages = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    assert len(pages) >= 7 and pages - linked == set(), "link every docs/ page from the README's map"
+
+
+def test_links_between_pages_resolve():
+    assert heading_anchors("## Two commands (on a `fresh` machine)\n### 1.6, too") == {
+        "two-commands-on-a-fresh-machine", "16-too"}
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target, anchor in LINK.findall(page.read_text()):
+            if not target and not anchor:
+                continue
+            path = (page.parent / target).resolve() if target else page
+            if not path.is_file():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and anchor not in heading_anchors(path.read_text()):
+                broken.append(f"{page.name}: {target}#{anchor}")
+    assert broken == []
 
 
 def unplaced_modules(root: Path, doc: str, package: str = "llava") -> list[str]:

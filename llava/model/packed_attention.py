@@ -14,10 +14,10 @@ batch with its ``attention_mask``, generation with a cache) take transformers' o
 ``AttentionMaskInterface`` builds the same masks as for ``sdpa``, so the results equal ``sdpa``'s exactly up to
 float rounding (held by ``tests/train/test_packing.py``).
 
-Measured (``scripts/bench_train.py``, small model, 2-core CPU, interleaved): 1.36x real tokens/s over the masked
-row when the machine was otherwise idle (attention 2.39 s -> 1.96 s of a profiled step), but 0.73-0.76x when it
-was oversubscribed (load ~4 on 2 cores), where the many small split/cat/SDPA calls suffer more than one big one.
-``--packing_attention mask`` selects the masked row.
+Measured with ``scripts/bench_train.py`` (figures in ``docs/performance.md`` and ``docs/benchmark_log.md``): faster
+than the masked row on an otherwise idle machine, slower when the cores are oversubscribed (many small
+split/cat/SDPA calls suffer more from descheduled threads than one big one). ``--packing_attention mask`` selects the
+masked row.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ The checker is tested on small synthetic packages too, so a checker that finds n
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def import_graph(root: Path, package: str = "llava") -> dict[str, set[str]]:
                     edges.add(target)
         graph[name] = edges
     return graph
+
+
+@functools.cache
+def repo_graph() -> dict[str, set[str]]:
+    """``import_graph`` of this repository's ``llava/``, read once for the tests that check it."""
+    return import_graph(REPO)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -113,7 +120,7 @@ def test_checker_finds_function_level_and_relative_cycles(tmp_path):
 
 
 def test_no_import_cycle_in_llava():
-    graph = import_graph(REPO)
+    graph = repo_graph()
     assert len(graph) > 30 and "llava.run_dir" in graph["llava.export.merge"]  # the checker sees the package
     assert "llava.data.validate" in graph["llava.data_check"] and "llava.data.validate" in graph["llava.data.dataset"]
     cycle = find_cycle(graph)
@@ -121,7 +128,7 @@ def test_no_import_cycle_in_llava():
 
 
 def test_export_and_serve_do_not_import_train():
-    graph = import_graph(REPO)
+    graph = repo_graph()
     offenders = {m: sorted(t for t in deps if t == "llava.train" or t.startswith("llava.train."))
                  for m, deps in graph.items() if m.startswith(("llava.export", "llava.serve"))}
     assert any(m.startswith("llava.serve") for m in offenders) and any(m.startswith("llava.export") for m in offenders)
@@ -189,7 +196,7 @@ def test_package_order_checker_names_the_back_arrow(tmp_path):
 
 
 def test_packages_depend_one_way():
-    graph = import_graph(REPO)
+    graph = repo_graph()
     assert "llava.data.samplers" in graph["llava.train.trainer"]  # the checker sees the package
     assert back_arrows(graph) == []
 

@@ -9,6 +9,7 @@
 - an import inside a function carries a one-line reason (a comment on its line or the line above): such imports
   are kept only where they buy start-up time or keep an optional dependency optional;
 - module file names are unique in ``llava/`` (a reader who sees ``templates.py`` need not ask which one);
+- tests mirror the package: every folder of ``tests/`` holding tests is a package of ``llava/``;
 - no import cycle anywhere in ``llava/``: the graph of "module A imports module B" has no cycle, counting imports
   inside functions (a cycle hidden behind a function-level import is still a cycle);
 - every module of ``llava/`` is placed in ``docs/architecture.md`` (by its path, or by its file name in the paragraph
@@ -227,6 +228,13 @@ def test_function_level_imports_give_their_reason(tmp_path):
     missing = [f"{p.relative_to(REPO)}:{line}" for p in sorted((REPO / "llava").rglob("*.py"))
                for line, reason in function_level_imports(p) if not reason]
     assert missing == [], "say in one comment why these imports are inside a function (or move them to the top)"
+
+
+def test_test_folders_mirror_the_packages():
+    """A test of ``llava/model/x.py`` lives under ``tests/model/``: every folder of tests is a package of ``llava``."""
+    folders = {p.parent.relative_to(REPO / "tests") for p in (REPO / "tests").rglob("test_*.py")} - {Path(".")}
+    assert Path("megatron/backend") in folders  # the pattern sees nested folders
+    assert sorted(str(f) for f in folders if not (REPO / "llava" / f / "__init__.py").is_file()) == []
 
 
 def test_module_names_are_unique():

@@ -231,7 +231,7 @@ def test_function_level_imports_give_their_reason(tmp_path):
 
 
 def test_test_folders_mirror_the_packages():
-    """A test of ``llava/model/x.py`` lives under ``tests/model/``: every folder of tests is a package of ``llava``."""
+    """A test of a module of ``llava.model`` lives under ``tests/model/``: every folder of tests is a package of llava."""
     folders = {p.parent.relative_to(REPO / "tests") for p in (REPO / "tests").rglob("test_*.py")} - {Path(".")}
     assert Path("megatron/backend") in folders  # the pattern sees nested folders
     assert sorted(str(f) for f in folders if not (REPO / "llava" / f / "__init__.py").is_file()) == []

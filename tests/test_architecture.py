@@ -197,6 +197,14 @@ def test_package_order_checker_names_the_back_arrow(tmp_path):
     ]
 
 
+def test_architecture_doc_shows_the_package_order():
+    doc = (REPO / "docs/architecture.md").read_text()
+    block = doc[doc.index("## Package order"):].split("```")[1].strip("\n").splitlines()
+    shown = [tuple(re.findall(r"llava[\w.]*", line.split("  ")[0])) for line in block]
+    namespaces = {"llava", "llava.megatron"}  # hold only their __init__
+    assert shown == [tuple(u for u in line if u not in namespaces) for line in PACKAGE_ORDER]
+
+
 def test_packages_depend_one_way():
     graph = repo_graph()
     assert "llava.data.samplers" in graph["llava.train.trainer"]  # the checker sees the package

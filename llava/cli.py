@@ -61,6 +61,8 @@ def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="answer a question about an image")
     p.add_argument("--model", required=True, help="a Llava checkpoint directory written by `llava train`")
     p.add_argument("--image", default=None, help="image file (omit for a text-only question)")
+    p.add_argument("--video", default=None, help="video file or directory of frames (LlavaOnevision / "
+                                                 "LlavaNextVideo checkpoints; frames sampled as the run sampled them)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--version", default=None, help="template override (for checkpoints without llava_args.json)")
     p.add_argument("--max_new_tokens", type=positive_int, default=64)

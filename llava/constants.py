@@ -2,6 +2,7 @@
 
 IGNORE_INDEX = -100
 DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_VIDEO_TOKEN = "<video>"  # the native LlavaOnevision / LlavaNextVideo processors' video token
 DEFAULT_IM_START_TOKEN = "<im_start>"
 DEFAULT_IM_END_TOKEN = "<im_end>"
 # vision towers (config ``model_type``) whose features start with a CLS token: one more feature per view, and

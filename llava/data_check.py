@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.anyres import read_image_sizes
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
@@ -40,6 +40,14 @@ from llava.data.validate import (
     load_raw_records,
     require_saved_dataset,
 )
+from llava.data.video import (
+    VideoLoadError,
+    decode_video_frames,
+    probe_video,
+    sample_frame_indices,
+    video_messages,
+)
+from llava.data.video_flags import video_enabled, video_layout_from_flags
 from llava.errors import ArgumentParser, UsageValueError, report_usage_errors, require_model_path, require_path
 
 SEVERITY = {"duplicate_id": "warning", "image_tokens_exceed_max_length": "dropped", "no_supervised_tokens": "dropped",
@@ -51,7 +59,11 @@ ADVICE = {
     "image_outside_folder": "keep images inside --image_folder",
     "image_tokens_exceed_max_length": "raise --model_max_length or use fewer images per sample",
     "duplicate_id": "give each record a unique id",
-    "video_unsupported": "video is not supported: drop video records, or give their frames as images",
+    "video_not_enabled": "pass --video_folder (the directory the records' video paths are relative to)",
+    "video_tokens_exceed_max_length": "raise --model_max_length or lower --frames_upbound",
+    "video_missing": "check --video_folder and the record's video path",
+    "video_unreadable": "re-encode or drop the video (PyAV/FFmpeg cannot read it)",
+    "video_too_large": "downscale the video (frames of at most 4096x4096 pixels)",
 }
 
 
@@ -160,6 +172,9 @@ class TokenSetup:
     mm_use_im_start_end: bool = False
     layout: Any = None  # AnyresLayout: each image's token count from its size (llava/data/anyres.py)
     image_folder: str | None = None
+    video: Any = None  # VideoLayout (--video_folder): a video's tokens from its sampled frames (llava/data/video.py)
+    video_folder: str | None = None
+    video_token_id: int | None = None
 
 
 def load_token_setup(args: argparse.Namespace) -> TokenSetup:
@@ -171,7 +186,7 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
     from llava.model.builder import add_multimodal_tokens, num_image_tokens, select_strategy, vision_model_class
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, use_fast=True)
-    add_multimodal_tokens(tokenizer, args.mm_use_im_start_end)
+    add_multimodal_tokens(tokenizer, args.mm_use_im_start_end, video=video_enabled(args))
     # model/ imports torch: only once the flags are checked
     from llava.model.anyres_model import ANYRES_MODEL_TYPES, anyres_layout, layout_from_config
 
@@ -192,8 +207,16 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
         n = num_image_tokens(vision_config, strategy)
         layout = anyres_layout(args, vision_config, strategy)
     template = get_template(args.version, image_front=getattr(args, "image_placement", "front") == "front")
-    return TokenSetup(tokenizer, template, tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
-                      args.model_max_length, args.mm_use_im_start_end, layout, args.image_folder)
+    setup = TokenSetup(tokenizer, template, tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
+                       args.model_max_length, args.mm_use_im_start_end, layout, args.image_folder)
+    if video_enabled(args):
+        tower = getattr(config, "vision_config", None)
+        if tower is None:
+            tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
+            tower = vision_model_class(args.vision_tower, tower_type).config_class.from_pretrained(args.vision_tower)
+        setup.video = video_layout_from_flags(args, args, tower)
+        setup.video_folder, setup.video_token_id = args.video_folder, tokenizer.convert_tokens_to_ids(DEFAULT_VIDEO_TOKEN)
+    return setup
 
 
 def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
@@ -206,6 +229,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     lengths, n_images = [], Counter()
     truncated = dropped = 0
     image_tokens: list[int] = []
+    video_stats: list[dict] = []
     pool = ThreadPoolExecutor(max_workers=max(1, workers))  # images decode while the main thread tokenizes
     pending: list[tuple[str, str, Any]] = []
     for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
@@ -219,11 +243,18 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         seen.add(record.id)
         n_images[len(record.images)] += 1
         pending += submit_image_checks(pool, record, image_folder, decode=decode, max_pixels=max_pixels)
+        video = None
+        if record.video is not None:
+            video = check_video(record, setup, decode=decode)
+            if isinstance(video, tuple):
+                report.add(*video)
+                continue
+            video_stats.append(video)
         try:
-            full = _tokenize(record, setup, 10**9)
+            full = _tokenize(record, setup, 10**9, video)
             lengths.append(len(full.input_ids))
             if len(full.input_ids) > setup.model_max_length:
-                _tokenize(record, setup, setup.model_max_length)
+                _tokenize(record, setup, setup.model_max_length, video)
                 truncated += 1
         except SampleRejected as err:
             dropped += 1
@@ -246,9 +277,18 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         "modality": {"image": with_image, "text_only": len(records) - with_image},
         "images_per_sample": {str(k): v for k, v in sorted(n_images.items())},
         "token_length": _percentiles(lengths), "model_max_length": setup.model_max_length,
-        "over_max_length": truncated + report.counts["image_tokens_exceed_max_length"], "truncated": truncated,
+        "over_max_length": truncated + report.counts["image_tokens_exceed_max_length"]
+        + report.counts["video_tokens_exceed_max_length"], "truncated": truncated,
         "dropped": dropped, "num_image_tokens": setup.num_image_tokens,
     })
+    if setup.video is not None:
+        with_video = sum(1 for r in records if r.video is not None)  # (a record with images and a video: video)
+        image_only = sum(1 for r in records if r.images and r.video is None)
+        report.stats["modality"] = {"image": image_only, "video": with_video,
+                                    "text_only": len(records) - image_only - with_video}
+        report.stats["video"] = {key: _percentiles([v[key] for v in video_stats])
+                                 for key in ("frames", "sampled_frames", "tokens")}
+        report.stats["video"]["duration_s"] = _percentiles([v["duration"] for v in video_stats])
     if setup.layout is not None:  # anyres: tokens per image depend on its size
         report.stats["image_tokens_per_image"] = _percentiles(image_tokens)
         report.stats["num_image_tokens"] = f"per image size ({setup.layout.vision_aspect_ratio})"
@@ -265,11 +305,30 @@ def image_token_counts(record: Record, setup: TokenSetup) -> list[int]:
     return setup.layout.record_image_tokens(read_image_sizes(setup.image_folder, record.images))
 
 
-def _tokenize(record: Record, setup: TokenSetup, max_length: int):
-    return tokenize_conversation(record.messages, setup.template, setup.tokenizer, image_token_id=setup.image_token_id,
+def _tokenize(record: Record, setup: TokenSetup, max_length: int, video: dict | None = None):
+    messages = record.messages if video is None else video_messages(record.messages, video["info"], video["indices"],
+                                                                     setup.video)
+    return tokenize_conversation(messages, setup.template, setup.tokenizer, image_token_id=setup.image_token_id,
                                  num_image_tokens=image_token_counts(record, setup) if record.images else
                                  setup.num_image_tokens, model_max_length=max_length,
-                                 mm_use_im_start_end=setup.mm_use_im_start_end)
+                                 mm_use_im_start_end=setup.mm_use_im_start_end, video_token_id=setup.video_token_id,
+                                 num_video_tokens=video["tokens"] if video else 0)
+
+
+def check_video(record: Record, setup: TokenSetup, *, decode: bool = True) -> dict | tuple[str, str, str]:
+    """A record's video: frames, duration, sampled frames and tokens from the container's metadata, the sampled
+    frames decoded (unless ``decode`` is off); or the problem ``(video_<kind>, message, record id)``."""
+    if setup.video is None:
+        return ("video_not_enabled", f"record {record.id!r} has a video but --video_folder is not set", record.id)
+    try:
+        info = probe_video(setup.video_folder, record.video)
+        indices = sample_frame_indices(info.frames, info.fps, setup.video.sampling)
+        if decode:
+            decode_video_frames(setup.video_folder, record.video, indices, size=setup.video.frame_size, info=info)
+    except VideoLoadError as err:
+        return (f"video_{err.kind}", f"record {record.id!r}: {err}", record.id)
+    return {"info": info, "indices": indices, "frames": info.frames, "sampled_frames": len(indices),
+            "duration": info.duration, "tokens": setup.video.video_tokens(len(indices))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mm_vision_select_feature", default="patch")
     p.add_argument("--image_aspect_ratio", default="square")
     p.add_argument("--image_grid_pinpoints", default=None)
+    p.add_argument("--video_folder", default=None)
+    p.add_argument("--frames_upbound", type=int, default=0)
+    p.add_argument("--video_fps", type=float, default=1.0)
+    p.add_argument("--force_sample", type=_bool, default=False)
+    p.add_argument("--add_time_instruction", type=_bool, default=False)
+    p.add_argument("--mm_newline_position", default="grid")
+    p.add_argument("--mm_spatial_pool_mode", default="bilinear")
+    p.add_argument("--mm_spatial_pool_stride", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")

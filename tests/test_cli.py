@@ -176,7 +176,7 @@ def test_predict_and_eval_refuse_what_is_not_a_llava_checkpoint(tmp_path, capsys
         _stage1_like(tmp_path / "cut", "full", ()): "a full run directory, but ['config.json'] are missing",
         tmp_path: "has no config.json; give a checkpoint directory written by `llava train` or `llava merge`",
         _config_only(tmp_path / "llm", "llama"): "is a 'llama' model, not a Llava checkpoint (llava, llava_next, "
-                                                  "llava_onevision)",
+                                                  "llava_onevision, llava_next_video)",
     }
     for model, expected in cases.items():
         line = one_error_line(capsys, [command, "--model", str(model), *extra, "--version", "plain"], f"llava {command}")
@@ -288,8 +288,8 @@ def test_train_help_first_screen_is_the_llava_flags(monkeypatch):
     after = {flag for i, flag in flags if i > inherited}
     assert {"--output_dir", "--learning_rate", "--deepspeed", "--num_train_epochs", "--bf16"} <= after
     titles = [line for line in lines[:inherited] if re.match(r"^\w.*:$", line)]
-    assert titles[:9] == ["options:", "model:", "data:", "stage and freezing:", "LoRA / QLoRA:", "high resolution:",
-                          "packing, speed, memory and start-up:", "Megatron:",
+    assert titles[:10] == ["options:", "model:", "data:", "stage and freezing:", "LoRA / QLoRA:", "high resolution:",
+                           "video:", "packing, speed, memory and start-up:", "Megatron:",
                           "accepted from LLaVA scripts (fixed values):"], titles
 
 

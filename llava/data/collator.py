@@ -24,6 +24,7 @@ class DataCollatorForSupervisedDataset:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     batch_num_images: bool = False  # LlavaOnevision: images per sample (several images: base views only)
+    join_videos: bool = False  # LlavaNextVideo: every video's frames as one (no newline: the same features)
 
     def __call__(self, instances: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(x["input_ids"]) for x in instances)
@@ -40,6 +41,7 @@ class DataCollatorForSupervisedDataset:
             attention_mask[row, :t] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
         batch.update(collate_images(instances, self.batch_num_images))
+        batch.update(collate_videos(instances, self.join_videos))
         return batch
 
 
@@ -71,6 +73,7 @@ class DataCollatorWithPacking:
     pad_token_id: int
     max_length: int | None = None
     batch_num_images: bool = False
+    join_videos: bool = False
 
     def rows_of(self, lengths: list[int]) -> list[list[int]]:
         """Sample indices of each row: the fewest rows of at most ``max_length`` tokens, balanced so that the rows
@@ -115,6 +118,7 @@ class DataCollatorWithPacking:
             position_ids[r, start:] = torch.arange(width - start)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         batch.update(collate_images(ordered, self.batch_num_images))
+        batch.update(collate_videos(ordered, self.join_videos))
         return batch
 
 
@@ -135,3 +139,20 @@ def collate_images(instances: list[dict], batch_num_images: bool = False) -> dic
         out["batch_num_images"] = torch.tensor([len(x["image_sizes"]) for x in with_images], dtype=torch.long)
     return out
 
+
+
+def collate_videos(instances: list[dict], join: bool = False) -> dict[str, torch.Tensor]:
+    """Every video of the batch in sample order as ``pixel_values_videos`` ``[videos, frames, 3, S, S]`` (the native
+    models scatter each video's features into its ``<video>`` tokens in that order). LlavaOnevision appends one newline
+    per video, so its videos must share a frame count (``--force_sample``; checked at start-up); ``join`` (LlavaNextVideo,
+    no newline, frames pooled one by one) gives ``[1, all frames, 3, S, S]``, equal features for any frame counts."""
+    videos = [x["pixel_values_videos"] for x in instances if x.get("pixel_values_videos") is not None]
+    if not videos:
+        return {}
+    if join:
+        return {"pixel_values_videos": torch.cat(videos, dim=1)}
+    frames = {v.shape[1] for v in videos}
+    if len(frames) > 1:
+        raise ValueError(f"videos of {sorted(frames)} frames in one batch: LlavaOnevision takes one frame count per "
+                         f"batch (--force_sample True gives every video --frames_upbound frames)")
+    return {"pixel_values_videos": torch.cat(videos, dim=0)}

@@ -42,6 +42,15 @@ from llava.data.records import Record, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import tokenize_conversation
 from llava.data.validate import DataError, ProblemLog, image_problem_kind, load_raw_records
+from llava.data.video import (
+    VideoLayout,
+    VideoLoadError,
+    decode_video_frames,
+    frames_to_pixel_values,
+    probe_video,
+    sample_frame_indices,
+    video_messages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +74,9 @@ class LazySupervisedDataset(Dataset):
         index_cache_dir: str | os.PathLike | None = None,
         index_workers: int = 1,
         anyres: AnyresLayout | None = None,
+        video: VideoLayout | None = None,
+        video_folder: str | os.PathLike | None = None,
+        video_token_id: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -76,6 +88,9 @@ class LazySupervisedDataset(Dataset):
         self.image_aspect_ratio = image_aspect_ratio
         self.mm_use_im_start_end = mm_use_im_start_end
         self.anyres = anyres  # image tokens per image from its size (the index reads headers, no decode)
+        self.video = video  # a video's tokens from its sampled frame count (the index reads container metadata)
+        self.video_folder = None if video_folder is None else str(video_folder)
+        self.video_token_id = video_token_id
         self.runtime_failures = ProblemLog()  # images that turned bad during the run; the sample was replaced
         self._failed: set[int] = set()
         # records, lengths, modality and validation (llava/data/validate.py, as `llava data check`): from the shared
@@ -93,6 +108,7 @@ class LazySupervisedDataset(Dataset):
         self._keep = index.keep
         self._lengths = index.lengths
         self._has_image = index.has_image
+        self._has_video = index.has_video
         if self.problems.counts:
             if on_bad_sample == "error":
                 raise DataError(
@@ -114,7 +130,8 @@ class LazySupervisedDataset(Dataset):
         settings = IndexSettings(image_folder=None if self.image_folder is None else str(self.image_folder),
                                  image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
                                  model_max_length=self.model_max_length, mm_use_im_start_end=self.mm_use_im_start_end,
-                                 anyres=self.anyres)
+                                 anyres=self.anyres, video=self.video, video_folder=self.video_folder,
+                                 video_token_id=self.video_token_id)
         if cache_dir:
             self.raw = open_records(data_path, cache_dir, digest)
         else:
@@ -144,6 +161,9 @@ class LazySupervisedDataset(Dataset):
             mm_use_im_start_end=model_args.mm_use_im_start_end,
             on_bad_sample=data_args.on_bad_sample,
             anyres=built.layout,
+            video=built.video,
+            video_folder=data_args.video_folder,
+            video_token_id=getattr(built.model.config, "video_token_id", None) if built.video is not None else None,
         )
         kwargs.update(overrides)
         with local_main_first():
@@ -174,7 +194,17 @@ class LazySupervisedDataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
-        return np.where(self._has_image, self._lengths, -self._lengths).tolist()
+        return np.where(self._has_image | (self._has_video if self._has_video is not None else False), self._lengths,
+                        -self._lengths).tolist()
+
+    @property
+    def modalities(self) -> list[int] | None:
+        """With video on, the grouped sampler's modality per sample: 0 text-only, 1 images, 2 a video, 3 images and a
+        video (each runs its own tower path: under ZeRO-3 every rank of a step must run the same one); None otherwise
+        (the sign of ``modality_lengths`` says it)."""
+        if self.video is None or self._has_video is None:
+            return None
+        return (self._has_video * 2 + self._has_image).tolist()
 
     def record(self, i: int) -> Record:
         j = int(self._keep[i])
@@ -190,7 +220,8 @@ class LazySupervisedDataset(Dataset):
             try:
                 return self._load(j)
             except (ImageLoadError, OSError) as err:
-                kind = image_problem_kind(err) if isinstance(err, ImageLoadError) else "io_error"
+                kind = ("video_" + err.kind if isinstance(err, VideoLoadError) else image_problem_kind(err)
+                        if isinstance(err, ImageLoadError) else "io_error")
                 self._failed.add(j)
                 self.runtime_failures.add(kind, str(err))
                 logger.warning("skipping sample %d (replaced by the next good one): %s", j, err)
@@ -203,6 +234,8 @@ class LazySupervisedDataset(Dataset):
 
     def _load(self, i: int) -> dict[str, torch.Tensor | None]:
         record = self.record(i)
+        if record.video is not None:
+            return self._load_video(record)
         if self.anyres is not None:
             return self._load_anyres(record)
         sample = self._tokenize(record)
@@ -219,6 +252,35 @@ class LazySupervisedDataset(Dataset):
         sample = self._tokenize(record, [(im.height, im.width) for im in images])
         item = {"input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
                 "labels": torch.tensor(sample.labels, dtype=torch.long), "pixel_values": None}
+        if images:
+            item.update(process_anyres_images(self.image_processor, images))
+        return item
+
+    def _load_video(self, record: Record) -> dict[str, torch.Tensor | None]:
+        """A record with a video: its sampled frames decoded (seeking, resized to the tower's input as decoded) into
+        ``pixel_values_videos`` ``[1, frames, 3, S, S]``; its images (OneVision / LlavaNext anyres) beside them."""
+        layout = self.video
+        if layout is None:
+            raise VideoLoadError("missing", record.video, f"record {record.id!r} has a video but --video_folder is not set")
+        try:
+            info = probe_video(self.video_folder, record.video)
+            indices = sample_frame_indices(info.frames, info.fps, layout.sampling)
+            frames = decode_video_frames(self.video_folder, record.video, indices, size=layout.frame_size, info=info)
+        except VideoLoadError as err:
+            raise VideoLoadError(err.kind, err.path, f"{err.detail} (record {record.id!r})",
+                                 video_folder=self.video_folder) from err
+        images = self._open_images(record)
+        n_tokens: int | list[int] = self.num_image_tokens
+        if images and self.anyres is not None:
+            n_tokens = self.anyres.record_image_tokens([(im.height, im.width) for im in images])
+        sample = tokenize_conversation(
+            video_messages(record.messages, info, indices, layout), self.template, self.tokenizer,
+            image_token_id=self.image_token_id, num_image_tokens=n_tokens, model_max_length=self.model_max_length,
+            mm_use_im_start_end=self.mm_use_im_start_end, video_token_id=self.video_token_id,
+            num_video_tokens=layout.video_tokens(len(indices)))
+        item = {"input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
+                "labels": torch.tensor(sample.labels, dtype=torch.long), "pixel_values": None,
+                "pixel_values_videos": frames_to_pixel_values(frames, self.image_processor)[None]}
         if images:
             item.update(process_anyres_images(self.image_processor, images))
         return item

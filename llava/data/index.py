@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
 _CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
-                 "index_batch")
+                 "index_batch", "video")
 CHUNK = 2048  # records per worker task
 
 
@@ -270,6 +270,9 @@ class IndexSettings:
     model_max_length: int
     mm_use_im_start_end: bool = False
     anyres: Any = None  # llava.data.anyres.AnyresLayout: image tokens from each image's size (header read, no decode)
+    video: Any = None  # llava.data.video.VideoLayout: a video's tokens from its frame count (container metadata)
+    video_folder: str | None = None  # what records' "video" paths are relative to
+    video_token_id: int | None = None
 
 
 @dataclass
@@ -281,6 +284,7 @@ class DatasetIndex:
     dropped: list[tuple[str, str, str]] = field(default_factory=list)  # the same, for valid records that cannot train
     image_dirs: dict[str, int] = field(default_factory=dict)  # directory -> mtime_ns when indexed
     from_cache: bool = False
+    has_video: np.ndarray | None = None  # kept samples with a video (None: an index without the field)
 
 
 def index_key(digest: str, tokenizer, template, settings: IndexSettings) -> str:
@@ -343,6 +347,7 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
         has_image=np.concatenate([r["has_image"] for r in results]).astype(bool) if results else np.zeros(0, bool),
         problems=[p for r in results for p in r["problems"]],
         dropped=[p for r in results for p in r["dropped"]],
+        has_video=np.concatenate([r["has_video"] for r in results]).astype(bool) if results else np.zeros(0, bool),
     )
     dirs = sorted({d for r in results for d in r["image_dirs"]})
     index.image_dirs = {d: _mtime_ns(d) for d in dirs}
@@ -384,7 +389,7 @@ def _write_index(path: Path, key: str, index: DatasetIndex) -> None:
     meta = {"key": key, "format": INDEX_FORMAT, "problems": index.problems, "dropped": index.dropped,
             "image_dirs": index.image_dirs}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, keep=index.keep, lengths=index.lengths, has_image=index.has_image,
+    np.savez(tmp, keep=index.keep, lengths=index.lengths, has_image=index.has_image, has_video=index.has_video,
              meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     os.replace(tmp, path)
 
@@ -399,7 +404,7 @@ def _read_index(path: Path, key: str) -> DatasetIndex | None:
             return DatasetIndex(keep=f["keep"], lengths=f["lengths"], has_image=f["has_image"],
                                 problems=[tuple(p) for p in meta["problems"]],
                                 dropped=[tuple(p) for p in meta["dropped"]], image_dirs=meta["image_dirs"],
-                                from_cache=True)
+                                from_cache=True, has_video=f["has_video"] if "has_video" in f else None)
     except (OSError, ValueError, KeyError) as err:
         logger.warning("could not read the dataset index %s (%s): rebuilding", path, err)
         return None

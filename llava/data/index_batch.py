@@ -40,6 +40,7 @@ from llava.data.tokenize import (
     tokenize_conversation,
 )
 from llava.data.validate import image_problem_kind, record_image_problem
+from llava.data.video import VideoLoadError, probe_video, sample_frame_indices, video_messages
 
 TOKENIZE_BATCH = 256  # texts per tokenizer call: the call's overhead amortised, its encodings a few MiB at a time
 
@@ -59,6 +60,9 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             record = parse_record(raw, i)
         except RecordError as err:
             outcomes[k] = ("problem", (err.kind, str(err), err.record_id))
+            continue
+        if record.video is not None:  # video records: the per-record reference path (frames from metadata)
+            outcomes[k] = index_video_record(record, tokenizer, template, s, dirs)
             continue
         if record.images and s.image_folder:
             dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
@@ -103,16 +107,17 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
                     outcomes[k] = ("problem", (*problem, record.id))
                     continue
             outcomes[k] = ("keep", length, bool(record.images))
-    keep, lengths, has_image, problems, dropped = [], [], [], [], []
+    keep, lengths, has_image, has_video, problems, dropped = [], [], [], [], [], []
     for k, outcome in enumerate(outcomes):
         if outcome[0] == "keep":
             keep.append(start + k)
             lengths.append(outcome[1])
             has_image.append(outcome[2])
+            has_video.append(len(outcome) > 3 and outcome[3])
         else:
             (problems if outcome[0] == "problem" else dropped).append(outcome[1])
     return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
-            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
+            "has_image": np.asarray(has_image, bool), "has_video": np.asarray(has_video, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
 
 
 def _sample_length(ids: list[int], offsets: list[tuple[int, int]], head: list[int], mask: bytearray, placeholders: int,
@@ -195,3 +200,37 @@ class _ImageChecker:
             except OSError:
                 return False
         return True
+
+
+def index_video_record(record, tokenizer, template, s, dirs: set[str]) -> tuple:
+    """The outcome of a record with a video: its frame count from the container's metadata (no decoding), its images
+    checked, the conversation (with ``--add_time_instruction``'s sentence) tokenized with the video's exact token
+    count. A video that cannot be used is a problem named ``video_<kind>``."""
+    if s.video is None:
+        return ("problem", ("video_not_enabled", f"record {record.id!r} has a video but --video_folder is not set "
+                            f"(video training needs it)", record.id))
+    try:
+        info = probe_video(s.video_folder, record.video)
+    except VideoLoadError as err:
+        return ("problem", (f"video_{err.kind}", f"record {record.id!r}: {err}", record.id))
+    dirs.add(os.path.dirname(os.path.join(s.video_folder, record.video.rstrip("/"))))
+    n_image_tokens: int | list[int] = s.num_image_tokens
+    if record.images:
+        problem = record_image_problem(record, s.image_folder)
+        if problem is not None:
+            return ("problem", (*problem, record.id))
+        if s.anyres is not None:
+            try:
+                n_image_tokens = s.anyres.record_image_tokens(read_image_sizes(s.image_folder, record.images))
+            except ImageLoadError as err:
+                return ("problem", (image_problem_kind(err), f"record {record.id!r}: {err}", record.id))
+    indices = sample_frame_indices(info.frames, info.fps, s.video.sampling)
+    messages = video_messages(record.messages, info, indices, s.video)
+    try:
+        sample = tokenize_conversation(messages, template, tokenizer, image_token_id=s.image_token_id,
+                                       num_image_tokens=n_image_tokens, model_max_length=s.model_max_length,
+                                       mm_use_im_start_end=s.mm_use_im_start_end, video_token_id=s.video_token_id,
+                                       num_video_tokens=s.video.video_tokens(len(indices)))
+    except SampleRejected as err:
+        return ("dropped", (err.kind, f"record {record.id!r}: {err}", record.id))
+    return ("keep", len(sample.input_ids), bool(record.images), True)  # has_image: its own images (besides the video)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.errors import UsageValueError
 
 ROLE_ALIASES = {
@@ -37,6 +37,7 @@ class Record:
     images: list[str]
     messages: list[Message]
     extras: dict[str, Any] = field(default_factory=dict)
+    video: str | None = None  # a video file or a directory of frames, relative to --video_folder (llava/data/video.py)
 
     @property
     def num_image_placeholders(self) -> int:
@@ -69,9 +70,9 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
         raise RecordError("bad_type", rid, "<record>", f"expected a JSON object, got {type(raw).__name__}")
 
     images = _parse_images(raw, rid)
-    if raw.get("video") is not None:
-        raise RecordError("video_unsupported", rid, "video", "video records (LLaVA-NeXT's video training) are not "
-                          "supported; give sampled frames as an 'images' list with one <image> each, or drop it")
+    video = raw.get("video")
+    if video is not None and (not isinstance(video, str) or not video):
+        raise RecordError("bad_type", rid, "video", f"expected a path relative to --video_folder, got {_describe(video)}")
     convs = raw.get("conversations")
     if convs is None:
         raise RecordError("missing_conversations", rid, "conversations", "the record has no 'conversations' list")
@@ -99,8 +100,14 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
         id=rid,
         images=images,
         messages=messages,
-        extras={k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations")},
+        extras={k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations", "video")},
+        video=video,
     )
+    if video is not None:
+        record.messages = _video_placeholder(record.messages, len(images), rid)
+    elif any(DEFAULT_VIDEO_TOKEN in m.content for m in messages):
+        raise RecordError("video_token_mismatch", rid, "conversations",
+                          f"the text has a {DEFAULT_VIDEO_TOKEN} placeholder but the record has no 'video'")
     n_placeholders = record.num_image_placeholders
     if n_placeholders != len(images):
         raise RecordError(
@@ -111,6 +118,22 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
             f"{len(images)} image(s); put exactly one {DEFAULT_IMAGE_TOKEN} per image where it belongs in the text",
         )
     return record
+
+
+def _video_placeholder(messages: list[Message], n_images: int, rid: str) -> list[Message]:
+    """A video record marks its video with ``<video>``, or with ``<image>`` as LLaVA-NeXT writes it (then it has no
+    images, and its one ``<image>`` becomes ``<video>``). Exactly one ``<video>`` per video record."""
+    n_video = sum(m.content.count(DEFAULT_VIDEO_TOKEN) for m in messages)
+    n_image = sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in messages)
+    if n_video == 0 and n_images == 0 and n_image == 1:
+        messages = [Message(m.role, m.content.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN)) for m in messages]
+        n_video = 1
+    if n_video != 1:
+        hint = (f"mark the video with {DEFAULT_VIDEO_TOKEN} (the images keep one {DEFAULT_IMAGE_TOKEN} each)" if n_images
+                else f"put one {DEFAULT_IMAGE_TOKEN} (or {DEFAULT_VIDEO_TOKEN}) where the video belongs")
+        raise RecordError("video_token_mismatch", rid, "conversations",
+                          f"the text has {n_video} {DEFAULT_VIDEO_TOKEN} placeholder(s) for the record's one video; {hint}")
+    return messages
 
 
 def _parse_images(raw: dict, rid: str) -> list[str]:

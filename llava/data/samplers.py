@@ -92,7 +92,8 @@ def length_grouped_indices(
 
 
 def modality_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
+    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator,
+    modalities: Sequence[int] | None = None,
 ) -> list[int]:
     """A permutation in which every full megabatch (one optimizer step) holds a single modality.
 
@@ -101,6 +102,8 @@ def modality_length_grouped_indices(
     megabatches of ``batch_size * world_size``; the full megabatches of both modalities are shuffled together,
     and the (at most two) incomplete last megabatches go at the end, multimodal first — so only the tail, fewer
     than ``2 * batch_size * world_size`` indices, can mix modalities. Works when every sample has one modality.
+    ``modalities`` (one id per sample, e.g. 0 text, 1 image, 2 video) groups by those ids instead of the sign, the
+    highest id first in the tail.
     """
     _check_sizes(batch_size, world_size)
     for i, length in enumerate(lengths):
@@ -112,8 +115,9 @@ def modality_length_grouped_indices(
     megabatch_size = batch_size * world_size
     full: list[list[int]] = []
     tail: list[int] = []
-    for sign in (1, -1):
-        members = [i for i, length in enumerate(lengths) if length * sign > 0]
+    keys = [1 if length > 0 else -1 for length in lengths] if modalities is None else list(modalities)
+    for key in (1, -1) if modalities is None else sorted(set(keys), reverse=True):
+        members = [i for i, k in enumerate(keys) if k == key]
         if not members:
             continue
         member_lengths = [abs(lengths[i]) for i in members]
@@ -149,6 +153,7 @@ class LengthGroupedSampler(Sampler[int]):
         *,
         group_by_modality: bool,
         seed: int,
+        modalities: Sequence[int] | None = None,
     ) -> None:
         _check_sizes(batch_size, world_size)
         self.batch_size = batch_size
@@ -156,6 +161,7 @@ class LengthGroupedSampler(Sampler[int]):
         self.lengths = list(lengths)
         self.group_by_modality = group_by_modality
         self.seed = seed
+        self.modalities = None if modalities is None else list(modalities)  # e.g. 0 text, 1 image, 2 video
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -165,8 +171,10 @@ class LengthGroupedSampler(Sampler[int]):
     def indices(self) -> list[int]:
         """The full order for the current epoch."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        group = modality_length_grouped_indices if self.group_by_modality else length_grouped_indices
-        return group(self.lengths, self.batch_size, self.world_size, generator)
+        if self.group_by_modality:
+            return modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator,
+                                                   self.modalities)
+        return length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices())

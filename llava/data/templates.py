@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.records import Message
 from llava.errors import UsageValueError
 
@@ -211,13 +211,17 @@ def place_images(messages: list[Message], image_front: bool = True) -> list[Mess
     """LLaVA's placement: with one ``<image>`` in the conversation, its message becomes
     ``("<image>\\n" + rest.strip()).strip()`` (so ``"<image>"`` alone when it has no other text).
 
-    Multi-image conversations (and ``image_front=False``) keep the record's own placement."""
-    if not image_front or sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in messages) != 1:
+    Multi-image conversations (and ``image_front=False``) keep the record's own placement. A video record's one
+    ``<video>`` (and nothing else visual) is placed the same way, as LLaVA-NeXT places its video's ``<image>``."""
+    n_images = sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in messages)
+    n_videos = sum(m.content.count(DEFAULT_VIDEO_TOKEN) for m in messages)
+    if not image_front or n_images + n_videos != 1:
         return messages
+    token = DEFAULT_IMAGE_TOKEN if n_images else DEFAULT_VIDEO_TOKEN
     out = []
     for m in messages:
-        if DEFAULT_IMAGE_TOKEN in m.content:
-            m = Message(m.role, (DEFAULT_IMAGE_TOKEN + "\n" + m.content.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip())
+        if token in m.content:
+            m = Message(m.role, (token + "\n" + m.content.replace(token, "").strip()).strip())
         out.append(m)
     return out
 

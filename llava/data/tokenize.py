@@ -16,13 +16,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    DEFAULT_VIDEO_TOKEN,
+    IGNORE_INDEX,
+)
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, Segment, place_images
 
 
 class SampleRejected(ValueError):
-    """A sample that must not reach the loss. ``kind``: image_tokens_exceed_max_length | no_supervised_tokens."""
+    """A sample that must not reach the loss. ``kind``: image_tokens_exceed_max_length |
+    video_tokens_exceed_max_length | no_supervised_tokens."""
 
     def __init__(self, kind: str, message: str):
         self.kind = kind
@@ -98,24 +105,33 @@ def tokenize_conversation(
     model_max_length: int,
     mm_use_im_start_end: bool = False,
     system: str | None = None,
+    video_token_id: int | None = None,
+    num_video_tokens: int = 0,
 ) -> TokenizedSample:
-    """Render, tokenize, label, expand images and truncate one conversation.
+    """Render, tokenize, label, expand images (and the ``<video>``, to ``num_video_tokens``) and truncate one
+    conversation.
 
-    Raises ``SampleRejected`` when the image tokens alone do not fit in ``model_max_length`` or when no
+    Raises ``SampleRejected`` when the image (or video) tokens alone do not fit in ``model_max_length`` or when no
     supervised token is left after truncation.
     """
     segments = template.render_with_tokenizer(prepare_messages(messages, template, mm_use_im_start_end), tokenizer, system)
     ids, labels = label_segments(segments, tokenizer)
     n_placeholders = sum(s.text.count(DEFAULT_IMAGE_TOKEN) for s in segments)
     ids, labels = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n_placeholders)
+    if video_token_id is not None:
+        n_videos = sum(s.text.count(DEFAULT_VIDEO_TOKEN) for s in segments)
+        ids, labels = expand_image_tokens(ids, labels, video_token_id, num_video_tokens, n_videos,
+                                          placeholder=DEFAULT_VIDEO_TOKEN)
 
     truncated = False
     if len(ids) > model_max_length:
-        last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+        visual = (image_token_id, video_token_id)
+        last_image = max((i for i, t in enumerate(ids) if t in visual), default=-1)
         if last_image >= model_max_length:
+            what = "video" if ids[last_image] == video_token_id else "image"
             raise SampleRejected(
-                "image_tokens_exceed_max_length",
-                f"the image tokens end at position {last_image + 1}, beyond --model_max_length {model_max_length}",
+                f"{what}_tokens_exceed_max_length",
+                f"the {what} tokens end at position {last_image + 1}, beyond --model_max_length {model_max_length}",
             )
         ids, labels, truncated = ids[:model_max_length], labels[:model_max_length], True
     if labels.count(IGNORE_INDEX) == len(labels):  # C-speed scan: samples hold hundreds of image tokens
@@ -125,21 +141,23 @@ def tokenize_conversation(
 
 
 def expand_image_tokens(
-    ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int | list[int], expected_images: int
+    ids: list[int], labels: list[int], image_token_id: int, num_image_tokens: int | list[int], expected_images: int,
+    placeholder: str = DEFAULT_IMAGE_TOKEN,
 ) -> tuple[list[int], list[int]]:
     """Replace each single image token by ``num_image_tokens`` copies (labels ``IGNORE_INDEX``); a list gives each
-    image its own count, in order (anyres: the count depends on the image's size)."""
+    image its own count, in order (anyres: the count depends on the image's size). ``placeholder``: the text of the
+    token (``<video>`` for a video's)."""
     found = ids.count(image_token_id)
     if found != expected_images:
         raise ValueError(
-            f"tokenizing produced {found} image token(s) for {expected_images} {DEFAULT_IMAGE_TOKEN} placeholder(s); "
-            f"is {DEFAULT_IMAGE_TOKEN} registered as a special token (id {image_token_id}) in this tokenizer?"
+            f"tokenizing produced {found} image token(s) for {expected_images} {placeholder} placeholder(s); "
+            f"is {placeholder} registered as a special token (id {image_token_id}) in this tokenizer?"
         )
     if found == 0:
         return ids, labels
     counts = [num_image_tokens] * found if isinstance(num_image_tokens, int) else list(num_image_tokens)
     if len(counts) != found:
-        raise ValueError(f"{found} {DEFAULT_IMAGE_TOKEN} placeholder(s) but {len(counts)} image(s)")
+        raise ValueError(f"{found} {placeholder} placeholder(s) but {len(counts)} image(s)")
     counts.reverse()
     out_ids: list[int] = []
     out_labels: list[int] = []
@@ -163,6 +181,8 @@ def build_generation_prompt(
     num_image_tokens: int | list[int],
     mm_use_im_start_end: bool = False,
     system: str | None = None,
+    video_token_id: int | None = None,
+    num_video_tokens: int = 0,
 ) -> list[int]:
     """Prompt ids for generation: the conversation ending in a user turn, rendered up to the assistant marker."""
     if not messages or messages[-1].role != "user":
@@ -170,5 +190,8 @@ def build_generation_prompt(
     segments = template.render_with_tokenizer(prepare_messages(messages, template, mm_use_im_start_end), tokenizer, system)
     ids, labels = label_segments(segments, tokenizer)
     n = ids.count(image_token_id)
-    ids, _ = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n)
+    ids, labels = expand_image_tokens(ids, labels, image_token_id, num_image_tokens, n)
+    if video_token_id is not None:
+        ids, _ = expand_image_tokens(ids, labels, video_token_id, num_video_tokens, ids.count(video_token_id),
+                                     placeholder=DEFAULT_VIDEO_TOKEN)
     return ids

@@ -66,12 +66,19 @@ def image_layout_args_from_run(run: dict) -> SimpleNamespace:
     reads: an anyres run's base is rebuilt (``llava merge``) as the LlavaNext / LlavaOnevision it trained as."""
     data = run.get("data_args", {})
     return SimpleNamespace(image_aspect_ratio=data.get("image_aspect_ratio", "square"),
-                           image_grid_pinpoints=data.get("image_grid_pinpoints"))
+                           image_grid_pinpoints=data.get("image_grid_pinpoints"),
+                           **{k: data.get(k, v) for k, v in _VIDEO_DATA_DEFAULTS.items()})
+
+
+# a video run's data flags (llava/data/video_flags.py), so its base is rebuilt as the LlavaOnevision / LlavaNextVideo
+# it trained as
+_VIDEO_DATA_DEFAULTS = {"video_folder": None, "frames_upbound": 0, "video_fps": 1.0, "force_sample": False,
+                        "add_time_instruction": False}
 
 
 def layout_from_config(config) -> AnyresLayout | None:
     """The layout of a saved LlavaNext / LlavaOnevision config (None for a Llava config)."""
-    if config.model_type not in ANYRES_MODEL_TYPES:
+    if config.model_type not in (*ANYRES_MODEL_TYPES, "llava_next_video"):  # LlavaNextVideo's images: LlavaNext's
         return None
     max_n = None
     if config.model_type == "llava_onevision":
@@ -171,12 +178,17 @@ def load_processor(path, *, trust_remote_code: bool = False):
     except (AttributeError, ImportError, OSError):
         config_file = Path(path) / "processor_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if config.get("processor_class") != "LlavaOnevisionProcessor" or "image_processor" not in config:
+        if (config.get("processor_class") not in ("LlavaOnevisionProcessor", "LlavaNextVideoProcessor")
+                or "image_processor" not in config):
             raise
 
     settings = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     template_file = Path(path) / "chat_template.jinja"
     chat_template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    if config["processor_class"] == "LlavaNextVideoProcessor":
+        from llava.model.video_model import load_next_video_processor_files  # video_model imports this module
+
+        return load_next_video_processor_files(path, config, tokenizer, chat_template)
     return OnevisionProcessorFiles(LlavaOnevisionImageProcessorPil(**settings), tokenizer, chat_template,
                                    {k: config[k] for k in _ONEVISION_SETTINGS if k in config})

@@ -29,8 +29,16 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, HAS_CLS_TOKEN
+from llava.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    DEFAULT_VIDEO_TOKEN,
+    HAS_CLS_TOKEN,
+)
 from llava.data.anyres import AnyresLayout
+from llava.data.video import VideoLayout
+from llava.data.video_flags import video_enabled, video_layout_from_flags
 from llava.errors import UsagePathError, UsageValueError
 from llava.model.anyres_model import (
     MODEL_CLASSES,
@@ -42,6 +50,12 @@ from llava.model.anyres_model import (
 )
 from llava.model.projector import load_projector_state
 from llava.model.tensor_plan import plan_for
+from llava.model.video_model import (
+    VIDEO_MODEL_CLASSES,
+    checkpoint_video_layout,
+    make_next_video_config,
+    make_next_video_processor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +74,7 @@ class BuiltModel:
     num_image_tokens: int  # per image (LLaVA-1.5); per tower view under anyres, where ``layout`` counts per size
     added_tokens: int  # tokens added to the LLM's vocabulary (their embeddings are new)
     layout: AnyresLayout | None = None  # LlavaNext / LlavaOnevision: image tokens depend on each image's size
+    video: VideoLayout | None = None  # --video_folder: LlavaOnevision / LlavaNextVideo, tokens per video from frames
 
     @property
     def tokenizer(self):
@@ -88,9 +103,11 @@ def num_image_tokens(vision_config, strategy: str) -> int:
     return n - 1 if strategy == "default" else n
 
 
-def add_multimodal_tokens(tokenizer, mm_use_im_start_end: bool) -> int:
-    """Register ``<image>`` (and ``<im_start>``/``<im_end>``) as special tokens and a pad token; return #added."""
+def add_multimodal_tokens(tokenizer, mm_use_im_start_end: bool, video: bool = False) -> int:
+    """Register ``<image>`` (and ``<im_start>``/``<im_end>``, and ``<video>`` for a video run) as special tokens and a
+    pad token; return #added."""
     new = [DEFAULT_IMAGE_TOKEN] + ([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN] if mm_use_im_start_end else [])
+    new += [DEFAULT_VIDEO_TOKEN] if video else []
     missing = [t for t in new if t not in tokenizer.get_vocab()]
     added = tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False) if missing else 0
     if tokenizer.pad_token is None:
@@ -138,7 +155,7 @@ def load_vision_tower(path: str, *, torch_dtype=torch.float32, trust_remote_code
     return tower, image_processor
 
 
-LLAVA_CLASSES = {"llava": LlavaForConditionalGeneration, **MODEL_CLASSES}
+LLAVA_CLASSES = {"llava": LlavaForConditionalGeneration, **MODEL_CLASSES, **VIDEO_MODEL_CLASSES}
 
 
 def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
@@ -156,7 +173,7 @@ def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_con
     ``quantization_config`` (QLoRA, see ``llava/model/quantization.py``) applies to the language model's
     linear layers only; its ``llm_int8_skip_modules`` must name the tower, projector and lm_head by full prefix."""
     if _is_llava_checkpoint(model_args.model_name_or_path, model_args.trust_remote_code):
-        built = _load_llava_checkpoint(model_args, torch_dtype, quantization_config)
+        built = _load_llava_checkpoint(model_args, torch_dtype, quantization_config, data_args)
     else:
         built = _compose_llava(model_args, torch_dtype, quantization_config, data_args)
     if model_args.pretrain_mm_mlp_adapter:
@@ -174,7 +191,7 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, use_fast=True, padding_side="right", trust_remote_code=model_args.trust_remote_code
     )
-    added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)
+    added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end, video=video_enabled(data_args))
     llm = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=torch_dtype,
@@ -187,8 +204,9 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
     )
     strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
     layout = anyres_layout(data_args, tower.config, strategy)
+    video = video_layout_from_flags(model_args, data_args, tower.config) if data_args is not None else None
     config = make_llava_config(llm.config, tower.config, tokenizer, select_feature=model_args.mm_vision_select_feature,
-                               select_layer=model_args.mm_vision_select_layer, layout=layout)
+                               select_layer=model_args.mm_vision_select_layer, layout=layout, video=video)
     n_tokens = config.image_seq_length if layout is None else layout.base_tokens
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
@@ -207,12 +225,12 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
         model.is_loaded_in_4bit = bool(quantization_config.load_in_4bit)
         model.is_loaded_in_8bit = bool(quantization_config.load_in_8bit)
 
-    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy, layout)
-    return BuiltModel(model, processor, n_tokens, added, layout)
+    processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy, layout, video)
+    return BuiltModel(model, processor, n_tokens, added, layout, video)
 
 
 def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: str, select_layer: int,
-                      layout: AnyresLayout | None = None):
+                      layout: AnyresLayout | None = None, video: VideoLayout | None = None):
     """The Llava config of a vision tower + LLM (before any vocabulary resize): the one assembly used by
     ``build_llava_model``, ``llava merge`` (streaming) and ``llava import-llava``; with an anyres ``layout`` the
     native LlavaNext / LlavaOnevision config (the same fields, plus what ``make_anyres_config`` adds).
@@ -230,16 +248,22 @@ def make_llava_config(llm_config, vision_config, tokenizer, *, select_feature: s
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
     )
+    if video is not None:  # LlavaOnevision (one newline per video) or LlavaNextVideo
+        common["video_token_index"] = tokenizer.convert_tokens_to_ids(DEFAULT_VIDEO_TOKEN)
+        if not video.newline:
+            return make_next_video_config(common, layout, video)
     if layout is not None:
         return make_anyres_config(common, layout)
     return LlavaConfig(**common, image_seq_length=num_image_tokens(vision_config, strategy))
 
 
 def make_llava_processor(image_processor, tokenizer, vision_config, strategy: str,
-                         layout: AnyresLayout | None = None) -> LlavaProcessor:
+                         layout: AnyresLayout | None = None, video: VideoLayout | None = None) -> LlavaProcessor:
     """The processor of a Llava model: the tower's image processor, the tokenizer (with ``<image>``), the patch
     grid and select strategy the processor needs to expand ``<image>`` the way the model does; with an anyres
     ``layout`` the native LlavaNext / LlavaOnevision processor (``make_anyres_processor``)."""
+    if video is not None and not video.newline:
+        return make_next_video_processor(layout, image_processor, tokenizer, vision_config, strategy)
     if layout is not None:
         return make_anyres_processor(layout, image_processor, tokenizer, vision_config, strategy)
     return LlavaProcessor(
@@ -253,7 +277,7 @@ def make_llava_processor(image_processor, tokenizer, vision_config, strategy: st
     )
 
 
-def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) -> BuiltModel:
+def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None, data_args=None) -> BuiltModel:
     path = model_args.model_name_or_path
     quant = {"quantization_config": quantization_config} if quantization_config is not None else {}
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code).model_type
@@ -263,16 +287,19 @@ def _load_llava_checkpoint(model_args, torch_dtype, quantization_config=None) ->
     processor = load_processor(path, trust_remote_code=model_args.trust_remote_code)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "right"
-    added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)
+    video = checkpoint_video_layout(path, model.config, model_args, data_args)
+    added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end, video=video is not None)
     if added:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if video is not None:
+        model.config.video_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_VIDEO_TOKEN)
     if model.config.image_token_id != tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN):
         raise ValueError(f"{path}: config.image_token_id {model.config.image_token_id} is not the tokenizer's "
                          f"{DEFAULT_IMAGE_TOKEN} id {tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)}")
     layout = layout_from_config(model.config)
     n_tokens = (layout.base_tokens if layout is not None
                 else num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy))
-    return BuiltModel(model, processor, n_tokens, added, layout)
+    return BuiltModel(model, processor, n_tokens, added, layout, video)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
+NEWLINE_POSITIONS = ("grid", "frame", "one_token", "no_token")  # LLaVA-NeXT's; video only (llava/data/video_flags.py)
+POOL_MODES = ("bilinear", "average", "max")
 
 
 @dataclass
@@ -39,8 +41,14 @@ class ModelArguments:
         "help": "flat (one view per image: pad/square) or spatial_unpad (anyres: unpadded grid + image_newline, what "
                 "the native LlavaNext/LlavaOnevision compute); spatial is LLaVA-NeXT's but has no native class"})
     mm_newline_position: str = field(default="grid", metadata={
-        "help": "LLaVA-NeXT's flag: grid (one image_newline per feature row of the anyres grid); the others place "
-                "newlines between video frames (not supported)"})
+        "help": "LLaVA-NeXT's video flag (with --video_folder): one_token (one image_newline after each video -> "
+                "LlavaOnevision) or no_token (none -> LlavaNextVideo); grid and frame (newlines inside a video) have no "
+                "native class and are refused for video; image grids always get one newline per feature row"})
+    mm_spatial_pool_stride: int | None = field(default=None, metadata={
+        "help": "LLaVA-NeXT's video pooling stride per frame (default 2, the only one the native classes count)"})
+    mm_spatial_pool_mode: str = field(default="bilinear", metadata={
+        "help": "video frame pooling: bilinear (LlavaOnevision, with one_token) or average / max (LlavaNextVideo, with "
+                "no_token)"})
     mm_tunable_parts: str | None = field(default=None, metadata={
         "help": "LLaVA-NeXT's flag, comma-separated: mm_vision_tower, mm_mlp_adapter (+ image_newline), "
                 "mm_language_model; replaces the tune/freeze flags (mm_mlp_adapter alone = stage 1)"})
@@ -59,9 +67,11 @@ class ModelArguments:
             raise ValueError("--mm_use_im_patch_token True is not supported (LLaVA-1.5 scripts pass False)")
         if self.mm_patch_merge_type not in MERGE_TYPES:
             raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type!r}: expected one of {', '.join(MERGE_TYPES)}")
-        if self.mm_newline_position != "grid":
-            raise ValueError(f"--mm_newline_position {self.mm_newline_position!r}: only grid applies to images (one "
-                             f"image_newline per feature row); one_token/frame/no_token place newlines in videos")
+        if self.mm_newline_position not in NEWLINE_POSITIONS:
+            raise ValueError(f"--mm_newline_position {self.mm_newline_position!r}: expected one of "
+                             f"{', '.join(NEWLINE_POSITIONS)}")
+        if self.mm_spatial_pool_mode not in POOL_MODES:
+            raise ValueError(f"--mm_spatial_pool_mode {self.mm_spatial_pool_mode!r}: expected one of {', '.join(POOL_MODES)}")
         if self.mm_tunable_parts is not None:
             self._apply_tunable_parts()
         if self.tune_mm_mlp_adapter and self.freeze_mm_mlp_adapter:

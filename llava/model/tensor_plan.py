@@ -83,7 +83,7 @@ PLANS = {
     "llava": TensorPlan("llava", (*LOADED_PARTS, Part("model.multi_modal_projector", NEW))),
     **{model_type: TensorPlan(model_type, (*LOADED_PARTS, Part("model.multi_modal_projector", NEW),
                                            Part("model.image_newline", NEW)))
-       for model_type in ("llava_next", "llava_onevision")},
+       for model_type in ("llava_next", "llava_onevision", "llava_next_video")},
 }
 
 

@@ -10,14 +10,14 @@ checkpoints not written by us). Generation is greedy and batched with left paddi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import AutoConfig, LlavaForConditionalGeneration
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images
 from llava.data.collator import collate_images
 from llava.data.dataset import process_images
@@ -25,9 +25,18 @@ from llava.data.images import expand2square, open_image_rgb
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
+from llava.data.video import (
+    VideoSampling,
+    decode_video_frames,
+    frames_to_pixel_values,
+    probe_video,
+    sample_frame_indices,
+    video_messages,
+)
 from llava.errors import UsagePathError, UsageValueError, require_model_path, require_path
 from llava.model.anyres_model import layout_from_config, load_processor
 from llava.model.builder import LLAVA_CLASSES, num_image_tokens
+from llava.model.video_model import video_layout_from_config
 from llava.run_dir import ARGS_FILE, CONFIG_FILE, PROJECTOR_FILE, RunKind, read_run_args, run_kind
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>")
@@ -64,6 +73,7 @@ class Predictor:
     template: ConversationTemplate
     image_aspect_ratio: str = "square"
     mm_use_im_start_end: bool = False
+    video_args: dict = field(default_factory=dict)  # the run's frame sampling flags (llava_args.json data_args)
 
     @classmethod
     def load(cls, model_dir: str | Path, *, version: str | None = None, dtype=torch.float32) -> Predictor:
@@ -80,7 +90,9 @@ class Predictor:
         processor = load_processor(model_dir)
         template = get_template(name, image_front=data_args.get("image_placement", "front") == "front")
         return cls(model, processor, template, data_args.get("image_aspect_ratio", "square"),
-                   bool(model_args.get("mm_use_im_start_end", False)))
+                   bool(model_args.get("mm_use_im_start_end", False)),
+                   {k: data_args[k] for k in ("frames_upbound", "video_fps", "force_sample", "add_time_instruction")
+                    if k in data_args})
 
     @property
     def num_image_tokens(self) -> int:
@@ -140,6 +152,37 @@ class Predictor:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
+    @torch.no_grad()
+    def answer_video(self, video_folder: str | Path, video: str, prompt: str, max_new_tokens: int = 64) -> str:
+        """Greedy answer about a video (a file or a directory of frames in ``video_folder``), its frames sampled and
+        its prompt written (``--add_time_instruction``) as the run that trained the checkpoint did."""
+        ids, pixels = self.video_prompt(video_folder, video, prompt)
+        tokenizer = self.processor.tokenizer
+        stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS
+                                           if t in tokenizer.get_vocab()]
+        out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  pixel_values_videos=pixels, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+    def video_prompt(self, video_folder: str | Path, video: str, prompt: str) -> tuple[list[int], torch.Tensor]:
+        """The prompt ids (``<video>`` expanded to the video's tokens) and ``pixel_values_videos`` ``[1, F, 3, S, S]``."""
+        d = self.video_args
+        layout = video_layout_from_config(
+            self.model.config, VideoSampling(d.get("frames_upbound", 0), float(d.get("video_fps", 1.0)),
+                                             bool(d.get("force_sample", False))), bool(d.get("add_time_instruction")))
+        info = probe_video(video_folder, video)
+        indices = sample_frame_indices(info.frames, info.fps, layout.sampling)
+        frames = decode_video_frames(video_folder, video, indices, size=layout.frame_size, info=info)
+        text = prompt if DEFAULT_VIDEO_TOKEN in prompt else f"{DEFAULT_VIDEO_TOKEN}\n{prompt}"
+        messages = video_messages([Message("user", text)], info, indices, layout)
+        tokenizer = self.processor.tokenizer
+        ids = build_generation_prompt(messages, self.template, tokenizer, image_token_id=self.model.config.image_token_id,
+                                      num_image_tokens=self.num_image_tokens, mm_use_im_start_end=self.mm_use_im_start_end,
+                                      video_token_id=self.model.config.video_token_id,
+                                      num_video_tokens=layout.video_tokens(len(indices)))
+        return ids, frames_to_pixel_values(frames, self.processor.image_processor)[None].to(self.model.dtype)
+
     def answer(self, image: Image.Image | None, prompt: str, max_new_tokens: int = 64) -> str:
         text = prompt if image is None or DEFAULT_IMAGE_TOKEN in prompt else f"{DEFAULT_IMAGE_TOKEN}\n{prompt}"
         return self.generate([[Message("user", text)]], [[image] if image is not None else []], max_new_tokens)[0]
@@ -150,7 +193,19 @@ def predict_main(args) -> int:
     require_model_path("--model", args.model, hint=MODEL_HINT)
     if args.image:
         require_path("--image", args.image, kind="file", hint="give an image file (PNG, JPEG, ...)")
+    video = getattr(args, "video", None)
+    if video:
+        require_path("--video", video, hint="give a video file or a directory of frames")
+        if args.image:
+            raise UsageValueError("--image and --video together: give one of them")
     predictor = Predictor.load(args.model, version=args.version)
+    if video:
+        if getattr(predictor.model.config, "video_token_id", None) is None:
+            raise UsageValueError(f"--video with --model {args.model}: a {predictor.model.config.model_type} checkpoint "
+                                  f"has no video path (train with --video_folder: LlavaOnevision / LlavaNextVideo)")
+        path = Path(video).resolve()
+        print(predictor.answer_video(path.parent, path.name, args.prompt, max_new_tokens=args.max_new_tokens))
+        return 0
     image = open_image_rgb(args.image)[0] if args.image else None
     print(predictor.answer(image, args.prompt, max_new_tokens=args.max_new_tokens))
     return 0

@@ -25,6 +25,7 @@ import yaml
 
 from llava.data.anyres import check_anyres_flags, parse_image_aspect_ratio
 from llava.data.templates import get_template
+from llava.data.video_flags import check_video_flags
 from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
 from llava.megatron.backend.megatron_args import MegatronArguments
 from llava.model.model_args import ModelArguments
@@ -57,9 +58,15 @@ class DataArguments:
     lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; always lazy"})
     is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
     video_folder: str | None = field(default=None, metadata={
-        "help": "accepted for LLaVA-NeXT's scripts and ignored: video is not supported (records with a \"video\" "
-                "field are refused)"})
-    frames_upbound: int = field(default=0, metadata={"help": "accepted for LLaVA-NeXT's scripts and ignored (video)"})
+        "help": "root that records' \"video\" paths (files, or directories of frames) are relative to; turns video on "
+                "(LlavaOnevision or LlavaNextVideo, by --mm_newline_position)"})
+    frames_upbound: int = field(default=0, metadata={
+        "help": "video: at most this many frames, evenly spaced, when --video_fps gives more (0: no cap)"})
+    video_fps: float = field(default=1.0, metadata={"help": "video: frames sampled per second of video"})
+    force_sample: bool = field(default=False, metadata={
+        "help": "video: always --frames_upbound frames, evenly spaced (LLaVA-NeXT's meaning)"})
+    add_time_instruction: bool = field(default=False, metadata={
+        "help": "video: LLaVA-NeXT's sentence with the video's length and the sampled frames' times before the question"})
 
     def __post_init__(self):
         if self.data_path is None:
@@ -68,9 +75,11 @@ class DataArguments:
             raise ValueError(f"--data_path {self.data_path}: LLaVA-NeXT's dataset-mixture YAML (datasets: json_path + "
                              f"sampling_strategy) is not read here; combine the files it lists into one JSON/JSONL "
                              f"file (or a `datasets` directory) and pass that")
-        if self.video_folder or self.frames_upbound:
-            logger.warning("--video_folder / --frames_upbound are accepted for LLaVA-NeXT's scripts and ignored: video "
-                           "is not supported (records with a \"video\" field are refused)")
+        if self.frames_upbound < 0 or self.video_fps <= 0:
+            raise ValueError(f"--frames_upbound must be >= 0 and --video_fps > 0, got {self.frames_upbound} and "
+                             f"{self.video_fps}")
+        if self.force_sample and self.frames_upbound < 1:
+            raise ValueError("--force_sample True samples --frames_upbound frames: give --frames_upbound N (N >= 1)")
         mode, _ = parse_image_aspect_ratio(self.image_aspect_ratio)
         if self.image_grid_pinpoints is not None and mode != "anyres":
             raise ValueError(f"--image_grid_pinpoints {self.image_grid_pinpoints!r} needs --image_aspect_ratio anyres "
@@ -169,6 +178,7 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
             f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
         )
     check_anyres_flags(model_args, data_args)
+    check_video_flags(model_args, data_args, training_args)
     tower_flags = [f"--{k} {getattr(training_args, k)}" for k in ("mm_vision_tower_lr", "mm_vision_tower_lr_decay")
                    if getattr(training_args, k) is not None]
     if tower_flags and not (model_args.unfreeze_mm_vision_tower and not model_args.tune_mm_mlp_adapter):
@@ -194,6 +204,9 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     if data_args.image_folder:
         require_path("--image_folder", data_args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
+    if data_args.video_folder:
+        require_path("--video_folder", data_args.video_folder, kind="dir",
+                     hint="give the directory the records' video paths are relative to")
     if data_args.eval_data_path:
         require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file")
     if Path(training_args.output_dir).is_file():

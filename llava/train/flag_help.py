@@ -39,14 +39,15 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                             "mm_projector_lr", "mm_vision_tower_lr", "mm_vision_tower_lr_decay")),
     ("LoRA / QLoRA", ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant",
                       "quant_type")),
-    ("high resolution", ("image_grid_pinpoints", "mm_patch_merge_type", "mm_newline_position")),
+    ("high resolution", ("image_grid_pinpoints", "mm_patch_merge_type")),
+    ("video", ("video_folder", "frames_upbound", "video_fps", "force_sample", "add_time_instruction",
+               "mm_newline_position", "mm_spatial_pool_mode", "mm_spatial_pool_stride")),
     ("packing, speed, memory and start-up", ("packing", "packing_attention", "supervised_head", "skip_padding_mask",
                                              "index_cache_dir", "index_workers")),
     ("Megatron", ("backend", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "sequence_parallel", "save_hf")),
     ("accepted from LLaVA scripts (fixed values)", ("mm_use_im_patch_token", "lazy_preprocess", "is_multimodal",
-                                                     "lora_weight_path", "cache_dir", "remove_unused_columns", "video_folder",
-                                                     "frames_upbound")),
+                                                     "lora_weight_path", "cache_dir", "remove_unused_columns")),
 )
 # LLaVA flags not in GROUPS: shown under their dataclass
 CLASS_GROUPS = {"ModelArguments": "model", "DataArguments": "data", "TrainingArguments": "training (LLaVA)",

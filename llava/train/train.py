@@ -121,8 +121,11 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     # --- trainer: padded batches, or padding-free rows of whole samples (--packing)
     pad_id = built.tokenizer.pad_token_id
     per_sample = bool(built.layout and built.layout.max_num_patches)  # OneVision: images per sample
-    collator = (DataCollatorWithPacking(pad_id, max_length=training_args.model_max_length, batch_num_images=per_sample)
-                if training_args.packing else DataCollatorForSupervisedDataset(pad_id, batch_num_images=per_sample))
+    join = bool(built.video and not built.video.newline)  # LlavaNextVideo: all frames as one video (no newline)
+    collator = (DataCollatorWithPacking(pad_id, max_length=training_args.model_max_length, batch_num_images=per_sample,
+                                        join_videos=join)
+                if training_args.packing
+                else DataCollatorForSupervisedDataset(pad_id, batch_num_images=per_sample, join_videos=join))
     trainer = LLaVATrainer(
         model=model,
         args=training_args,

@@ -26,6 +26,7 @@ from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     Trainer,
 )
@@ -56,7 +57,7 @@ from llava.train.zero3_gather import gather_named_parameters
 
 logger = logging.getLogger(__name__)
 LLAVA_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                       LlavaOnevisionForConditionalGeneration)
+                       LlavaOnevisionForConditionalGeneration, LlavaNextVideoForConditionalGeneration)
 
 
 class LLaVATrainer(Trainer):
@@ -77,6 +78,7 @@ class LLaVATrainer(Trainer):
             dataset.modality_lengths,
             group_by_modality=True,
             seed=self.args.seed,
+            modalities=getattr(dataset, "modalities", None),  # video runs: video a modality of its own
         )
 
     def create_optimizer(self, model=None):

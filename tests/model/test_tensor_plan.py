@@ -19,15 +19,20 @@ from llava.model.builder import build_llava_model
 from llava.model.tensor_plan import NEW, plan_for
 from llava.train.args import DataArguments, ModelArguments
 
-KINDS = {"llava": "pad", "llava_next": "anyres", "llava_onevision": "anyres_max_2"}
+KINDS = {  # model type: (--image_aspect_ratio, video flags)
+    "llava": ("pad", {}), "llava_next": ("anyres", {}), "llava_onevision": ("anyres_max_2", {}),
+    "llava_next_video": ("anyres", {"mm_newline_position": "no_token", "mm_spatial_pool_mode": "average"}),
+}
 
 
 @pytest.mark.parametrize("model_type", list(KINDS))
 def test_every_source_tensor_lands_where_the_plan_says(tiny_models, anyres_data, model_type):
+    aspect, video_flags = KINDS[model_type]
     model_args = ModelArguments(model_name_or_path=str(tiny_models["llm"]), vision_tower=str(tiny_models["vision_tower"]),
-                                mm_patch_merge_type="spatial_unpad")
+                                mm_patch_merge_type="spatial_unpad", **video_flags)
+    video = {"video_folder": str(anyres_data["image_folder"])} if video_flags else {}
     data_args = DataArguments(data_path=str(anyres_data["train"]), image_folder=str(anyres_data["image_folder"]),
-                              image_aspect_ratio=KINDS[model_type])
+                              image_aspect_ratio=aspect, **video)
     built = build_llava_model(model_args, data_args=data_args)
     assert built.model.config.model_type == model_type
     state, plan = built.model.state_dict(), plan_for(model_type)

@@ -158,8 +158,13 @@ def test_flag_set_parses_and_takes_effect(next_paths, name, caplog):
 
     from llava.model.anyres_model import anyres_layout
 
+    argv = script_argv(name, next_paths)
+    if "--video_folder" in SCRIPTS[name][0]:  # LLaVA-NeXT's default --mm_newline_position grid: refused for video
+        with pytest.raises(UsageValueError, match=r"--mm_newline_position grid: .* no native class.* use one_token"):
+            parse_args(argv)
+        argv += ["--mm_newline_position", "one_token"]  # the one-line change: OneVision's native video layout
     with caplog.at_level("WARNING"):
-        model_args, data_args, training_args = parse_args(script_argv(name, next_paths))
+        model_args, data_args, training_args = parse_args(argv)
     for args, expected in zip((model_args, data_args, training_args), EXPECTED[name]):
         assert {k: getattr(args, k) for k in expected} == expected, name
     assert (model_args.mm_vision_select_layer, model_args.mm_projector_type) == (-2, "mlp2x_gelu")
@@ -181,22 +186,15 @@ def test_flag_set_parses_and_takes_effect(next_paths, name, caplog):
     template = get_template(model_args.version)
     assert template.name == {"qwen_1_5": "chatml", "mistral_instruct": "mistral_instruct"}[model_args.version]
     if "--video_folder" in SCRIPTS[name][0]:
-        assert "video is not supported" in caplog.text
+        assert data_args.video_folder == next_paths["IMAGES"] and model_args.mm_newline_position == "one_token"
 
 
-def test_dataset_mixture_yaml_and_video_records_are_refused(next_paths, tmp_path):
+def test_dataset_mixture_yaml_is_refused(next_paths, tmp_path):
     mixture = tmp_path / "next_ov_stage_july21.yaml"
     mixture.write_text(f"datasets:\n  - json_path: {next_paths['QA']}\n    sampling_strategy: all\n")
     argv = script_argv("finetune_ov", {**next_paths, "QA": str(mixture)})
     with pytest.raises(UsageValueError, match=r"--data_path .*next_ov_stage_july21.yaml: LLaVA-NeXT's dataset-mixture"):
         parse_args(argv)
-    from llava.data.records import RecordError, parse_record
-
-    video = {"id": "v1", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat happens?"},
-                                                                 {"from": "gpt", "value": "A dog runs."}]}
-    with pytest.raises(RecordError, match="video records .* are not supported") as info:
-        parse_record(video)
-    assert info.value.kind == "video_unsupported" and info.value.record_id == "v1"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@
 #   DATA_DIR        image folder + LLaVA JSON                         default playground/data/shapes
 #   OUT_ROOT        where runs are written                           default runs
 #   NUM_GPUS        processes per node                                default 2 (on CPU: processes, gloo)
-#   HOSTFILE        DeepSpeed hostfile for several nodes (optional; see README "Multi-node")
+#   HOSTFILE        DeepSpeed hostfile for several nodes (optional; see docs/training.md, "Distributed")
 #   ZERO            zero2 | zero3 | zero3_offload (zero_configs/*.json)
 #   BF16            True on GPUs that support it; False on CPU        default False
 #   MAX_STEPS       -1 = full epochs                                  default -1

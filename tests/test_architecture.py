@@ -9,11 +9,14 @@
 - an import inside a function carries a one-line reason (a comment on its line or the line above): such imports
   are kept only where they buy start-up time or keep an optional dependency optional;
 - module file names are unique in ``llava/`` (a reader who sees ``templates.py`` need not ask which one);
+- tests mirror the package: every folder of ``tests/`` holding tests is a package of ``llava/``;
 - no import cycle anywhere in ``llava/``: the graph of "module A imports module B" has no cycle, counting imports
   inside functions (a cycle hidden behind a function-level import is still a cycle);
 - every module of ``llava/`` is placed in ``docs/architecture.md`` (by its path, or by its file name in the paragraph
   of its package);
 - nothing in the repository points at the developers' ``../shared`` or ``/work/shared`` (users do not have it);
+- the README stays under ``README_MAX_LINES`` and links every page of ``docs/``; links between pages resolve (file
+  and heading);
 - every repository file that a docstring, comment or doc cites by path (under llava, tests, scripts, docs,
   playground, zero_configs) exists: in the package, the tests, the scripts, the README and ``docs/``.
 
@@ -23,6 +26,7 @@ The checker is tested on small synthetic packages too, so a checker that finds n
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -65,6 +69,12 @@ def import_graph(root: Path, package: str = "llava") -> dict[str, set[str]]:
                     edges.add(target)
         graph[name] = edges
     return graph
+
+
+@functools.cache
+def repo_graph() -> dict[str, set[str]]:
+    """``import_graph`` of this repository's ``llava/``, read once for the tests that check it."""
+    return import_graph(REPO)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -111,7 +121,7 @@ def test_checker_finds_function_level_and_relative_cycles(tmp_path):
 
 
 def test_no_import_cycle_in_llava():
-    graph = import_graph(REPO)
+    graph = repo_graph()
     assert len(graph) > 30 and "llava.run_dir" in graph["llava.export.merge"]  # the checker sees the package
     assert "llava.data.validate" in graph["llava.data_check"] and "llava.data.validate" in graph["llava.data.dataset"]
     cycle = find_cycle(graph)
@@ -119,7 +129,7 @@ def test_no_import_cycle_in_llava():
 
 
 def test_export_and_serve_do_not_import_train():
-    graph = import_graph(REPO)
+    graph = repo_graph()
     offenders = {m: sorted(t for t in deps if t == "llava.train" or t.startswith("llava.train."))
                  for m, deps in graph.items() if m.startswith(("llava.export", "llava.serve"))}
     assert any(m.startswith("llava.serve") for m in offenders) and any(m.startswith("llava.export") for m in offenders)
@@ -187,8 +197,16 @@ def test_package_order_checker_names_the_back_arrow(tmp_path):
     ]
 
 
+def test_architecture_doc_shows_the_package_order():
+    doc = (REPO / "docs/architecture.md").read_text()
+    block = doc[doc.index("## Package order"):].split("```")[1].strip("\n").splitlines()
+    shown = [tuple(re.findall(r"llava[\w.]*", line.split("  ")[0])) for line in block]
+    namespaces = {"llava", "llava.megatron"}  # hold only their __init__
+    assert shown == [tuple(u for u in line if u not in namespaces) for line in PACKAGE_ORDER]
+
+
 def test_packages_depend_one_way():
-    graph = import_graph(REPO)
+    graph = repo_graph()
     assert "llava.data.samplers" in graph["llava.train.trainer"]  # the checker sees the package
     assert back_arrows(graph) == []
 
@@ -221,6 +239,13 @@ def test_function_level_imports_give_their_reason(tmp_path):
     assert missing == [], "say in one comment why these imports are inside a function (or move them to the top)"
 
 
+def test_test_folders_mirror_the_packages():
+    """A test of a module of ``llava.model`` lives under ``tests/model/``: every folder of tests is a package of llava."""
+    folders = {p.parent.relative_to(REPO / "tests") for p in (REPO / "tests").rglob("test_*.py")} - {Path(".")}
+    assert Path("megatron/backend") in folders  # the pattern sees nested folders
+    assert sorted(str(f) for f in folders if not (REPO / "llava" / f / "__init__.py").is_file()) == []
+
+
 def test_module_names_are_unique():
     names: dict[str, list[str]] = {}
     for path in sorted((REPO / "llava").rglob("*.py")):
@@ -245,6 +270,40 @@ def test_every_cited_file_exists():
     assert {"llava/run_dir.py", "docs/architecture.md", "zero_configs/zero2.json"} <= set(cited)  # the pattern works
     missing = {rel: where for rel, where in cited.items() if not (REPO / rel).exists() and rel not in NOT_OURS}
     assert missing == {}, f"files cited but not in the repository: {missing}"
+
+
+README_MAX_LINES = 250
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s#]*?\.md)?(?:#([\w-]+))?\)")  # [text](page.md#anchor), [text](#anchor)
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces -> ``-``."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in markdown.splitlines() if line.startswith("#")}
+
+
+def test_readme_is_short_and_maps_every_docs_page():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES, "move detail into a docs/ page and link it from the README"
+    linked = {target for target, _ in LINK.findall(readme)}
+    pages = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    assert len(pages) >= 7 and pages - linked == set(), "link every docs/ page from the README's map"
+
+
+def test_links_between_pages_resolve():
+    assert heading_anchors("## Two commands (on a `fresh` machine)\n### 1.6, too") == {
+        "two-commands-on-a-fresh-machine", "16-too"}
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target, anchor in LINK.findall(page.read_text()):
+            if not target and not anchor:
+                continue
+            path = (page.parent / target).resolve() if target else page
+            if not path.is_file():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and anchor not in heading_anchors(path.read_text()):
+                broken.append(f"{page.name}: {target}#{anchor}")
+    assert broken == []
 
 
 def unplaced_modules(root: Path, doc: str, package: str = "llava") -> list[str]:

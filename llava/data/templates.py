@@ -10,7 +10,7 @@ instead would change the first word's token with SentencePiece tokenizers (``<s>
     >>> [s.text for s in t.render([Message("user", "hi"), Message("assistant", "yo")], eos="</s>")]
     ['A chat between ... USER: hi ASSISTANT:', ' yo</s>']
 
-Each named template equals its reference (see README, "Conversation templates"): LLaVA's names follow original
+Each named template equals its reference (see ``docs/data.md``, "Conversation templates"): LLaVA's names follow original
 LLaVA's / LLaVA-NeXT's ``conversation.py`` (``plain``, ``vicuna_v1``/``v1``, ``llava_v1``, ``llama_2``,
 ``llava_llama_2``, ``mistral_instruct``, ``llava_llama_3``), the model names follow the model's published chat
 template (``mistral``: Mistral-7B-Instruct-v0.1, ``chatml``: Qwen2, ``llama3``: Llama-3-Instruct). ``auto`` uses the

@@ -18,9 +18,7 @@ In memory (QLoRA runs, Llava-checkpoint bases, adapters with biases/DoRA): one c
 (``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
 tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
 4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
-Measured (``scripts/measure_merge_memory.py``, fp32, hidden 512, LLM in 20 MB shards, 20 MB output shards):
-2/8/16 layers = 29/106/209 MiB of weights; peak RSS above the libraries' imports, streaming 41/50/50 MiB, in memory
-99/171/274 MiB (~1.0x the model per added MiB + ~70 MiB).
+Measured with ``scripts/measure_merge_memory.py``; the figures are in ``docs/performance.md`` ("Merge memory").
 """
 
 from __future__ import annotations

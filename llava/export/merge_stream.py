@@ -5,7 +5,8 @@
 The base LLM's safetensors files are read tensor by tensor; each weight with a LoRA pair becomes
 ``W + (alpha / r) * B @ A`` (computed in float32), the non-LoRA trainables (projector, new embeddings) replace
 their base tensors, and each result is written straight to its offset in an output shard of ``--max_shard_size``
-(``llava.safetensors_io.HFShardWriter``, layout planned from the headers first). The vision tower (frozen, small
+(``llava.safetensors_io.HFShardWriter``, layout planned from the headers first); each tensor's name in the
+Llava checkpoint comes from the plan the builder composes by (``llava/model/tensor_plan.py``). The vision tower (frozen, small
 next to the LLM) is loaded whole. Peak memory: the vision tower + the adapter + the tensor being merged — it does
 not grow with the LLM's size.
 
@@ -25,11 +26,13 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from llava.model.builder import _is_llava_checkpoint, llava_key_of_llm_key, load_vision_tower, make_llava_config
+from llava.model.builder import _is_llava_checkpoint, load_vision_tower, make_llava_config
+from llava.model.tensor_plan import LLM, TOWER, plan_for
 from llava.run_dir import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, NON_LORA_FILE, model_args_from_run
 from llava.safetensors_io import HFShardWriter, SafetensorsReader, parse_size
 
 PEFT_PREFIX = "base_model.model."
+PLAN = plan_for("llava")  # the streamed merge writes plain Llava (anyres runs merge in memory)
 
 
 def _llm_files(llm_dir: Path) -> list[Path]:
@@ -89,13 +92,13 @@ def write_merged_streaming(adapter_dir: str | Path, out_dir: str | Path, run_arg
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for reader in readers:
         for key in reader.keys():
-            name = llava_key_of_llm_key(key)
+            name = PLAN.llava_key(LLM, key)
             layout[name] = (dtype, tuple(replaced[name].shape) if name in replaced else reader.meta(key)[1])
     missing = sorted(set(pairs) - set(layout))
     if missing:
         raise ValueError(f"{adapter_dir}: LoRA weights for {missing[:3]} have no base weight in {llm_dir}")
     tower, _ = load_vision_tower(margs.vision_tower, trust_remote_code=margs.trust_remote_code)
-    tower_state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    tower_state = {PLAN.llava_key(TOWER, k): v for k, v in tower.state_dict().items()}
     vision_config = tower.config
     del tower
     for name, tensor in [*tower_state.items(), *sorted(projector.items())]:
@@ -104,7 +107,7 @@ def write_merged_streaming(adapter_dir: str | Path, out_dir: str | Path, run_arg
     writer = HFShardWriter(out_dir, layout, parse_size(max_shard_size))
     for reader in tqdm(readers, desc="merging language-model shards", unit="shard"):
         for key in reader.keys():
-            name = llava_key_of_llm_key(key)
+            name = PLAN.llava_key(LLM, key)
             tensor = replaced[name] if name in replaced else reader.get(key)
             if name in pairs:
                 a, b = pairs[name]

@@ -28,7 +28,6 @@ from transformers import (
     LlavaProcessor,
     SiglipVisionModel,
 )
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava.constants import (
     DEFAULT_IM_END_TOKEN,
@@ -48,9 +47,9 @@ from llava.model.anyres_model import (
     load_processor,
     make_anyres_config,
     make_anyres_processor,
-    new_image_newline,
 )
 from llava.model.projector import load_projector_state
+from llava.model.tensor_plan import plan_for
 from llava.model.video_model import (
     VIDEO_MODEL_CLASSES,
     checkpoint_video_layout,
@@ -166,16 +165,6 @@ def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
         return False
 
 
-def llava_key_of_llm_key(llm_key: str) -> str:
-    """Where a language model's checkpoint tensor lives in a Llava checkpoint (``model.x`` ->
-    ``model.language_model.x``; ``lm_head.*`` unchanged)."""
-    if llm_key.startswith("model."):
-        return "model.language_model." + llm_key[len("model."):]
-    if llm_key.startswith("lm_head."):
-        return llm_key
-    raise ValueError(f"unexpected language-model weight {llm_key!r} (expected model.* or lm_head.*)")
-
-
 def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_config=None, data_args=None) -> BuiltModel:
     """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given.
 
@@ -222,14 +211,10 @@ def _compose_llava(model_args, torch_dtype, quantization_config=None, data_args=
     config._attn_implementation = model_args.attn_implementation
     with torch.device("meta"), _without_zero3_init():
         model = LLAVA_CLASSES[config.model_type](config)
-    model.model.vision_tower = tower
-    model.model.language_model = llm.model
-    model.lm_head = llm.lm_head
+    plan = plan_for(config.model_type)
+    plan.attach_loaded_parts(model, llm=llm, tower=tower)
     torch.set_rng_state(rng_at_start)  # (ZeRO-3's partitioned loading draws random numbers; a plain load does not)
-    projector_cls = LlavaMultiModalProjector if layout is None else type(model.model.multi_modal_projector)
-    model.model.multi_modal_projector = projector_cls(config).to(torch_dtype)
-    if layout is not None:  # drawn right after the projector, as LLaVA-NeXT's initialize_vision_modules does
-        model.model.image_newline = new_image_newline(config.text_config.hidden_size, torch_dtype)
+    plan.draw_new_parts(model, config, torch_dtype)  # the projector, then image_newline for anyres
     model.generation_config = llm.generation_config
     if added:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)

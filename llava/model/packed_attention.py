@@ -18,10 +18,10 @@ samples' sizes are found once per forward, by a forward pre-hook on the language
 layer's attention through the layers' ``**kwargs`` (one host sync per step, not one per layer); a sample starts
 where the position id does not follow its neighbour by 1, transformers' own packed-row rule.
 
-Measured (``scripts/bench_train.py``, small model, 2-core CPU, interleaved): 1.36x real tokens/s over the masked
-row when the machine was otherwise idle (attention 2.39 s -> 1.96 s of a profiled step), but 0.73-0.76x when it
-was oversubscribed (load ~4 on 2 cores), where the many small split/cat/SDPA calls suffer more than one big one.
-``--packing_attention mask`` selects the masked row.
+Measured with ``scripts/bench_train.py`` (figures in ``docs/performance.md`` and ``docs/benchmark_log.md``): faster
+than the masked row on an otherwise idle machine, slower when the cores are oversubscribed (many small
+split/cat/SDPA calls suffer more from descheduled threads than one big one). ``--packing_attention mask`` selects the
+masked row.
 """
 
 from __future__ import annotations

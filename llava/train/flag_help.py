@@ -4,7 +4,7 @@
     python -m llava.train.flag_help --write         # regenerate train_flags.json after changing the flags
 
 The flags are defined by the dataclasses of ``llava/model/model_args.py`` and ``llava/train/args.py``, whose
-``TrainingArguments`` subclasses ``transformers.TrainingArguments``: importing it pulls in torch (~7 s). So the flag
+``TrainingArguments`` subclasses ``transformers.TrainingArguments``: importing it pulls in torch (seconds). So the flag
 table read from the real ``HfArgumentParser`` (names, types, defaults, choices, help) is stored in
 ``train_flags.json`` beside this file, keyed by the transformers version and a hash of the files in ``SOURCES``. When
 the key still matches, help is rendered from the table without importing torch; otherwise (an edited args file,

@@ -1,11 +1,14 @@
 """The `llava demo` command end to end: a small run through the CLI, and (slow) the full default recipe's bar.
 
-    pytest tests/demo/test_demo_run.py            # the slow one runs too unless -m "not slow"
+    pytest tests/demo/test_demo_run.py            # the slow ones run too unless -m "not slow"
+
+The full default run also holds the README's demo table to what the demo prints.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -36,14 +39,33 @@ def test_demo_cli_small_run_writes_both_rows(tmp_path, capsys):
     assert len(page.rows) == 24 and all(len(row["images"]) == 1 for row in page.rows)
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_MARK = "<!-- the demo's table:"
+
+
+def readme_demo_table(text: str) -> str:
+    """The fenced block that follows the README's demo-table marker."""
+    after = text[text.index(README_MARK):]
+    return after.split("```\n", 2)[1].rstrip("\n")
+
+
 @pytest.mark.slow
 def test_demo_default_recipe_reads_the_image(tmp_path):
-    """Issue 2's bar: colour >= 90% with real images; blank images bring colour back to chance (25%)."""
+    """Issue 2's bar: colour >= 90% with real images; blank images bring colour back to chance (25%); and the
+    README's table is what the demo prints."""
     from llava.demo.run import DemoConfig, run_demo
+    from llava.serve.eval import format_table
 
     rows = run_demo(tmp_path / "demo", DemoConfig())
     assert rows["real images"]["colour"] >= 0.90
     assert rows["blank images"]["colour"] <= 0.45
+    assert readme_demo_table(README.read_text()) == format_table(rows), "update the README's demo table"
+
+
+def test_readme_demo_table_is_read_from_its_block():
+    text = "x\n<!-- the demo's table: ... -->\n```\n   a   b\nrow 1.0%\n```\nmore ```\n"
+    assert readme_demo_table(text) == "   a   b\nrow 1.0%"
+    assert readme_demo_table(README.read_text()).splitlines()[1].startswith("real images")
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ A Llava checkpoint (``--model_name_or_path``) that needs nothing added is used a
 ``OUTPUT_DIR/megatron_init/`` exactly what the hf backend's ``build_llava_model`` would build after
 ``transformers.set_seed(--seed)`` (same projector initialisation, same mean-resized new embeddings), without
 holding the model: the language model's tensors are streamed from its safetensors files one at a time into the
-output (``compose_streaming``); only the new or changed parts are made in memory -- the projector, the
+output (``compose_streaming``), named and drawn through the builder's plan (``llava/model/tensor_plan.py``); only
+the new or changed parts are made in memory -- the projector, the
 (resized) token embeddings and LM head, and the vision tower, which every first-stage rank holds whole anyway.
 Every rank then reads only its own shards from that directory (``llava.megatron.backend.rank_weights``).
 """
@@ -22,27 +23,27 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.core_model_loading import revert_weight_conversion
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava.model.anyres_model import load_processor
 from llava.model.builder import (
     _is_llava_checkpoint,
     add_multimodal_tokens,
     build_llava_model,
-    llava_key_of_llm_key,
     load_vision_tower,
     make_llava_config,
     make_llava_processor,
     select_strategy,
 )
 from llava.model.projector import load_projector_state
+from llava.model.tensor_plan import LLM, TOWER, plan_for
 from llava.safetensors_io import HFShardWriter, SafetensorsReader, parse_size
 
 logger = logging.getLogger("llava.megatron")
 INIT_DIR = "megatron_init"
 FACTS_FILE = "megatron_init.json"  # where the run started from: [directory, {"added_tokens": n}]
-EMBED, LM_HEAD = "model.language_model.embed_tokens.weight", "lm_head.weight"
-PROJECTOR, TOWER = "model.multi_modal_projector.", "model.vision_tower."
+PLAN = plan_for("llava")  # the backend trains plain Llava (anyres is refused at start-up)
+EMBED, LM_HEAD = PLAN.llava_key(LLM, "model.embed_tokens.weight"), PLAN.llava_key(LLM, "lm_head.weight")
+PROJECTOR = "model.multi_modal_projector."
 
 
 def _usable_as_is(model_args) -> bool:
@@ -108,7 +109,7 @@ def compose_streaming(model_args, out: Path, dtype: torch.dtype) -> int | None:
     files = _weight_files(source)
     if not files:
         return None
-    rng_at_start = torch.get_rng_state()  # as _compose_llava: the projector is drawn from the seed's state
+    rng_at_start = torch.get_rng_state()  # as the builder: the new parts are drawn from the seed's state
     readers = [SafetensorsReader(f) for f in files]
     from_llava = _is_llava_checkpoint(str(source), model_args.trust_remote_code)
     tower_state: dict[str, torch.Tensor] = {}
@@ -118,7 +119,7 @@ def compose_streaming(model_args, out: Path, dtype: torch.dtype) -> int | None:
         tokenizer.padding_side = "right"
         added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)
         config = LlavaConfig.from_pretrained(source)
-    else:  # an LLM + --vision_tower, composed as _compose_llava does
+    else:  # an LLM + --vision_tower, composed by the plan the builder follows
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, padding_side="right",
                                                   trust_remote_code=model_args.trust_remote_code)
         added = add_multimodal_tokens(tokenizer, model_args.mm_use_im_start_end)
@@ -130,7 +131,7 @@ def compose_streaming(model_args, out: Path, dtype: torch.dtype) -> int | None:
                                    select_layer=model_args.mm_vision_select_layer)
         strategy = select_strategy(tower.config, model_args.mm_vision_select_feature)
         processor = make_llava_processor(image_processor, tokenizer, tower.config, strategy)
-        tower_state = {TOWER + k: v for k, v in tower.state_dict().items()}
+        tower_state = {PLAN.llava_key(TOWER, k): v for k, v in tower.state_dict().items()}
         del tower
     config.dtype = dtype
     with torch.device("meta"):
@@ -142,7 +143,7 @@ def compose_streaming(model_args, out: Path, dtype: torch.dtype) -> int | None:
         if any(saved[n] not in sources for n in [EMBED, *projector_names]):
             return None  # names of another transformers version: build in memory
     else:
-        internal = {(r, k): llava_key_of_llm_key(k) for r in readers for k in r.keys()}
+        internal = {(r, k): PLAN.llava_key(LLM, k) for r in readers for k in r.keys()}
         saved = _saved_names(skeleton, [*internal.values(), *tower_state, LM_HEAD, EMBED, *projector_names])
         sources = {saved[name]: rk for rk, name in internal.items()}
         tower_state = {saved[name]: tensor for name, tensor in tower_state.items()}
@@ -163,7 +164,7 @@ def compose_streaming(model_args, out: Path, dtype: torch.dtype) -> int | None:
             skeleton.generation_config = GenerationConfig.from_pretrained(source)
     else:
         torch.set_rng_state(rng_at_start)
-        skeleton.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+        PLAN.draw_new_parts(skeleton, config, dtype)  # the projector, as the builder draws it
         gen = source / "generation_config.json"
         skeleton.generation_config = (GenerationConfig.from_pretrained(source) if gen.is_file()
                                       else GenerationConfig.from_model_config(llm_config))

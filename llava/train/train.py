@@ -39,7 +39,7 @@ from llava.model.supervised_head import use_supervised_head
 from llava.train.args import check_inputs, parse_args, resolved_args_dict
 from llava.train.distributed import close_process_group
 from llava.train.dpo_trainer import LLaVADPOTrainer
-from llava.train.lora import setup_lora
+from llava.train.lora import setup_lora, split_trainables
 from llava.train.trainer import LLaVATrainer
 
 logger = logging.getLogger("llava.train")
@@ -130,8 +130,12 @@ def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTra
     model, built = build_model(model_args, data_args, training_args)
     template = get_template(model_args.version, image_front=data_args.image_placement == "front")
     set_chat_template(built.processor, template, model_args.mm_use_im_start_end)
-    ref_model = None
-    if not training_args.lora_enable and not training_args.precompute_ref_log_probs:
+    ref_model, precompute = None, training_args.precompute_ref_log_probs
+    if training_args.lora_enable and not precompute and split_trainables(model)[1]:
+        precompute = True  # the projector / new embeddings train outside the adapters: disabling them is no reference
+        logger.info("LoRA with non-LoRA trainables (%s): the reference log-probs are precomputed (an adapter-disabled "
+                    "model would see the trained projector)", ", ".join(n for n, _ in split_trainables(model)[1][:3]))
+    if not training_args.lora_enable and not precompute:
         ref_model = frozen_reference_copy(built.model)
     train_dataset = PreferenceDataset.from_args(data_args.data_path, model_args, data_args, training_args, built,
                                                 template)
@@ -151,7 +155,7 @@ def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTra
         projector_only=model_args.tune_mm_mlp_adapter,
         run_args={**run_args, "num_image_tokens": built.num_image_tokens},
     )
-    if training_args.precompute_ref_log_probs:
+    if precompute:
         trainer.precompute_reference_logps()
     return trainer, built
 

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
+from llava.data.preference import is_preference_record, parse_preference_record
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.data.validate import (
@@ -49,6 +50,9 @@ ADVICE = {
     "image_tokens_exceed_max_length": "raise --model_max_length or use fewer images per sample",
     "duplicate_id": "give each record a unique id",
     "video_unsupported": "video is not supported: drop video records, or give their frames as images",
+    "preference_identical": "give the pair two different answers (or drop it): it teaches no preference",
+    "preference_empty": "give both answers of the pair some text",
+    "preference_missing": "give 'prompt', 'chosen' and 'rejected' (or a last gpt turn with 'chosen' and 'rejected')",
 }
 
 
@@ -204,7 +208,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     pending: list[tuple[str, str, Any]] = []
     for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
         try:
-            record = parse_record(raw, i)
+            record = (parse_preference_record(raw, i).as_record() if is_preference_record(raw)  # DPO: its chosen
+                      else parse_record(raw, i))
         except RecordError as err:
             report.add(err.kind, str(err), err.record_id)
             continue

@@ -132,6 +132,9 @@ def _image_features_twice(state: _PairState, *args, **kwargs):
 
 
 def _llava(model: nn.Module) -> nn.Module:
+    """The Llava-family model inside DDP / DeepSpeed engines and PEFT wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -28,3 +28,22 @@ def gather_named_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]) -> 
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+
+
+def deepspeed_reference_engine(model: torch.nn.Module, ds_config: dict):
+    """DPO's frozen reference under DeepSpeed, placed and sharded as the policy is: an inference engine (no optimizer)
+    from the run's finalized config; ZeRO-3 partitions its parameters like the policy's, ZeRO-0/1/2 keep it whole
+    (those stages shard optimizer state, which a reference has none of). Every rank calls it."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -10,8 +10,8 @@ only) and takes the reference log-probs from one of three places, decided once:
 
 - ``ref_model``: a frozen copy of the starting model (full fine-tuning), run under ``no_grad``;
 - ``ref_model=None`` with a PEFT policy: the same model with its adapters disabled (no second copy);
-- ``--precompute_ref_log_probs``: :meth:`precompute_reference_logps` ran the starting model over the whole dataset
-  before training and stored each pair's two log-probs in ``ref_logps.safetensors`` in the run directory; training
+- ``--precompute_ref_log_probs``: :meth:`precompute_reference_logps` runs the starting model over the whole dataset
+  at the first step, before the first update, and stores each pair's two log-probs in ``ref_logps.safetensors`` in the run directory; training
   looks them up by ``pair_index`` and holds no reference model. A resumed run reads the file instead of recomputing.
 
 The loss and the metrics are ``llava/train/dpo_loss.py``'s; the metrics (TRL's names) are averaged over the logging
@@ -38,11 +38,32 @@ logger = logging.getLogger(__name__)
 
 
 class LLaVADPOTrainer(LLaVATrainer):
-    def __init__(self, *args, ref_model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, *args, ref_model: torch.nn.Module | None = None, precompute_reference: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.ref_model = ref_model
         self.ref_table: torch.Tensor | None = None  # [pairs, 2] (chosen, rejected) when precomputed
         self._dpo_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._ref_prepared = False
+        if precompute_reference and os.path.isfile(self.ref_logps_path):  # a resumed run: read, never recomputed
+            self.ref_table = self._read_ref_table()
+        self._precompute_pending = precompute_reference and self.ref_table is None
+
+    @property
+    def ref_logps_path(self) -> str:
+        return os.path.join(self.args.output_dir, REF_LOGPS_FILE)
+
+    def _prepare_reference(self, model) -> None:
+        """Once, at the first step (the policy is wrapped by then, and under DeepSpeed its config is final): the
+        precomputed table, or the frozen copy as a DeepSpeed inference engine sharded as the policy is."""
+        self._ref_prepared = True
+        if self._precompute_pending:
+            self.precompute_reference_logps(model)
+        if self.ref_model is not None and self.is_deepspeed_enabled:
+            from llava.train.checkpoint import deepspeed_reference_engine
+
+            self.ref_model = deepspeed_reference_engine(self.ref_model,
+                                                        self.accelerator.state.deepspeed_plugin.deepspeed_config)
 
     # ---------------------------------------------------------------- the reference
     @contextlib.contextmanager
@@ -69,23 +90,22 @@ class LLaVADPOTrainer(LLaVATrainer):
         with self._reference_mode():
             return answer_logps(model, inputs)[0]
 
-    def precompute_reference_logps(self, path: str | None = None) -> torch.Tensor:
-        """Every pair's reference log-probs, from ``ref_logps.safetensors`` when the run directory has it (resume),
-        else computed with the starting model (in dataset order, every rank the same batches: ZeRO-3 gathers in
-        step) and written there by the main process."""
+    def _read_ref_table(self) -> torch.Tensor:
         from safetensors.torch import load_file
 
-        path = path or os.path.join(self.args.output_dir, REF_LOGPS_FILE)
+        table, n = load_file(self.ref_logps_path)["ref_logps"], len(self.train_dataset)
+        if table.shape != (n, 2):
+            raise ValueError(f"{self.ref_logps_path} holds reference log-probs of {table.shape[0]} pairs, the dataset "
+                             f"has {n}: remove it (or give another --output_dir) to compute them again")
+        logger.info("reference log-probs read from %s", self.ref_logps_path)
+        return table
+
+    def precompute_reference_logps(self, model) -> torch.Tensor:
+        """Every pair's reference log-probs from the starting model (``model``: the policy before its first update),
+        in dataset order with every rank running the same batches (ZeRO-3 gathers in step), written to
+        ``ref_logps.safetensors`` by the main process."""
+        self._precompute_pending = False
         n = len(self.train_dataset)
-        if os.path.isfile(path):
-            table = load_file(path)["ref_logps"]
-            if table.shape != (n, 2):
-                raise ValueError(f"{path} holds reference log-probs of {table.shape[0]} pairs, the dataset has {n}: "
-                                 f"remove it (or give another --output_dir) to compute them again")
-            logger.info("reference log-probs read from %s", path)
-            self.ref_table = table
-            return table
-        model = self._wrap_model(self.model, training=False) if not self.is_deepspeed_enabled else self.model
         loader = DataLoader(self.train_dataset, batch_size=self.args.per_device_eval_batch_size,
                             collate_fn=self.data_collator, shuffle=False)
         table = torch.zeros(n, 2, dtype=torch.float32)
@@ -96,8 +116,7 @@ class LLaVADPOTrainer(LLaVATrainer):
                 idx = batch["pair_index"].cpu()
                 table[idx, 0], table[idx, 1] = sums.chunk(2)
         if self.args.should_save:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            atomic_save_safetensors({"ref_logps": table}, path)
+            atomic_save_safetensors({"ref_logps": table}, self.ref_logps_path)
         self.accelerator.wait_for_everyone()
         self.ref_table = table
         return table
@@ -105,6 +124,8 @@ class LLaVADPOTrainer(LLaVATrainer):
     # ---------------------------------------------------------------- the loss and its metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The DPO objective of one batch (``num_items_in_batch`` unused: the loss is a mean over pairs)."""
+        if not self._ref_prepared:
+            self._prepare_reference(model)
         policy_sums, counts = answer_logps(model, inputs)
         ref_sums = self.reference_logps(model, inputs)
         args = self.args
@@ -123,6 +144,6 @@ class LLaVADPOTrainer(LLaVATrainer):
                 means = means.to(self.args.device)
                 torch.distributed.all_reduce(means)
                 means = means.cpu() / torch.distributed.get_world_size()
-            logs.update({k: round(float(v), 6) for k, v in zip(keys, means)})
+            logs.update({k: float(v) for k, v in zip(keys, means)})
             self._dpo_metrics.clear()
         super().log(logs, start_time)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import sys
 
+import numpy as np
 import torch
 import transformers
 
@@ -136,7 +138,7 @@ def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTra
         logger.info("LoRA with non-LoRA trainables (%s): the reference log-probs are precomputed (an adapter-disabled "
                     "model would see the trained projector)", ", ".join(n for n, _ in split_trainables(model)[1][:3]))
     if not training_args.lora_enable and not precompute:
-        ref_model = frozen_reference_copy(built.model)
+        ref_model = frozen_reference_copy(built.model, model_args, data_args, training_args)
     train_dataset = PreferenceDataset.from_args(data_args.data_path, model_args, data_args, training_args, built,
                                                 template)
     eval_dataset = None
@@ -154,17 +156,27 @@ def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTra
         processing_class=built.processor,
         projector_only=model_args.tune_mm_mlp_adapter,
         run_args={**run_args, "num_image_tokens": built.num_image_tokens},
+        precompute_reference=precompute,
     )
-    if precompute:
-        trainer.precompute_reference_logps()
     return trainer, built
 
 
-def frozen_reference_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of the starting model (DPO's reference for full fine-tuning), eval mode, no gradients."""
-    use_preference_forward(model, False)
-    ref = copy.deepcopy(model)
-    use_preference_forward(model)
+def frozen_reference_copy(model: torch.nn.Module, model_args=None, data_args=None, training_args=None
+                          ) -> torch.nn.Module:
+    """A frozen copy of the starting model (DPO's reference for full fine-tuning), eval mode, no gradients. Under
+    ZeRO-3 (parameters already partitioned) it is built again from the same inputs and seed, RNG state kept."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and training_args is not None:
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        transformers.set_seed(training_args.seed)
+        ref = build_llava_model(model_args, torch_dtype=load_dtype(training_args), data_args=data_args).model
+        random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+        set_use_cache(ref, False)
+    else:
+        use_preference_forward(model, False)
+        ref = copy.deepcopy(model)
+        use_preference_forward(model)
     ref.requires_grad_(False)
     ref.eval()
     use_preference_forward(ref)

@@ -9,7 +9,6 @@ adapters disabled, and log-probs precomputed before training; the per-step losse
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -24,33 +23,8 @@ from llava.train.train import build_dpo_trainer, frozen_reference_copy, train
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def sft_checkpoint(tiny_models, anyres_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft")
-    train(["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
-           "--version", "vicuna_v1", "--data_path", str(anyres_data["train"]),
-           "--image_folder", str(anyres_data["image_folder"]), "--image_aspect_ratio", "pad",
-           "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "2",
-           "--learning_rate", "1e-3", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True",
-           "--seed", "0", "--model_max_length", "512"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def pairs(anyres_data, tmp_path_factory):
-    colours = ("red", "green", "blue")
-    records = []
-    for r in json.loads(anyres_data["train"].read_text())[:8]:
-        right = r["conversations"][1]["value"]
-        records.append({"id": f"p{r['id']}", "image": r["image"], "prompt": "What colour is the box?",
-                        "chosen": right, "rejected": colours[(colours.index(right) + 1) % 3]})
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def dpo_argv(sft_checkpoint, pairs, anyres_data, out, *extra) -> list[str]:
-    return ["--model_name_or_path", str(sft_checkpoint), "--version", "vicuna_v1", "--data_path", str(pairs),
+def dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, out, *extra) -> list[str]:
+    return ["--model_name_or_path", str(sft_checkpoint), "--version", "vicuna_v1", "--data_path", str(dpo_pairs),
             "--image_folder", str(anyres_data["image_folder"]), "--image_aspect_ratio", "pad",
             "--training_stage", "dpo", "--beta", "0.5", "--gamma", "0.2", "--output_dir", str(out),
             "--per_device_train_batch_size", "2", "--max_steps", str(STEPS), "--learning_rate", "2e-2",
@@ -71,7 +45,7 @@ def run_losses(argv, *, frozen_copy_for_lora: bool = False, resume=None):
 
     def recording(model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = stock(model, inputs, return_outputs, num_items_in_batch)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         return loss
 
     trainer.compute_loss = recording
@@ -80,9 +54,9 @@ def run_losses(argv, *, frozen_copy_for_lora: bool = False, resume=None):
     return losses, margins, trainer
 
 
-def test_three_reference_paths_give_the_same_losses(sft_checkpoint, pairs, anyres_data, tmp_path):
-    full_copy = run_losses(dpo_argv(sft_checkpoint, pairs, anyres_data, tmp_path / "a"))
-    full_pre = run_losses(dpo_argv(sft_checkpoint, pairs, anyres_data, tmp_path / "b",
+def test_three_reference_paths_give_the_same_losses(sft_checkpoint, dpo_pairs, anyres_data, tmp_path):
+    full_copy = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "a"))
+    full_pre = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "b",
                                    "--precompute_ref_log_probs", "True"))
     assert full_copy[2].ref_model is not None and full_pre[2].ref_model is None and full_pre[2].ref_table is not None
     assert len(full_copy[0]) == STEPS
@@ -92,10 +66,10 @@ def test_three_reference_paths_give_the_same_losses(sft_checkpoint, pairs, anyre
     assert full_pre[1] == pytest.approx(full_copy[1], abs=1e-6, rel=0)
 
     lora = ("--lora_enable", "True", "--freeze_mm_mlp_adapter", "True")  # only the adapters train
-    lora_off = run_losses(dpo_argv(sft_checkpoint, pairs, anyres_data, tmp_path / "c", *lora))
-    lora_pre = run_losses(dpo_argv(sft_checkpoint, pairs, anyres_data, tmp_path / "d", *lora,
+    lora_off = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "c", *lora))
+    lora_pre = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "d", *lora,
                                    "--precompute_ref_log_probs", "True"))
-    lora_copy = run_losses(dpo_argv(sft_checkpoint, pairs, anyres_data, tmp_path / "e", *lora),
+    lora_copy = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "e", *lora),
                            frozen_copy_for_lora=True)
     assert lora_off[2].ref_model is None and lora_off[2].ref_table is None  # the adapter-disabled base
     assert max(abs(m) for m in lora_off[1][1:]) > 1e-3
@@ -104,16 +78,16 @@ def test_three_reference_paths_give_the_same_losses(sft_checkpoint, pairs, anyre
         assert other[1] == pytest.approx(lora_off[1], abs=1e-6, rel=0)
 
 
-def test_lora_with_trained_projector_precomputes_the_reference(sft_checkpoint, pairs, anyres_data, tmp_path):
+def test_lora_with_trained_projector_precomputes_the_reference(sft_checkpoint, dpo_pairs, anyres_data, tmp_path):
     """The projector trains outside the adapters: disabling them would not give the starting model back."""
-    losses, _, trainer = run_losses(dpo_argv(sft_checkpoint, pairs, anyres_data, tmp_path, "--lora_enable", "True",
+    losses, _, trainer = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path, "--lora_enable", "True",
                                              "--max_steps", "1"))
     assert trainer.ref_table is not None and (tmp_path / REF_LOGPS_FILE).is_file()
 
 
-def test_dpo_run_saves_native_checkpoint_and_resume_repeats_losses(sft_checkpoint, pairs, anyres_data, tmp_path):
+def test_dpo_run_saves_native_checkpoint_and_resume_repeats_losses(sft_checkpoint, dpo_pairs, anyres_data, tmp_path):
     out = tmp_path / "run"
-    argv = dpo_argv(sft_checkpoint, pairs, anyres_data, out, "--max_steps", "4", "--save_strategy", "steps",
+    argv = dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, out, "--max_steps", "4", "--save_strategy", "steps",
                     "--save_steps", "2", "--precompute_ref_log_probs", "True")
     full, _, _ = run_losses(argv)
     trainer = train(argv + ["--output_dir", str(tmp_path / "saved")])

@@ -54,7 +54,7 @@ def prepare(workdir: Path, size: str) -> dict:
     built.model.save_pretrained(start)
     built.processor.save_pretrained(start)
     pairs = []
-    for r in json.loads(Path(shapes["stage2_qa"]).read_text())[:32]:
+    for r in [r for r in json.loads(Path(shapes["stage2_qa"]).read_text()) if "image" in r][:32]:
         answer = r["conversations"][1]["value"]
         pairs.append({"id": r["id"], "image": r["image"], "prompt": r["conversations"][0]["value"],
                       "chosen": answer, "rejected": answer.upper() if answer.upper() != answer else answer + " no"})

@@ -131,15 +131,17 @@ def run_command(argv: list[str]) -> int:
     head, rest = (argv[0], argv[1:]) if argv else (None, [])
     if head in ("train", "dpo"):
         if "-h" in rest or "--help" in rest:
+            # the stored table: `llava train --help` imports no torch
             from llava.train.flag_help import train_help
 
             print(train_help(), end="")
             return 0
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.train.distributed import close_process_group
         from llava.train.train import train
 
         if head == "dpo":
-            from llava.train.train_dpo import dpo_argv
+            from llava.train.train_dpo import dpo_argv  # imports torch: only when the command runs
 
             rest = dpo_argv(rest)
         train(rest)
@@ -151,11 +153,13 @@ def run_command(argv: list[str]) -> int:
             return 0
         if rest[:1] != ["check"]:
             raise UsageError(f"unknown data command {' '.join(rest[:1]) or '(none)'}: use `llava data check ...`")
-        from llava.data.check import check_main
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
+        from llava.data_check import check_main
 
         return check_main(rest[1:])
     if head == "convert":
-        from llava.megatron.cli import main as convert_main
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
+        from llava.megatron.converter.convert_cli import main as convert_main
 
         return convert_main(rest)
 
@@ -163,21 +167,26 @@ def run_command(argv: list[str]) -> int:
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (`llava {args.command} --help` lists the flags)")
     if args.command == "merge":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.export.merge import merge_main
 
         return merge_main(args)
     if args.command == "import-llava":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.export.import_llava import import_main
 
         return import_main(args)
     if args.command == "demo":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.demo.run import demo_main
 
         return demo_main(args)
     if args.command == "predict":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.serve.predict import predict_main
 
         return predict_main(args)
+    # imported when the command runs: `llava --help` and argument errors stay free of torch
     from llava.serve.eval import eval_main
 
     return eval_main(args)

@@ -43,8 +43,8 @@ def prepare(workdir: Path, size: str) -> dict:
         return json.loads(paths_file.read_text())
     from llava.demo.shapes import generate_shapes_dataset
     from llava.demo.synthetic_mix import write_bench_models
-    from llava.model.args import ModelArguments
     from llava.model.builder import build_llava_model
+    from llava.model.model_args import ModelArguments
 
     shapes = generate_shapes_dataset(workdir / "shapes", n_caption=8, n_qa=64, n_heldout=8, seed=0)
     models = write_bench_models(workdir, shapes["stage2_qa"], size=size)

@@ -81,6 +81,7 @@ def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None =
     """
     path = Path(data_path)
     if path.is_dir():
+        # datasets (slow to import) only for a `datasets` directory
         import datasets
 
         return datasets.load_from_disk(str(require_saved_dataset(path)))

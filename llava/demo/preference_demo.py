@@ -20,7 +20,20 @@ import random
 import time
 from pathlib import Path
 
+import torch
+from PIL import Image
+
+from llava.data.preference import DataCollatorForPreference, PreferenceDataset
+from llava.data.records import Message
+from llava.data.templates import get_template
+from llava.demo.shapes import generate_shapes_dataset
+from llava.demo.tiny_models import write_demo_models
+from llava.model.builder import build_llava_model, set_use_cache
+from llava.model.model_args import ModelArguments
+from llava.model.preference_forward import answer_logps, use_preference_forward
 from llava.run_dir import PROJECTOR_FILE
+from llava.serve.predict import Predictor
+from llava.train.train import train
 
 PROMPT = "What colour are the shapes?"
 COLOUR_CYCLE = ("red", "green", "blue", "yellow")
@@ -60,17 +73,6 @@ def write_demo_sets(data: dict, out: Path, seed: int) -> dict[str, Path]:
 
 def pairwise_and_greedy(model_dir: Path, heldout_pairs: Path, image_folder: str) -> dict[str, float]:
     """Held-out pairwise accuracy (summed answer log-probs, right > next) and greedy answers right / next."""
-    import torch
-    from PIL import Image
-
-    from llava.data.preference import DataCollatorForPreference, PreferenceDataset
-    from llava.data.records import Message
-    from llava.data.templates import get_template
-    from llava.model.args import ModelArguments
-    from llava.model.builder import build_llava_model, set_use_cache
-    from llava.model.preference_forward import answer_logps, use_preference_forward
-    from llava.serve.predict import Predictor
-
     built = build_llava_model(ModelArguments(model_name_or_path=str(model_dir)))
     model = built.model.eval()
     set_use_cache(model, False)
@@ -104,10 +106,6 @@ def pairwise_and_greedy(model_dir: Path, heldout_pairs: Path, image_folder: str)
 
 def run_dpo_demo(workdir: str | Path, *, n_caption: int = 600, n_heldout: int = 400, sft_epochs: float = 6,
                  dpo_epochs: float = 2, batch_size: int = 16, seed: int = 0) -> dict:
-    from llava.demo.shapes import generate_shapes_dataset
-    from llava.demo.tiny_models import write_demo_models
-    from llava.train.train import train
-
     workdir = Path(workdir)
     timings: dict[str, float] = {}
     t0 = time.time()

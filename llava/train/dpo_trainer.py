@@ -26,11 +26,13 @@ import os
 from collections import defaultdict
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from llava.model.preference_forward import answer_logps
-from llava.run_dir import REF_LOGPS_FILE, atomic_save_safetensors
+from llava.run_dir import REF_LOGPS_FILE
+from llava.safetensors_io import atomic_save_safetensors
 from llava.train.dpo_loss import dpo_objective
 from llava.train.trainer import LLaVATrainer
 
@@ -60,7 +62,7 @@ class LLaVADPOTrainer(LLaVATrainer):
         if self._precompute_pending:
             self.precompute_reference_logps(model)
         if self.ref_model is not None and self.is_deepspeed_enabled:
-            from llava.train.checkpoint import deepspeed_reference_engine
+            from llava.train.zero3_gather import deepspeed_reference_engine  # imports DeepSpeed: only under it
 
             self.ref_model = deepspeed_reference_engine(self.ref_model,
                                                         self.accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -91,8 +93,6 @@ class LLaVADPOTrainer(LLaVATrainer):
             return answer_logps(model, inputs)[0]
 
     def _read_ref_table(self) -> torch.Tensor:
-        from safetensors.torch import load_file
-
         table, n = load_file(self.ref_logps_path)["ref_logps"], len(self.train_dataset)
         if table.shape != (n, 2):
             raise ValueError(f"{self.ref_logps_path} holds reference log-probs of {table.shape[0]} pairs, the dataset "

@@ -38,7 +38,8 @@ from llava.model.packed_attention import use_packed_sdpa
 from llava.model.preference_forward import use_preference_forward
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
-from llava.train.args import check_inputs, parse_args, resolved_args_dict
+from llava.run_dir import resolved_args_dict
+from llava.train.args import check_inputs, parse_args
 from llava.train.distributed import close_process_group
 from llava.train.dpo_trainer import LLaVADPOTrainer
 from llava.train.lora import setup_lora, split_trainables
@@ -57,11 +58,12 @@ def load_dtype(training_args) -> torch.dtype:
 
 
 def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
-    # --- setup: arguments, logging, seed; --backend megatron: llava/megatron/train.py (returns the step log)
+    # --- setup: arguments, logging, seed; --backend megatron: llava/megatron/backend/megatron_train.py (returns the step log)
     model_args, data_args, training_args, backend_args = parse_args(argv, with_backend=True)
     check_inputs(model_args, data_args, training_args)
     if backend_args.backend == "megatron":
-        from llava.megatron.train import train_megatron
+        # the Megatron backend (megatron-core) only for --backend megatron
+        from llava.megatron.backend.megatron_train import train_megatron
 
         return train_megatron(model_args, data_args, training_args, backend_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -165,7 +167,7 @@ def frozen_reference_copy(model: torch.nn.Module, model_args=None, data_args=Non
                           ) -> torch.nn.Module:
     """A frozen copy of the starting model (DPO's reference for full fine-tuning), eval mode, no gradients. Under
     ZeRO-3 (parameters already partitioned) it is built again from the same inputs and seed, RNG state kept."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations import is_deepspeed_zero3_enabled  # transformers' DeepSpeed side: only here
 
     if is_deepspeed_zero3_enabled() and training_args is not None:
         states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
@@ -217,6 +219,7 @@ def uses_packed_sdpa(model_args, training_args) -> bool:
 def _finish_wandb(training_args) -> None:
     """Close the run, so a second ``train()`` in the same process does not log into this one."""
     if "wandb" in (training_args.report_to or []) and training_args.should_log:
+        # wandb only when the run reports to it
         import wandb
 
         wandb.finish()

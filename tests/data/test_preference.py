@@ -82,8 +82,8 @@ def bad_pairs(shapes_data, tmp_path_factory):
 
 
 def test_dataset_stops_or_skips_bad_pairs(tiny_models, shapes_data, bad_pairs):
-    from llava.model.args import ModelArguments
     from llava.model.builder import build_llava_model
+    from llava.model.model_args import ModelArguments
 
     built = build_llava_model(ModelArguments(model_name_or_path=str(tiny_models["llm"]),
                                              vision_tower=str(tiny_models["vision_tower"])))

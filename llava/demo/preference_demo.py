@@ -3,11 +3,17 @@
     llava demo --dpo True --workdir dpo_demo
 
 1. the shapes dataset and the tiny models (as `llava demo`); stage 1 aligns the projector on captions;
-2. SFT on colour questions whose answers are right half of the time and, otherwise, the *next* colour in the cycle
-   red -> green -> blue -> yellow -> red: the model learns both answers about equally, so on held-out images the
-   pairwise accuracy (log p(right) > log p(next)) sits near 50% and greedy answers are a coin flip between the two;
-3. DPO from that SFT checkpoint on pairs of the training images (chosen = right colour, rejected = next colour);
-4. held-out table, SFT vs DPO: pairwise accuracy, greedy answers that are right / the next colour, and the cost.
+2. SFT on colour questions answered with the right colour, in lower case half of the time and in upper case
+   otherwise ("red" / "RED"): the model learns both styles about equally, so on held-out images the pairwise
+   accuracy (log p(lower) > log p(upper)) sits near 50% and greedy answers mix the two styles;
+3. DPO from that SFT checkpoint on pairs of the training images (chosen = lower case, rejected = upper case);
+4. held-out table, SFT vs DPO: pairwise accuracy, greedy answers in lower / upper case, and the cost.
+
+Not yet the demo the issue asks for (held-out pairwise accuracy from ~50% to >= 90% with greedy answers changed):
+a first version preferred the right colour over the next one in the cycle, and with the few stage-1 steps it ran,
+the tiny tower did not tell colours apart (one colour whatever the image); in this style version the upper-case
+answer is several tokens, so SFT already ranks lower case first, and the DPO settings tried broke greedy answers.
+Both need longer runs or other settings than were tried; the figures are in the issue's report.
 
 Every step runs the project's real path (``llava.train.train.train`` with command-line flags; the pairwise accuracy
 from ``llava/model/preference_forward.py``'s answer log-probs, greedy answers from ``llava/serve/predict.py``).
@@ -39,10 +45,6 @@ PROMPT = "What colour are the shapes?"
 COLOUR_CYCLE = ("red", "green", "blue", "yellow")
 
 
-def next_colour(colour: str) -> str:
-    return COLOUR_CYCLE[(COLOUR_CYCLE.index(colour) + 1) % len(COLOUR_CYCLE)]
-
-
 def caption_colour(caption: str) -> str:
     """The colour word of a shapes caption ("two red circles on the left" -> "red")."""
     return next(w for w in caption.split() if w in COLOUR_CYCLE)
@@ -57,11 +59,11 @@ def write_demo_sets(data: dict, out: Path, seed: int) -> dict[str, Path]:
                if r.get("question_type") == "colour"]
     sft = [{"id": f"sft{i}", "image": image, "conversations": [
         {"from": "human", "value": "<image>\n" + PROMPT},
-        {"from": "gpt", "value": colour if rng.random() < 0.5 else next_colour(colour)}]}
+        {"from": "gpt", "value": colour if rng.random() < 0.5 else colour.upper()}]}
         for i, (image, colour) in enumerate(train_images)]
 
     def pairs(items, tag):
-        return [{"id": f"{tag}{i}", "image": image, "prompt": PROMPT, "chosen": colour, "rejected": next_colour(colour)}
+        return [{"id": f"{tag}{i}", "image": image, "prompt": PROMPT, "chosen": colour, "rejected": colour.upper()}
                 for i, (image, colour) in enumerate(items)]
 
     paths = {"sft": out / "sft_mixed.json", "pairs": out / "dpo_pairs.json", "heldout_pairs": out / "heldout_pairs.json"}
@@ -72,7 +74,7 @@ def write_demo_sets(data: dict, out: Path, seed: int) -> dict[str, Path]:
 
 
 def pairwise_and_greedy(model_dir: Path, heldout_pairs: Path, image_folder: str) -> dict[str, float]:
-    """Held-out pairwise accuracy (summed answer log-probs, right > next) and greedy answers right / next."""
+    """Held-out pairwise accuracy (summed answer log-probs, chosen > rejected) and greedy answers in each style."""
     built = build_llava_model(ModelArguments(model_name_or_path=str(model_dir)))
     model = built.model.eval()
     set_use_cache(model, False)
@@ -89,23 +91,24 @@ def pairwise_and_greedy(model_dir: Path, heldout_pairs: Path, image_folder: str)
             chosen, rejected = answer_logps(model, batch)[0].chunk(2)
             wins += int((chosen > rejected).sum())
     predictor = Predictor.load(model_dir)
-    right = nxt = 0
+    lower = upper = right = 0
     records = json.loads(Path(heldout_pairs).read_text())
     for start in range(0, len(records), 32):
         chunk = records[start : start + 32]
         images = [[Image.open(Path(image_folder) / r["image"]).convert("RGB")] for r in chunk]
         said = predictor.generate([[Message("user", "<image>\n" + PROMPT)]] * len(chunk), images, max_new_tokens=4)
         for r, text in zip(chunk, said):
-            text = text.strip().lower().rstrip(".")
-            right += text == r["chosen"]
-            nxt += text == r["rejected"]
+            text = text.strip().rstrip(".")
+            lower += text.isalpha() and text.islower()
+            upper += text.isalpha() and text.isupper()
+            right += text.lower() == r["chosen"]
     n = len(records)
-    return {"pairwise accuracy": wins / len(dataset), "greedy = right colour": right / n,
-            "greedy = next colour": nxt / n}
+    return {"pairwise accuracy": wins / len(dataset), "greedy lower case": lower / n, "greedy upper case": upper / n,
+            "greedy right colour": right / n}
 
 
 def run_dpo_demo(workdir: str | Path, *, n_caption: int = 600, n_heldout: int = 400, sft_epochs: float = 6,
-                 dpo_epochs: float = 2, batch_size: int = 16, seed: int = 0) -> dict:
+                 dpo_epochs: float = 2, batch_size: int = 16, seed: int = 0, stage1: bool = True) -> dict:
     workdir = Path(workdir)
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -117,20 +120,22 @@ def run_dpo_demo(workdir: str | Path, *, n_caption: int = 600, n_heldout: int = 
               "--per_device_train_batch_size", str(batch_size), "--logging_steps", "10", "--save_strategy", "no",
               "--report_to", "none", "--seed", str(seed), "--use_cpu", "True", "--dataloader_num_workers", "0",
               "--image_aspect_ratio", "pad"]
-    stage1 = workdir / "out" / "pretrain"
-    train(common + ["--model_name_or_path", str(models["llm"]), "--vision_tower", str(models["vision_tower"]),
-                    "--version", "plain", "--data_path", str(data["stage1_captions"]), "--tune_mm_mlp_adapter", "True",
-                    "--num_train_epochs", "1", "--learning_rate", "1e-3", "--output_dir", str(stage1)])
+    stage1_dir = workdir / "out" / "pretrain"
+    if stage1:
+        train(common + ["--model_name_or_path", str(models["llm"]), "--vision_tower", str(models["vision_tower"]),
+                        "--version", "plain", "--data_path", str(data["stage1_captions"]), "--tune_mm_mlp_adapter",
+                        "True", "--num_train_epochs", "1", "--learning_rate", "1e-3", "--output_dir", str(stage1_dir)])
     timings["stage 1 s"] = time.time() - t0
-    print("\n=== 2/4 SFT on mixed answers (right colour half of the time, the next colour otherwise) ===", flush=True)
+    print("\n=== 2/4 SFT on mixed answers (lower case half of the time, upper case otherwise) ===", flush=True)
     t = time.time()
     sft = workdir / "out" / "sft_mixed"
     train(common + ["--model_name_or_path", str(models["llm"]), "--vision_tower", str(models["vision_tower"]),
                     "--version", "vicuna_v1", "--data_path", str(sets["sft"]),
-                    "--pretrain_mm_mlp_adapter", str(stage1 / PROJECTOR_FILE), "--num_train_epochs", str(sft_epochs),
+                    *(["--pretrain_mm_mlp_adapter", str(stage1_dir / PROJECTOR_FILE)] if stage1 else []),
+                    "--num_train_epochs", str(sft_epochs),
                     "--learning_rate", "1e-3", "--output_dir", str(sft)])
     timings["SFT s"] = time.time() - t
-    print("\n=== 3/4 DPO: chosen = right colour, rejected = next colour ===", flush=True)
+    print("\n=== 3/4 DPO: chosen = lower case, rejected = upper case ===", flush=True)
     t = time.time()
     dpo = workdir / "out" / "dpo"
     train(common + ["--model_name_or_path", str(sft), "--version", "vicuna_v1", "--data_path", str(sets["pairs"]),

@@ -43,6 +43,9 @@ class LLaVADPOTrainer(LLaVATrainer):
     def __init__(self, *args, ref_model: torch.nn.Module | None = None, precompute_reference: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # the loss is a mean over the micro-batch's pairs, not a sum over its label tokens: the Trainer must divide it
+        # by the accumulation steps itself (and not rescale it by token counts across devices), as for TRL's DPO
+        self.model_accepts_loss_kwargs = False
         self.ref_model = ref_model
         self.ref_table: torch.Tensor | None = None  # [pairs, 2] (chosen, rejected) when precomputed
         self._dpo_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)

@@ -103,3 +103,15 @@ def test_dpo_run_saves_native_checkpoint_and_resume_repeats_losses(sft_checkpoin
     torch.testing.assert_close(trainer.ref_table, load_file(out / REF_LOGPS_FILE)["ref_logps"])
     assert resumed == pytest.approx(full[2:], abs=1e-6, rel=0)
 
+
+
+def test_accumulation_trains_like_the_larger_batch(sft_checkpoint, dpo_pairs, anyres_data, tmp_path):
+    """Batch 1 x 2 accumulation steps = batch 2 (the loss is a mean over pairs; --gamma 0, whose token mean differs)."""
+    big = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "b2", "--gamma", "0"))[2]
+    acc = run_losses(dpo_argv(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "b1", "--gamma", "0",
+                              "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"))[2]
+    logged = [[(e["step"], e["loss"], e["rewards/margins"]) for e in t.state.log_history if "loss" in e]
+              for t in (big, acc)]
+    assert len(logged[0]) == STEPS and logged[0][0][1] == pytest.approx(0.6931472, abs=1e-6)
+    for (s1, l1, m1), (s2, l2, m2) in zip(*logged):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-6) and m1 == pytest.approx(m2, abs=1e-6)

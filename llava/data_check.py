@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.anyres import read_image_sizes
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
-from llava.data.preference import is_preference_record, parse_preference_record
 from llava.data.records import Record, RecordError, parse_record
 from llava.data.templates import get_template
 from llava.data.tokenize import SampleRejected, tokenize_conversation
@@ -201,6 +200,9 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ProblemReport:
     """Every check and statistic of ``llava data check`` on one dataset."""
+    # llava.data.preference imports torch (its dataset): not at the top, so `llava data check --help` stays light
+    from llava.data.preference import is_preference_record, parse_preference_record
+
     report = ProblemReport()
     raws = read_records(data_path, report)
     records: list[Record] = []

@@ -3,7 +3,8 @@
     .venv/bin/pytest tests/train/test_dpo_distributed.py          # ~3 min on 2 cores
 
 ``deepspeed --num_gpus 2 llava/train/train_dpo.py --deepspeed zero_configs/zero3.json ...`` (the path LLaVA-NeXT's
-``dpo_ov7b.sh`` launches; reference log-probs precomputed in step by both ranks) gives the per-step
+``dpo_ov7b.sh`` launches; the frozen reference copy sharded by ZeRO-3 as the policy is, or reference log-probs
+precomputed in step by both ranks) gives the per-step
 losses of one plain process with batch 2 x 2 (fp32, <= 1e-5; ``--gamma 0`` as in ``dpo_ov7b.sh``, so the loss is a
 mean over pairs on every rank), and a resume from the middle checkpoint repeats the later losses (<= 1e-6).
 """
@@ -27,11 +28,10 @@ def flags(sft_checkpoint, dpo_pairs, anyres_data, out, batch: int) -> list[str]:
             "--model_max_length", "512"]
 
 
-def test_zero3_dpo_equals_one_process_and_resumes(sft_checkpoint, dpo_pairs, anyres_data, tmp_path):
-    """With precomputed reference log-probs. (The frozen-copy reference under ZeRO-3 is not held here: in one run its
-    step-2 loss differed from one process by 1e-2; see the issue's report.)"""
+@pytest.mark.parametrize("reference", ["frozen_copy", "precomputed"])
+def test_zero3_dpo_equals_one_process_and_resumes(sft_checkpoint, dpo_pairs, anyres_data, tmp_path, reference):
     out = tmp_path / "zero3"
-    extra = ["--precompute_ref_log_probs", "True"]
+    extra = ["--precompute_ref_log_probs", "True"] if reference == "precomputed" else []
     entry = [str(REPO / "llava" / "train" / "train_dpo.py")]
     argv = ["--deepspeed", str(REPO / "zero_configs" / "zero3.json"),
             *flags(sft_checkpoint, dpo_pairs, anyres_data, out, 2), *extra]

@@ -64,6 +64,7 @@ class ProblemReport(ProblemLog):
 
     stats: dict[str, Any] = field(default_factory=dict)
     max_examples: int = 5
+    values: dict[str, list] = field(default_factory=dict, repr=False)  # raw token lengths, image sizes: the page's histograms
 
     def severity(self, kind: str) -> str:
         return SEVERITY.get(kind, "error")
@@ -138,6 +139,7 @@ def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemRep
         for note in notes:
             kind = "image_animated" if note.startswith("animated") else "image_converted"
             report.add(kind, f"record {rid!r}, image {rel!r}: {note}", rid)
+    report.values["image_size"] = sizes
     if sizes:
         arr = np.array(sizes)
         report.stats["image_width"], report.stats["image_height"] = _percentiles(arr[:, 0]), _percentiles(arr[:, 1])
@@ -245,6 +247,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     with pool:
         bad_images = collect_image_checks(pending, report, progress=progress)
     with_image = sum(1 for r in records if r.images)
+    report.values.update(token_length=lengths, image_tokens=image_tokens)
     report.stats.update({
         "records": len(raws), "trainable": len([r for r in records if r.id not in bad_images]),
         "modality": {"image": with_image, "text_only": len(records) - with_image},
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--report", default=None, metavar="DIR", help="also write the report as an HTML page (DIR/index.html): "
+                   "histograms, modality mix, each problem with its records and images")
     return p
 
 
@@ -303,6 +308,15 @@ def _bool(text: str) -> bool:
 
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
+    if build_parser().parse_known_args(argv)[0].report:  # the page writer lives on the command side (llava/report)
+        raise UsageValueError("--report: write the page with `llava data check ... --report DIR`")
+    args, report = run_check(argv)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return report.exit_code
+
+
+def run_check(argv: list[str]) -> tuple[argparse.Namespace, ProblemReport]:
+    """``llava data check``'s work: the flags parsed and checked, every record and image checked."""
     args, _ignored = build_parser().parse_known_args(argv)
     if require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory").is_dir():
         require_saved_dataset(args.data_path)
@@ -320,8 +334,7 @@ def check_main(argv: list[str]) -> int:
     setup = load_token_setup(args)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
-    return report.exit_code
+    return args, report
 
 
 if __name__ == "__main__":

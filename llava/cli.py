@@ -3,6 +3,7 @@
     llava demo [--workdir DIR]                              # the whole pipeline on the embedded tiny default
     llava demo --anyres True [--workdir DIR]                # high resolution: pad vs anyres where detail matters
     llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train; --help lists them grouped
+    llava dpo --model_name_or_path SFT_RUN --data_path pairs.json ... # = llava train --training_stage dpo (DPO / IPO)
     llava data check --data_path ... (the same flags)       # validate data + statistics before training; --json
                                                             # --report DIR: the same as an HTML page
     llava predict --model DIR --image X.png --prompt "..."
@@ -23,7 +24,7 @@ import sys
 
 from llava.errors import ArgumentParser, UsageError, debug_requested, report_usage_errors
 
-COMMANDS = ("train", "data", "convert", "demo", "predict", "eval", "merge", "import-llava", "plot")
+COMMANDS = ("train", "dpo", "data", "convert", "demo", "predict", "eval", "merge", "import-llava", "plot")
 CONVERT_COMMANDS = ("hf2mcore", "mcore2hf", "mcore2mcore")
 
 
@@ -114,6 +115,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors too (or LLAVA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train (stage 1 or 2); takes the original LLaVA flags", add_help=False)
+    sub.add_parser("dpo", help="preference tuning (DPO / IPO) with LLaVA-NeXT's flags: llava train --training_stage dpo",
+                   add_help=False)
     sub.add_parser("data", help="data check: validate a dataset with the training flags", add_help=False)
     sub.add_parser("convert", help="Megatron-Core conversion: hf2mcore | mcore2hf | mcore2mcore", add_help=False)
     _demo_parser(sub)
@@ -139,7 +142,7 @@ def command_name(argv: list[str]) -> str:
 def run_command(argv: list[str]) -> int:
     """Dispatch to the subcommand; imports its module only now (so ``--help`` and argument errors stay fast)."""
     head, rest = (argv[0], argv[1:]) if argv else (None, [])
-    if head == "train":
+    if head in ("train", "dpo"):
         if "-h" in rest or "--help" in rest:
             # the stored table: `llava train --help` imports no torch
             from llava.train.flag_help import train_help
@@ -150,6 +153,10 @@ def run_command(argv: list[str]) -> int:
         from llava.train.distributed import close_process_group
         from llava.train.train import train
 
+        if head == "dpo":
+            from llava.train.train_dpo import dpo_argv  # imports torch: only when the command runs
+
+            rest = dpo_argv(rest)
         train(rest)
         close_process_group()
         return 0

@@ -64,6 +64,9 @@ ADVICE = {
     "video_missing": "check --video_folder and the record's video path",
     "video_unreadable": "re-encode or drop the video (PyAV/FFmpeg cannot read it)",
     "video_too_large": "downscale the video (frames of at most 4096x4096 pixels)",
+    "preference_identical": "give the pair two different answers (or drop it): it teaches no preference",
+    "preference_empty": "give both answers of the pair some text",
+    "preference_missing": "give 'prompt', 'chosen' and 'rejected' (or a last gpt turn with 'chosen' and 'rejected')",
 }
 
 
@@ -222,6 +225,9 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ProblemReport:
     """Every check and statistic of ``llava data check`` on one dataset."""
+    # llava.data.preference imports torch (its dataset): not at the top, so `llava data check --help` stays light
+    from llava.data.preference import is_preference_record, parse_preference_record
+
     report = ProblemReport()
     raws = read_records(data_path, report)
     records: list[Record] = []
@@ -234,7 +240,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     pending: list[tuple[str, str, Any]] = []
     for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
         try:
-            record = parse_record(raw, i)
+            record = (parse_preference_record(raw, i).as_record() if is_preference_record(raw)  # DPO: its chosen
+                      else parse_record(raw, i))
         except RecordError as err:
             report.add(err.kind, str(err), err.record_id)
             continue

@@ -46,6 +46,7 @@ BAD_SAMPLES_FILE = "bad_samples.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "config.json"
+REF_LOGPS_FILE = "ref_logps.safetensors"  # DPO --precompute_ref_log_probs: each pair's reference log-probs
 
 
 class RunKind(str, enum.Enum):

@@ -160,3 +160,34 @@ def anyres_data(tmp_path_factory) -> dict:
     records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]})
     (root / "train.json").write_text(json.dumps(records))
     return {"image_folder": root, "train": root / "train.json", "sizes": sizes}
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tiny_models, anyres_data, tmp_path_factory):
+    """A stage-2 run of the tiny models on the anyres images (pad): a native Llava checkpoint, DPO's starting point."""
+    from llava.train.train import train
+
+    out = tmp_path_factory.mktemp("sft")
+    train(["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+           "--version", "vicuna_v1", "--data_path", str(anyres_data["train"]),
+           "--image_folder", str(anyres_data["image_folder"]), "--image_aspect_ratio", "pad",
+           "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", "2",
+           "--learning_rate", "1e-3", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True",
+           "--seed", "0", "--model_max_length", "512"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def dpo_pairs(anyres_data, tmp_path_factory):
+    """8 LLaVA-NeXT preference records over the anyres images: the right colour chosen, the next one rejected."""
+    import json
+
+    colours = ("red", "green", "blue")
+    records = []
+    for r in json.loads(anyres_data["train"].read_text())[:8]:
+        right = r["conversations"][1]["value"]
+        records.append({"id": f"p{r['id']}", "image": r["image"], "prompt": "What colour is the box?",
+                        "chosen": right, "rejected": colours[(colours.index(right) + 1) % 3]})
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

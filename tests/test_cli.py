@@ -75,6 +75,9 @@ def _train_argv(p: dict, *, drop: tuple[str, ...] = (), **flags: str) -> list[st
                                 "checkpoint-N directory of the run"),
     ("output_dir_is_a_file", "is a file; give a directory (created if missing)"),
     ("data_dir_not_saved", "is a directory that `datasets` did not save (no state.json or dataset_dict.json)"),
+    ("dpo_flag_in_sft", "--beta 0.5 apply to preference tuning: add --training_stage dpo (or run `llava dpo`)"),
+    ("dpo_loss_type", "--loss_type must be sigmoid or ipo, got hinge"),
+    ("dpo_packing", "--packing is not available with --training_stage dpo"),
 ])
 def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
     if case.startswith("megatron"):
@@ -103,6 +106,9 @@ def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
         "resume_not_a_checkpoint": lambda: _train_argv(p, resume_from_checkpoint=p["images"]),
         "output_dir_is_a_file": lambda: _train_argv(p, output_dir=p["data"]),
         "data_dir_not_saved": lambda: _train_argv(p, data_path=p["images"]),
+        "dpo_flag_in_sft": lambda: _train_argv(p, beta="0.5"),
+        "dpo_loss_type": lambda: _train_argv(p, training_stage="dpo", loss_type="hinge"),
+        "dpo_packing": lambda: _train_argv(p, training_stage="dpo", packing="True"),
     }[case]()
     assert expected in one_error_line(capsys, argv, "llava train")
 
@@ -288,9 +294,10 @@ def test_train_help_first_screen_is_the_llava_flags(monkeypatch):
     after = {flag for i, flag in flags if i > inherited}
     assert {"--output_dir", "--learning_rate", "--deepspeed", "--num_train_epochs", "--bf16"} <= after
     titles = [line for line in lines[:inherited] if re.match(r"^\w.*:$", line)]
-    assert titles[:10] == ["options:", "model:", "data:", "stage and freezing:", "LoRA / QLoRA:", "high resolution:",
-                           "video:", "packing, speed, memory and start-up:", "Megatron:",
-                          "accepted from LLaVA scripts (fixed values):"], titles
+    assert titles[:11] == ["options:", "model:", "data:", "stage and freezing:", "preference tuning (DPO):",
+                           "LoRA / QLoRA:", "high resolution:", "video:", "packing, speed, memory and start-up:",
+                           "Megatron:",
+                           "accepted from LLaVA scripts (fixed values):"], titles
 
 
 def test_stored_flag_table_matches_the_parser():

@@ -121,6 +121,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo_workdir", help="where data, models and outputs go")
     parser.add_argument("--anyres", type=_bool, default=False, metavar="BOOL",
                         help="the high-resolution demo instead (llava/demo/fine_detail.py): pad vs anyres")
+    parser.add_argument("--dpo", type=_bool, default=False, metavar="BOOL",
+                        help="the preference-tuning demo instead (llava/demo/preference_demo.py): SFT vs DPO")
     for name, value in vars(defaults).items():
         kind = _bool if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value, metavar=kind.__name__.strip("_").upper())
@@ -140,6 +142,11 @@ def demo_main(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UsagePathError(f"--workdir {args.workdir}: cannot create it ({err.strerror}); give a writable "
                              f"directory") from err
+    if getattr(args, "dpo", False):
+        from llava.demo.preference_demo import run_dpo_demo  # imports torch: only when the demo runs
+
+        run_dpo_demo(args.workdir, seed=args.seed)
+        return 0
     if args.anyres:
         # `llava --help` imports this module: torch loads only when the demo runs
         from llava.demo.fine_detail import run_anyres_demo

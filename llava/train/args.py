@@ -101,6 +101,17 @@ class TrainingArguments(transformers.TrainingArguments):
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
     packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
                                                            "at most --model_max_length, attention kept per sample"})
+    training_stage: str = field(default="sft", metadata={
+        "help": "sft: supervised (stage 1 / stage 2); dpo: preference tuning on {prompt, chosen, rejected} records "
+                "(what `llava dpo` and `python -m llava.train.train_dpo` set)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO: temperature of the preference loss (IPO: its tau)"})
+    dpo_alpha: float = field(default=1.0, metadata={"help": "DPO: weight of the preference loss"})
+    gamma: float = field(default=1.0, metadata={
+        "help": "DPO: weight of the SFT loss on the chosen answer (LLaVA-NeXT's default 1.0; its dpo_ov7b.sh uses 0)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO: sigmoid (DPO) or ipo"})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "DPO: one pass of the starting model before training stores every pair's reference log-probs in the "
+                "run directory (ref_logps.safetensors; a resume reads it), so training holds no reference model"})
     packing_attention: str = field(default="per_sample", metadata={
         "help": "with --packing and sdpa: per_sample (SDPA on each sample, no masked-out work; faster unless the CPU "
                 "is oversubscribed) or mask (stock sdpa, block-diagonal mask of the whole row)"})
@@ -160,6 +171,7 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError("--lora_weight_path is not supported: continue from a merged checkpoint instead")
         if self.mm_vision_tower_lr_decay is not None and not 0 < self.mm_vision_tower_lr_decay <= 1:
             raise ValueError(f"--mm_vision_tower_lr_decay must be in (0, 1], got {self.mm_vision_tower_lr_decay}")
+        self._check_preference_flags()
         if self.packing_attention not in ("per_sample", "mask"):
             raise ValueError(f"--packing_attention must be per_sample or mask, got {self.packing_attention}")
         if self.tiled_mlp_shards < 0 or self.supervised_head_chunk_rows < 0:
@@ -167,6 +179,25 @@ class TrainingArguments(transformers.TrainingArguments):
                              f"{self.tiled_mlp_shards} and {self.supervised_head_chunk_rows}")
         if self.supervised_head_chunk_rows and not self.supervised_head:
             raise ValueError("--supervised_head_chunk_rows needs --supervised_head True")
+
+    def _check_preference_flags(self) -> None:
+        if self.training_stage not in ("sft", "dpo"):
+            raise ValueError(f"--training_stage must be sft or dpo, got {self.training_stage}")
+        if self.training_stage == "sft":
+            given = [f"--{name} {getattr(self, name)}" for name, default in PREFERENCE_DEFAULTS.items()
+                     if getattr(self, name) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to preference tuning: add --training_stage dpo (or run "
+                                 f"`llava dpo`)")
+            return
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"--loss_type must be sigmoid or ipo, got {self.loss_type}")
+        if self.beta <= 0 or self.dpo_alpha < 0 or self.gamma < 0:
+            raise ValueError(f"--beta must be > 0, --dpo_alpha and --gamma >= 0, got {self.beta}, {self.dpo_alpha}, "
+                             f"{self.gamma}")
+        if self.packing:
+            raise ValueError("--packing is not available with --training_stage dpo (chosen and rejected rows are padded "
+                             "into one batch)")
 
     @cached_property
     def _setup_devices(self):
@@ -178,6 +209,8 @@ class TrainingArguments(transformers.TrainingArguments):
         return device
 
 
+PREFERENCE_DEFAULTS = {"beta": 0.1, "dpo_alpha": 1.0, "gamma": 1.0, "loss_type": "sigmoid",
+                       "precompute_ref_log_probs": False}
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 

@@ -37,6 +37,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("stage and freezing", ("tune_mm_mlp_adapter", "pretrain_mm_mlp_adapter", "freeze_backbone",
                             "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower", "mm_tunable_parts",
                             "mm_projector_lr", "mm_vision_tower_lr", "mm_vision_tower_lr_decay")),
+    ("preference tuning (DPO)", ("training_stage", "beta", "dpo_alpha", "gamma", "loss_type",
+                                 "precompute_ref_log_probs")),
     ("LoRA / QLoRA", ("lora_enable", "lora_r", "lora_alpha", "lora_dropout", "lora_bias", "bits", "double_quant",
                       "quant_type")),
     ("high resolution", ("image_grid_pinpoints", "mm_patch_merge_type")),

@@ -17,20 +17,25 @@ the same flags; ``--on_bad_sample skip`` drops what it would report and writes t
 
 from __future__ import annotations
 
+import copy
 import logging
+import random
 import sys
 
+import numpy as np
 import torch
 import transformers
 
 from llava.data.chat_templates import set_chat_template
 from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
+from llava.data.preference import DataCollatorForPreference, PreferenceDataset
 from llava.data.templates import get_template
 from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.causal_padding import use_causal_padding
 from llava.model.packed_attention import use_packed_sdpa
+from llava.model.preference_forward import use_preference_forward
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
 from llava.model.tiled_mlp import use_tiled_mlp
@@ -38,7 +43,8 @@ from llava.model.tower_cut import use_tower_cut
 from llava.run_dir import resolved_args_dict
 from llava.train.args import check_inputs, parse_args
 from llava.train.distributed import close_process_group
-from llava.train.lora import setup_lora
+from llava.train.dpo_trainer import LLaVADPOTrainer
+from llava.train.lora import setup_lora, split_trainables
 from llava.train.trainer import LLaVATrainer
 
 logger = logging.getLogger("llava.train")
@@ -65,8 +71,11 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.set_seed(training_args.seed)
 
-    # --- model, data, trainer
-    trainer, built = build_trainer(model_args, data_args, training_args)
+    # --- model, data, trainer (--training_stage dpo: preference pairs, a reference, the DPO trainer)
+    if training_args.training_stage == "dpo":
+        trainer, built = build_dpo_trainer(model_args, data_args, training_args)
+    else:
+        trainer, built = build_trainer(model_args, data_args, training_args)
 
     # --- train
     trainer.train(resume_from_checkpoint=_resume_arg(training_args.resume_from_checkpoint))
@@ -78,6 +87,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
         use_packed_sdpa(built.model, False)
     use_supervised_head(built.model, False)
     use_tiled_mlp(built.model, 0)
+    use_preference_forward(built.model, False)
     use_causal_padding(built.model, False)
     trainer.save_model(training_args.output_dir)
     _finish_wandb(training_args)
@@ -88,33 +98,11 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     """Model (frozen as the stage says, LoRA-wrapped if asked), datasets, collator and trainer, ready to train.
     ``scripts/bench_train.py`` drives the same trainer step by step."""
     run_args = resolved_args_dict(model_args, data_args, training_args)
-
-    # --- model: compose vision tower + LLM + projector (LM linears quantized for QLoRA), apply the freezing policy
-    dtype = load_dtype(training_args)
-    qconfig = quantization_config(training_args, torch.bfloat16 if training_args.bf16 else dtype)
-    built = build_llava_model(model_args, torch_dtype=dtype, quantization_config=qconfig, data_args=data_args)
-    trainable = apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
-    model = built.model
-    if training_args.lora_enable:  # adapters on the LM's linears; projector (+ new embeddings) train fully
-        model = setup_lora(model, model_args, training_args, added_tokens=built.added_tokens)
-        trainable = {"total": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    logger.info("trainable parameters: %s", trainable)
-    set_use_cache(built.model, False)  # no KV cache while training (and packed sequences need none)
-    if uses_packed_sdpa(model_args, training_args):  # attention per packed sample, no masked-out blocks computed
-        use_packed_sdpa(built.model)
-    use_tower_cut(built.model)  # frozen tower layers past the feature layer are not run (exact; weights untouched)
-    if training_args.supervised_head:  # LM head + loss on supervised positions only (training forwards)
-        use_supervised_head(built.model, chunk_rows=training_args.supervised_head_chunk_rows or None)
-    if training_args.tiled_mlp_shards > 1:  # long samples: decoder MLPs a slice of the sequence at a time
-        use_tiled_mlp(built.model, training_args.tiled_mlp_shards)
-    if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
-        use_causal_padding(built.model)
-    if training_args.gradient_checkpointing:
-        built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
-
-    # --- data: templated, tokenized, images expanded to the tower's feature count
+    model, built = build_model(model_args, data_args, training_args)
     template = get_template(model_args.version, image_front=data_args.image_placement == "front")
     set_chat_template(built.processor, template, model_args.mm_use_im_start_end)  # saved with the processor: renders these ids
+
+    # --- data: templated, tokenized, images expanded to the tower's feature count
     train_dataset = LazySupervisedDataset.from_args(
         data_args.data_path, model_args, data_args, training_args, built, template
     )
@@ -143,6 +131,93 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
         run_args={**run_args, "num_image_tokens": built.num_image_tokens},
     )
     return trainer, built
+
+
+def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTrainer, BuiltModel]:
+    """Preference tuning: the model as for stage 2, preference pairs, and the reference: the adapter-disabled base
+    (LoRA), log-probs computed once before training (--precompute_ref_log_probs), or a frozen copy."""
+    run_args = resolved_args_dict(model_args, data_args, training_args)
+    model, built = build_model(model_args, data_args, training_args)
+    template = get_template(model_args.version, image_front=data_args.image_placement == "front")
+    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)
+    ref_model, precompute = None, training_args.precompute_ref_log_probs
+    if training_args.lora_enable and not precompute and split_trainables(model)[1]:
+        precompute = True  # the projector / new embeddings train outside the adapters: disabling them is no reference
+        logger.info("LoRA with non-LoRA trainables (%s): the reference log-probs are precomputed (an adapter-disabled "
+                    "model would see the trained projector)", ", ".join(n for n, _ in split_trainables(model)[1][:3]))
+    if not training_args.lora_enable and not precompute:
+        ref_model = frozen_reference_copy(built.model, model_args, data_args, training_args)
+    train_dataset = PreferenceDataset.from_args(data_args.data_path, model_args, data_args, training_args, built,
+                                                template)
+    eval_dataset = None
+    if data_args.eval_data_path:
+        eval_dataset = PreferenceDataset.from_args(data_args.eval_data_path, model_args, data_args, training_args,
+                                                   built, template)
+    per_sample = bool(built.layout and built.layout.max_num_patches)
+    trainer = LLaVADPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DataCollatorForPreference(built.tokenizer.pad_token_id, batch_num_images=per_sample),
+        processing_class=built.processor,
+        projector_only=model_args.tune_mm_mlp_adapter,
+        run_args={**run_args, "num_image_tokens": built.num_image_tokens},
+        precompute_reference=precompute,
+    )
+    return trainer, built
+
+
+def frozen_reference_copy(model: torch.nn.Module, model_args=None, data_args=None, training_args=None
+                          ) -> torch.nn.Module:
+    """A frozen copy of the starting model (DPO's reference for full fine-tuning), eval mode, no gradients. Under
+    ZeRO-3 (parameters already partitioned) it is built again from the same inputs and seed, RNG state kept."""
+    from transformers.integrations import is_deepspeed_zero3_enabled  # transformers' DeepSpeed side: only here
+
+    if is_deepspeed_zero3_enabled() and training_args is not None:
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        transformers.set_seed(training_args.seed)
+        ref = build_llava_model(model_args, torch_dtype=load_dtype(training_args), data_args=data_args).model
+        random.setstate(states[0]), np.random.set_state(states[1]), torch.set_rng_state(states[2])
+        set_use_cache(ref, False)
+    else:
+        use_preference_forward(model, False)
+        ref = copy.deepcopy(model)
+        use_preference_forward(model)
+    ref.requires_grad_(False)
+    ref.eval()
+    use_preference_forward(ref)
+    return ref
+
+
+def build_model(model_args, data_args, training_args) -> tuple[torch.nn.Module, BuiltModel]:
+    """The model to train (LoRA-wrapped if asked) and what was built: vision tower + LLM + projector (LM linears
+    quantized for QLoRA), frozen as the stage says, with the training forwards' patches installed."""
+    dtype = load_dtype(training_args)
+    qconfig = quantization_config(training_args, torch.bfloat16 if training_args.bf16 else dtype)
+    built = build_llava_model(model_args, torch_dtype=dtype, quantization_config=qconfig, data_args=data_args)
+    trainable = apply_freezing(built.model, model_args, added_tokens=built.added_tokens)
+    model = built.model
+    if training_args.lora_enable:  # adapters on the LM's linears; projector (+ new embeddings) train fully
+        model = setup_lora(model, model_args, training_args, added_tokens=built.added_tokens)
+        trainable = {"total": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    logger.info("trainable parameters: %s", trainable)
+    set_use_cache(built.model, False)  # no KV cache while training (and packed sequences need none)
+    if uses_packed_sdpa(model_args, training_args):  # attention per packed sample, no masked-out blocks computed
+        use_packed_sdpa(built.model)
+    use_tower_cut(built.model)  # frozen tower layers past the feature layer are not run (exact; weights untouched)
+    if training_args.training_stage == "dpo":  # chosen + rejected rows in one forward, answer log-probs per row
+        use_preference_forward(built.model)
+    elif training_args.supervised_head:  # LM head + loss on supervised positions only (training forwards)
+        use_supervised_head(built.model, chunk_rows=training_args.supervised_head_chunk_rows or None)
+    if training_args.tiled_mlp_shards > 1:  # long samples: decoder MLPs a slice of the sequence at a time
+        use_tiled_mlp(built.model, training_args.tiled_mlp_shards)
+    if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
+        use_causal_padding(built.model)
+    if training_args.gradient_checkpointing:
+        built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
+    return model, built
 
 
 def uses_packed_sdpa(model_args, training_args) -> bool:

@@ -83,6 +83,9 @@ def parse_preference_record(raw: Any, index: int | None = None) -> PreferenceRec
         f"#{index}" if index is not None else "<no id>")
     if not isinstance(raw, dict):
         raise RecordError("bad_type", rid, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+    if raw.get("video") is not None:  # the pair dataset decodes images only (video trains in SFT, llava/data/video.py)
+        raise RecordError("video_unsupported", rid, "video", "video preference pairs are not supported by llava dpo "
+                          "yet; drop the pair or give its frames as 'images' with one <image> each")
     if "conversations" in raw:
         convs = raw["conversations"]
         if not isinstance(convs, list) or not convs or not isinstance(convs[-1], dict):
@@ -111,7 +114,7 @@ def parse_preference_record(raw: Any, index: int | None = None) -> PreferenceRec
     if chosen.strip() == rejected.strip():
         raise RecordError("preference_identical", rid, f"{where}.rejected" if where else "rejected",
                           "'chosen' and 'rejected' are the same answer: the pair teaches no preference")
-    base = {k: v for k, v in raw.items() if k in ("id", "image", "images", "video")}
+    base = {k: v for k, v in raw.items() if k in ("id", "image", "images")}
     record = parse_record({**base, "conversations": turns}, index)
     if record.messages[-1].role != "assistant":
         raise RecordError("bad_role_order", rid, where or "conversations", "the chosen / rejected turn must be a gpt turn")

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
+from llava.data.sources import is_mixture_path, source_specs
+from llava.data.stores import parquet_files
 from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.data.validate import (
     DataError,
@@ -107,9 +109,8 @@ def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str
 def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: str | None, *, decode: bool = True,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, str, Any]]:
     """Queue ``record``'s images on ``pool``: ``[(record id, path, future | None)]`` (None: no --image_folder)."""
-    if not image_folder:
-        return [(record.id, rel, None) for rel in record.images]
-    return [(record.id, rel, pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
+    return [(record.id, rel, None if not image_folder and isinstance(rel, str) else  # embedded bytes need no folder
+             pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
 
 
 def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemReport, *, progress: bool = True) -> set[str]:
@@ -191,10 +192,15 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 
 
 def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ProblemReport:
-    """Every check and statistic of ``llava data check`` on one dataset."""
+                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, spec=None, seed: int = 42) -> ProblemReport:
+    """Every check and statistic of ``llava data check`` on one dataset; with ``spec`` (a mixture entry,
+    ``llava/data/sources.py``), on the rows its sampling strategy takes with ``seed``."""
     report = ProblemReport()
     raws = read_records(data_path, report)
+    if spec is not None:
+        from llava.data.sources import select_rows
+
+        raws = [raws[i] for i in np.unique(select_rows(spec, len(raws), seed))]
     records: list[Record] = []
     seen: set[str] = set()
     lengths, n_images = [], Counter()
@@ -252,7 +258,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
 
 def image_token_counts(record: Record, setup: TokenSetup) -> list[int]:
     """Each image's token count: fixed (LLaVA-1.5), or from its size read from the header (anyres)."""
-    if setup.layout is None or not record.images or setup.image_folder is None:
+    if setup.layout is None or not record.images or (
+            setup.image_folder is None and any(isinstance(r, str) for r in record.images)):
         return [setup.num_image_tokens] * len(record.images)
     from llava.data.anyres import read_image_sizes
 
@@ -284,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--seed", type=int, default=42, help="a mixture's random:N sampling, as training's --seed")
     return p
 
 
@@ -294,8 +302,12 @@ def _bool(text: str) -> bool:
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
     args, _ignored = build_parser().parse_known_args(argv)
-    if require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory").is_dir():
+    data = require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file, Parquet file(s), a "
+                        "`datasets` directory or a dataset-mixture YAML")
+    if data.is_dir() and not parquet_files(data):
         require_saved_dataset(args.data_path)
+    if is_mixture_path(args.data_path):  # the entries' keys, strategies and paths, before anything loads
+        source_specs(args.data_path, args.image_folder)
     if args.image_folder:
         require_path("--image_folder", args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
@@ -307,10 +319,36 @@ def check_main(argv: list[str]) -> int:
 
     check_model_dirs(args.model_name_or_path, args.vision_tower)
     setup = load_token_setup(args)
+    if is_mixture_path(args.data_path):
+        return check_mixture(args, setup)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
     return report.exit_code
+
+
+def check_mixture(args: argparse.Namespace, setup: TokenSetup) -> int:
+    """``llava data check mix.yaml``: each entry checked on the rows its sampling takes (``--seed``), one report per
+    entry; the exit code is 1 when any entry would stop training."""
+    from dataclasses import replace
+
+    from llava.data.sources import read_mixture
+
+    reports = []
+    for spec in read_mixture(args.data_path, image_folder=args.image_folder):
+        report = check_dataset(spec.path, spec.image_folder, replace(setup, image_folder=spec.image_folder),
+                               decode=not args.no_decode, workers=args.workers, max_pixels=args.max_pixels,
+                               progress=not args.json, spec=spec, seed=args.seed)
+        reports.append((spec, report))
+    if args.json:
+        print(json.dumps({"ok": all(r.exit_code == 0 for _, r in reports), "sources": [
+            {"entry": spec.entry, "json_path": spec.written, "sampling": spec.sampling, **report.as_dict()}
+            for spec, report in reports]}, indent=2))
+    else:
+        for spec, report in reports:
+            print(f"== {spec.label}, sampling {spec.sampling}")
+            print(report.text())
+    return max(r.exit_code for _, r in reports)
 
 
 if __name__ == "__main__":

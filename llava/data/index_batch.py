@@ -65,7 +65,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
                         if isinstance(rel, str))
         n_tokens: int | list[int] = s.num_image_tokens
         headers_read = False
-        if s.anyres is not None and record.images and s.image_folder:
+        if s.anyres is not None and record.images and (s.image_folder or _all_embedded(record.images)):
             try:  # anyres: each image's token count from its size (header read, no decode)
                 n_tokens = s.anyres.record_image_tokens(read_image_sizes(s.image_folder, record.images))
                 headers_read = True
@@ -104,6 +104,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
                     continue
             outcomes[k] = ("keep", length, bool(record.images))
     keep, lengths, has_image, problems, dropped = [], [], [], [], []
+    rows: dict[str, list[int]] = {"problem": [], "dropped": []}  # the record position of each problem / dropped entry
     for k, outcome in enumerate(outcomes):
         if outcome[0] == "keep":
             keep.append(start + k)
@@ -111,8 +112,10 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             has_image.append(outcome[2])
         else:
             (problems if outcome[0] == "problem" else dropped).append(outcome[1])
+            rows[outcome[0]].append(start + k)
     return {"keep": np.asarray(keep, np.int64), "lengths": np.asarray(lengths, np.int32),
-            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs}
+            "has_image": np.asarray(has_image, bool), "problems": problems, "dropped": dropped, "image_dirs": dirs,
+            "problem_rows": np.asarray(rows["problem"], np.int64), "dropped_rows": np.asarray(rows["dropped"], np.int64)}
 
 
 def _sample_length(ids: list[int], offsets: list[tuple[int, int]], head: list[int], mask: bytearray, placeholders: int,
@@ -160,6 +163,10 @@ def _reference_sample(record, n_tokens, tokenizer, template, s):
                                  mm_use_im_start_end=s.mm_use_im_start_end)
 
 
+def _all_embedded(images: list) -> bool:
+    return not any(isinstance(ref, str) for ref in images)
+
+
 def _rid(raw: Any, index: int) -> str:
     return str(raw.get("id")) if isinstance(raw, dict) and raw.get("id") is not None else f"#{index}"
 
@@ -179,6 +186,8 @@ class _ImageChecker:
         if self.folder is None:
             return False
         for rel in paths:
+            if not isinstance(rel, str):  # embedded bytes: record_image_problem reads their header
+                return False
             if not rel or "\0" in rel or rel[0] in "/\\" or rel[1:2] == ":":  # absolute, drive, UNC: the slow check
                 return False
             directory, name = os.path.split(rel)  # "", "." or ".." as name: not a regular file below

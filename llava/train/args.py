@@ -35,8 +35,7 @@ logger = logging.getLogger("llava.train")
 @dataclass
 class DataArguments:
     data_path: str = field(default=None, metadata={
-        "help": "LLaVA JSON, JSONL, Parquet file or directory (image bytes embedded), a `datasets` directory, or "
-                "LLaVA-NeXT's dataset-mixture YAML (datasets: json_path + sampling_strategy; sampling seeded by --seed)"})
+        "help": "LLaVA JSON/JSONL, Parquet, a `datasets` directory, or a LLaVA-NeXT mixture YAML (seeded by --seed)"})
     image_folder: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
     image_aspect_ratio: str = field(default="square", metadata={
         "help": "pad (to square, mean colour), square, anyres (LLaVA-NeXT tiles -> LlavaNext) or anyres_max_N "
@@ -44,8 +43,7 @@ class DataArguments:
     image_grid_pinpoints: str | None = field(default=None, metadata={
         "help": "anyres grids as LLaVA-NeXT writes them: '(1x1),...,(3x3)' (width x height) in units of the tower's "
                 "input size, or '[[336, 672], [672, 336]]' [width, height] pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
-    eval_data_path: str | None = field(default=None, metadata={
-        "help": "held-out records for eval loss/accuracy (the same forms as --data_path, mixtures included)"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "held-out records (as --data_path)"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
     image_placement: str = field(default="front", metadata={
         "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "

@@ -227,3 +227,34 @@ def test_mixture_mistakes_are_one_line_errors_naming_the_entry(tmp_path, entry, 
     with pytest.raises(UsageError, match=message) as info:
         source_specs(mix, flag="--eval_data_path")
     assert str(info.value).startswith(f"--eval_data_path {mix}, entry 2") and "\n" not in str(info.value)
+
+
+def test_playground_mixture_example_reads_json_and_embedded_sources(parts, shapes_data, tmp_path):
+    """playground/mixture.yaml over the shapes data (its Parquet source written by playground/make_demo_parquet.py):
+    per-entry counts as LLaVA-NeXT takes them, the embedded source's samples equal to the same records from files."""
+    sys.path.insert(0, str(REPO / "playground"))
+    from make_demo_parquet import write_embedded_parquet
+
+    shapes = Path(shapes_data["image_folder"])
+    data = tmp_path / "data" / "shapes"  # the layout playground/mixture.yaml expects, the images left in the fixture
+    data.mkdir(parents=True)
+    for name in ("stage2_qa", "stage1_captions"):
+        (data / f"{name}.json").symlink_to(shapes_data[name])
+    write_embedded_parquet(shapes_data["stage2_qa"], shapes, data / "stage2_qa_embedded.parquet")
+    mix = tmp_path / "mixture.yaml"
+    mix.write_text((REPO / "playground" / "mixture.yaml").read_text())
+    ds = _dataset(parts, mix, shapes, seed=0)
+    qa = [str(r["id"]) for r in json.loads(Path(shapes_data["stage2_qa"]).read_text())]
+    captions = [str(r["id"]) for r in json.loads(Path(shapes_data["stage1_captions"]).read_text())]
+    tail = _expected("end:10%", qa, 0, "")
+    expected = _expected("random:50%", qa, 0, "data/shapes/stage2_qa.json") + captions[:200] + tail * 2
+    assert _ids(ds) == expected
+    files = _dataset(parts, shapes_data["stage2_qa"], shapes)
+    k = len(ds) - len(tail)  # the second copy of the embedded tail; its records from the JSON + image folder:
+    for i, rid in enumerate(tail):
+        j = qa.index(rid)
+        a, b = ds[k + i], files[j]
+        assert ds.lengths[k + i] == files.lengths[j]
+        assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
+        if a["pixel_values"] is not None:
+            assert np.array_equal(a["pixel_values"].numpy(), b["pixel_values"].numpy())

@@ -15,7 +15,8 @@ process, every start), ``first_start`` (an empty cache directory: converted to A
 CPU seconds (its worker processes included) to build the training dataset (``LazySupervisedDataset.from_args``, as
 ``llava train`` does) and the process's resident memory growth across it: total, anonymous (private to the rank)
 and file-backed (the memory-mapped Arrow pages, shared by the ranks of a node). ``--train_step`` also times a whole
-1-step ``python -m llava.train.train`` run per mode (process start to exit, wall and CPU seconds; the first start's
+1-step ``python -m llava.train.train`` run per mode (process start to exit, wall and CPU seconds, the training
+process's peak RSS; the first start's
 run starts from an empty cache too, the restart's from the warm one). ``--rounds N`` repeats the modes interleaved
 (the machine's noise hits each alike) and reports medians. Prints one JSON line per mode and round, then the ratios
 to ``before`` (or ``per_start``).
@@ -67,6 +68,14 @@ after = rss()
 print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "samples": len(ds), "from_cache": ds.index_from_cache,
                   "sources_from_cache": "".join("c" if c else "b" for c in ds.sources_from_cache),
                   **{f"{k}_growth_mib": round(after[k] - before[k], 1) for k in after}}))
+"""
+
+# `python -m llava.train.train ARGS` whose peak resident memory (the training process's own, KiB) is written at exit
+TRAIN_CHILD = r"""
+import atexit, os, resource, runpy, sys
+atexit.register(lambda: open(os.environ["PEAK_RSS_FILE"], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+sys.argv = ["llava.train.train", *sys.argv[1:]]
+runpy.run_module("llava.train.train", run_name="__main__", alter_sys=True)
 """
 
 MODES = {"before": ["--index_cache_dir", "none", "--index_workers", "1"],
@@ -130,13 +139,15 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
             shutil.rmtree(cache, ignore_errors=True)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "llava.train.train", *argv_mode], capture_output=True, text=True,
-                              env=env, cwd=where)
+        peak = cache.parent / f"peak-rss-{mode}.txt"
+        done = subprocess.run([sys.executable, "-c", TRAIN_CHILD, *argv_mode], capture_output=True, text=True,
+                              env={**env, "PEAK_RSS_FILE": str(peak)}, cwd=where)
         if done.returncode != 0:
             raise RuntimeError(f"{mode} training run: {done.stderr[-3000:]}")
         result["one_step_run_s"] = round(time.perf_counter() - t0, 1)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result["one_step_run_cpu_s"] = round(after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime, 1)
+        result["one_step_run_peak_rss_mib"] = round(int(peak.read_text()) / 1024, 1)
     return result
 
 

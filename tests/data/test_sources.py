@@ -258,3 +258,21 @@ def test_playground_mixture_example_reads_json_and_embedded_sources(parts, shape
         assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
         if a["pixel_values"] is not None:
             assert np.array_equal(a["pixel_values"].numpy(), b["pixel_values"].numpy())
+
+
+def test_data_check_reports_each_entry_on_the_rows_it_takes(tiny_models, tmp_path, capsys):
+    from llava.data.check import check_main
+
+    records = _records("a", 6) + [{"id": "broken", "conversations": _conv("no answer", "")}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in _records("b", 10)))
+    mix = _mixture(tmp_path / "mix.yaml", [{"json_path": "a.json", "sampling_strategy": "first:6"},
+                                           {"json_path": "b.jsonl", "sampling_strategy": "random:30%"},
+                                           {"json_path": "a.json", "sampling_strategy": "end:50%"}])
+    flags = ["--data_path", str(mix), "--model_name_or_path", str(tiny_models["llm"]), "--vision_tower",
+             str(tiny_models["vision_tower"]), "--seed", "5", "--json"]
+    assert check_main(flags) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(s["entry"], s["json_path"], s["sampling"], s["ok"], s["stats"]["records"]) for s in report["sources"]] == [
+        (1, "a.json", "first:6", True, 6), (2, "b.jsonl", "random:30%", True, 3), (3, "a.json", "end:50%", False, 4)]
+    assert report["sources"][2]["problems"]["empty_text"]["record_ids"] == ["broken"] and not report["ok"]

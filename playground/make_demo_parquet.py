@@ -1,7 +1,6 @@
 """Write LLaVA JSON records as Parquet with the images embedded (LLaVA-OneVision-Data's layout), for the mixture demo.
 
-    python playground/make_demo_parquet.py --data playground/data/shapes/stage2_qa.json \
-        --image_folder playground/data/shapes --out playground/data/shapes/stage2_qa_embedded.parquet
+    python playground/make_demo_parquet.py      # the demo's shapes Q&A (make_demo_data.py's output under data/shapes)
 
 Columns as LLaVA-OneVision-Data has them: ``id``, ``image`` (``{"bytes", "path"}``, null for text-only records) and
 ``conversations``; ``llava train --data_path`` reads the file in place and decodes each image when its sample is drawn.
@@ -36,9 +35,10 @@ def write_embedded_parquet(data: str | Path, image_folder: str | Path, out: str 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="playground/data/shapes/stage2_qa.json")
-    p.add_argument("--image_folder", default="playground/data/shapes")
-    p.add_argument("--out", default="playground/data/shapes/stage2_qa_embedded.parquet")
+    shapes = Path(__file__).resolve().parent / "data" / "shapes"
+    p.add_argument("--data", default=str(shapes / "stage2_qa.json"))
+    p.add_argument("--image_folder", default=str(shapes))
+    p.add_argument("--out", default=str(shapes / "stage2_qa_embedded.parquet"), help="the file mixture.yaml lists")
     args = p.parse_args()
     print(write_embedded_parquet(args.data, args.image_folder, args.out))
 

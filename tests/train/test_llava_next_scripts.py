@@ -1,6 +1,7 @@
-"""LLaVA-NeXT's published training scripts: their flag sets parse verbatim and take effect; two of them run.
+"""LLaVA-NeXT's published training scripts: their flag sets parse verbatim and take effect; three of them run.
 
-    pytest tests/train/test_llava_next_scripts.py            # the run (stage 1 + the 1.6 stage 2) is marked slow
+    pytest tests/train/test_llava_next_scripts.py            # the runs (stage 1 + the 1.6 stage 2; finetune_ov.sh with
+                                                             # its onevision.yaml, 2 ZeRO-3 processes) are marked slow
 
 The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``LLaVA-NeXT/scripts/train/pretrain_clip.sh``,
 ``pretrain_siglip.sh``, ``direct_finetune_clip.sh`` (the LLaVA-NeXT 1.6 recipe, the README's ``finetune_clip.sh``),
@@ -9,7 +10,8 @@ The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``LLaVA-NeXT/s
 ``--unfreeze_mm_vision_tower``),
 written as the scripts pass them (``--flag=value`` forms included). Only these change: model, data and output paths
 (tiny models; a CLIP tower at 336 px and a SigLIP at 384 px so the scripts' pixel pinpoints fit them; the OneVision
-data YAML is LLaVA-NeXT's ``scripts/train/onevision.yaml`` with its paths changed, ``tests/train/data/``), the run name
+data YAML is the ``onevision.yaml`` of LLaVA-NeXT's training scripts with its paths changed, in ``tests/train/data/``),
+the run name
 (``direct_finetune_*.sh`` pass ``--run_name $MID_RUN_NAME``, which those scripts never set), and on CPU ``--bf16`` and
 ``--tf32`` False, as ``tests/train/test_llava15_scripts.py`` does for LLaVA-1.5; the two runs also leave out
 ``--torch_compile True --torch_compile_backend inductor`` (parsed and checked, but inductor compiles for minutes on

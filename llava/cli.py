@@ -128,10 +128,12 @@ def run_command(argv: list[str]) -> int:
     head, rest = (argv[0], argv[1:]) if argv else (None, [])
     if head == "train":
         if "-h" in rest or "--help" in rest:
+            # the stored table: `llava train --help` imports no torch
             from llava.train.flag_help import train_help
 
             print(train_help(), end="")
             return 0
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.train.distributed import close_process_group
         from llava.train.train import train
 
@@ -144,11 +146,13 @@ def run_command(argv: list[str]) -> int:
             return 0
         if rest[:1] != ["check"]:
             raise UsageError(f"unknown data command {' '.join(rest[:1]) or '(none)'}: use `llava data check ...`")
-        from llava.data.check import check_main
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
+        from llava.data_check import check_main
 
         return check_main(rest[1:])
     if head == "convert":
-        from llava.megatron.cli import main as convert_main
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
+        from llava.megatron.converter.convert_cli import main as convert_main
 
         return convert_main(rest)
 
@@ -156,21 +160,26 @@ def run_command(argv: list[str]) -> int:
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (`llava {args.command} --help` lists the flags)")
     if args.command == "merge":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.export.merge import merge_main
 
         return merge_main(args)
     if args.command == "import-llava":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.export.import_llava import import_main
 
         return import_main(args)
     if args.command == "demo":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.demo.run import demo_main
 
         return demo_main(args)
     if args.command == "predict":
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.serve.predict import predict_main
 
         return predict_main(args)
+    # imported when the command runs: `llava --help` and argument errors stay free of torch
     from llava.serve.eval import eval_main
 
     return eval_main(args)

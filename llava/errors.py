@@ -76,6 +76,7 @@ def require_model_path(flag: str, value: str, *, hint: str = "give the directory
     if not _HUB_ID.match(value) or ".." in value:
         raise UsagePathError(f"{flag} {value}: no such directory; {hint}")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        # `llava --help` imports this module: huggingface_hub only to look up a hub id
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(value, "config.json"), str):

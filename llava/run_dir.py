@@ -24,7 +24,7 @@ imported   a native checkpoint + processor converted from an original LLaVA chec
 Training runs also hold ``bad_samples.json`` (what ``--on_bad_sample skip`` left out) and ``checkpoint-N/``
 directories of the same kind (plus optimizer/scheduler/RNG state), staged as ``checkpoint-N.tmp`` and renamed.
 Sharded safetensors checkpoints are written by :class:`llava.safetensors_io.HFShardWriter` (merge, Megatron export).
-This module imports no heavy library at import time; ``model_args_from_run`` imports ``llava.model.args``.
+This module imports no heavy library at import time; ``model_args_from_run`` imports ``llava.model.model_args``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llava.errors import UsagePathError
+from llava.model.model_args import ModelArguments
 
 ARGS_FILE = "llava_args.json"
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -95,20 +96,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def atomic_save_safetensors(state: dict, path: str | os.PathLike) -> Path:
-    """Write a state dict as safetensors through ``path.tmp``, refusing zero-size tensors (un-gathered ZeRO-3
-    shards)."""
-    from safetensors.torch import save_file
-
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:
-        raise ValueError(f"refusing to write zero-size tensors {empty[:5]} to {path}: gather ZeRO-3 parameters first")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    return path
+def resolved_args_dict(model_args, data_args, training_args) -> dict[str, Any]:
+    """The run's three argument dataclasses as ``llava_args.json`` records them (``write_run_args``)."""
+    return {
+        "model_args": dataclasses.asdict(model_args),
+        "data_args": dataclasses.asdict(data_args),
+        "training_args": json.loads(training_args.to_json_string()),
+    }
 
 
 def write_run_args(output_dir: str | os.PathLike, args: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
@@ -149,7 +143,6 @@ def run_kind(directory: str | os.PathLike) -> RunKind:
 
 def model_args_from_run(run: dict[str, Any], **overrides: Any):
     """``ModelArguments`` as the run parsed them (keys written by other versions are ignored), with overrides."""
-    from llava.model.args import ModelArguments
 
     fields = {f.name for f in dataclasses.fields(ModelArguments)}
     values = {k: v for k, v in run["model_args"].items() if k in fields}
@@ -169,6 +162,7 @@ def read_lora_run(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_non_lora_trainables(model, path: str | os.PathLike) -> list[str]:
     """Copy ``non_lora_trainables.safetensors`` into a plain Llava model (strict on the file's keys)."""
+    # `llava --help` imports this module (demo's parser): torch only when weights load
     import torch
     from safetensors.torch import load_file
 

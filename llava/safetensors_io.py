@@ -10,8 +10,8 @@ tensors in any order and writes each straight to its offset. ``HFShardWriter`` i
 sharded checkpoints in the package (``llava merge``'s streaming path, ``llava convert mcore2hf``): it splits a
 known layout into ``max_shard_bytes`` files in layout order and writes ``model.safetensors.index.json``. The files
 are ordinary safetensors files (``safetensors.safe_open`` and ``transformers`` read them). Tested in
-``tests/megatron/test_megatron_ops_config.py`` and, through merge and conversion, ``tests/export/test_merge.py``
-and ``tests/megatron/test_megatron_roundtrip.py``.
+``tests/megatron/converter/test_megatron_ops_config.py`` and, through merge and conversion, ``tests/export/test_merge.py``
+and ``tests/megatron/converter/test_megatron_roundtrip.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 DTYPES = {
     "F64": torch.float64,
@@ -185,3 +187,17 @@ class HFShardWriter:
             with open(path + ".tmp", "w") as f:
                 f.write(json.dumps(index, indent=2) + "\n")
             os.replace(path + ".tmp", path)
+
+
+def atomic_save_safetensors(state: dict, path: str | os.PathLike) -> Path:
+    """Write a state dict as safetensors through ``path.tmp``, refusing zero-size tensors (un-gathered ZeRO-3
+    shards)."""
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ValueError(f"refusing to write zero-size tensors {empty[:5]} to {path}: gather ZeRO-3 parameters first")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path

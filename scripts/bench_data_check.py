@@ -56,9 +56,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     args = p.parse_args()
 
-    from llava.data.check import TokenSetup, check_dataset
     from llava.data.images import open_image_rgb
     from llava.data.templates import get_template
+    from llava.data_check import TokenSetup, check_dataset
 
     work = Path(args.workdir)
     t0 = time.perf_counter()

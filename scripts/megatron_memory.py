@@ -4,7 +4,7 @@ Run:  PYTHONPATH=. .venv/bin/python scripts/megatron_memory.py [--workdir /tmp/m
 
 Builds the demo's shapes data and tiny CLIP tower plus a wider Llama-style LM (demo tokenizer), then trains stage 2
 for 2 steps with ``llava train --backend megatron`` at TP1 (1 process) and TP2 (2 processes, gloo), and prints what
-each rank holds, from ``megatron_state.json`` (``llava/megatron/memory.py``: bytes of the actual tensors -- LM
+each rank holds, from ``megatron_state.json`` (``llava/megatron/backend/rank_memory.py``: bytes of the actual tensors -- LM
 weights, gradient buffers, Adam state -- and the peak RSS, which includes ~0.5 GB of imported libraries).
 """
 

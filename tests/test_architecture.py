@@ -2,8 +2,13 @@
 
     .venv/bin/pytest tests/test_architecture.py
 
-- no module of ``llava/export`` or ``llava/serve`` imports ``llava.train`` (they read runs through
-  ``llava/run_dir.py``);
+- the packages depend one way, in the order of ``PACKAGE_ORDER`` (a package imports only packages on an earlier
+  line; a back-arrow fails naming the two packages and the imports that tie them); so, among others, no module of
+  ``llava/export`` or ``llava/serve`` imports ``llava.train`` (they read runs through ``llava/run_dir.py``), data
+  imports neither model nor train, model never imports train;
+- an import inside a function carries a one-line reason (a comment on its line or the line above): such imports
+  are kept only where they buy start-up time or keep an optional dependency optional;
+- module file names are unique in ``llava/`` (a reader who sees ``templates.py`` need not ask which one);
 - no import cycle anywhere in ``llava/``: the graph of "module A imports module B" has no cycle, counting imports
   inside functions (a cycle hidden behind a function-level import is still a cycle);
 - every module of ``llava/`` is placed in ``docs/architecture.md`` (by its path, or by its file name in the paragraph
@@ -108,7 +113,7 @@ def test_checker_finds_function_level_and_relative_cycles(tmp_path):
 def test_no_import_cycle_in_llava():
     graph = import_graph(REPO)
     assert len(graph) > 30 and "llava.run_dir" in graph["llava.export.merge"]  # the checker sees the package
-    assert "llava.data.validate" in graph["llava.data.check"] and "llava.data.validate" in graph["llava.data.dataset"]
+    assert "llava.data.validate" in graph["llava.data_check"] and "llava.data.validate" in graph["llava.data.dataset"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -119,6 +124,108 @@ def test_export_and_serve_do_not_import_train():
                  for m, deps in graph.items() if m.startswith(("llava.export", "llava.serve"))}
     assert any(m.startswith("llava.serve") for m in offenders) and any(m.startswith("llava.export") for m in offenders)
     assert {m: t for m, t in offenders.items() if t} == {}
+
+
+# The allowed order of llava's packages, lowest first. A package may import the packages on earlier lines, never
+# one on its own line (those stay independent) or a later one.
+PACKAGE_ORDER = [
+    ("llava", "llava.constants", "llava.errors", "llava.megatron"),  # leaves (llava.megatron: a docstring only)
+    ("llava.safetensors_io",),                                        # streaming safetensors files, atomic writes
+    ("llava.data", "llava.megatron.converter"),                       # records -> tensors; HF <-> Megatron shards
+    ("llava.model",),                                                 # builds the model (uses data's anyres geometry)
+    ("llava.run_dir",),                                               # the run directory (rebuilds ModelArguments)
+    ("llava.export", "llava.serve", "llava.megatron.backend"),        # read and write runs; the Megatron backend
+    ("llava.train",),                                                 # the recipe and the hf backend
+    ("llava.demo", "llava.data_check"),                               # whole-pipeline commands
+    ("llava.cli",),                                                   # the `llava` command
+]
+
+
+def package_of(module: str, order: list[tuple[str, ...]] = PACKAGE_ORDER) -> str | None:
+    """The unit of the order that holds ``module``; a unit with units under it (``llava``, ``llava.megatron``)
+    holds only its ``__init__``."""
+    units = [u for line in order for u in line]
+    parents = {u for u in units if any(v.startswith(u + ".") for v in units)}
+    return next((u for u in units if module == u or (u not in parents and module.startswith(u + "."))), None)
+
+
+def back_arrows(graph: dict[str, set[str]], order: list[tuple[str, ...]] = PACKAGE_ORDER) -> list[str]:
+    """``"A may not import B (B is not below A): a.x imports b.y, ..."`` for every pair of packages against the order,
+    plus every module no unit of the order holds."""
+    rank = {unit: i for i, line in enumerate(order) for unit in line}
+    problems, ties = [], {}
+    for module, deps in sorted(graph.items()):
+        source = package_of(module, order)
+        if source is None:
+            problems.append(f"{module} is in no package of PACKAGE_ORDER: add its package there")
+            continue
+        for dep in sorted(deps):
+            target = package_of(dep, order)
+            if target is not None and target != source and rank[target] >= rank[source]:
+                ties.setdefault((source, target), []).append(f"{module} imports {dep}")
+    for (source, target), imports in sorted(ties.items()):
+        where = "beside" if rank[source] == rank[target] else "above"
+        problems.append(f"{source} may not import {target} ({target} is {where} it in PACKAGE_ORDER): "
+                        + ", ".join(imports))
+    return problems
+
+
+def test_package_order_checker_names_the_back_arrow(tmp_path):
+    write_package(tmp_path, {"pkg/__init__.py": "", "pkg/low/__init__.py": "", "pkg/low/a.py": "import os\n",
+                             "pkg/high/__init__.py": "", "pkg/high/b.py": "from pkg.low import a\n",
+                             "pkg/side.py": ""})
+    order = [("pkg",), ("pkg.low", "pkg.side"), ("pkg.high",)]
+    assert back_arrows(import_graph(tmp_path, "pkg"), order) == []
+    (tmp_path / "pkg/low/a.py").write_text("def f():\n    from pkg.high.b import thing\n")  # a function-level back-arrow
+    (tmp_path / "pkg/side.py").write_text("import pkg.low.a\n")
+    (tmp_path / "pkg/new.py").write_text("")
+    assert back_arrows(import_graph(tmp_path, "pkg"), order) == [
+        "pkg.new is in no package of PACKAGE_ORDER: add its package there",
+        "pkg.low may not import pkg.high (pkg.high is above it in PACKAGE_ORDER): pkg.low.a imports pkg.high.b",
+        "pkg.side may not import pkg.low (pkg.low is beside it in PACKAGE_ORDER): pkg.side imports pkg.low.a",
+    ]
+
+
+def test_packages_depend_one_way():
+    graph = import_graph(REPO)
+    assert "llava.data.samplers" in graph["llava.train.trainer"]  # the checker sees the package
+    assert back_arrows(graph) == []
+
+
+def function_level_imports(path: Path) -> list[tuple[int, bool]]:
+    """``(line, has_reason)`` for each import inside a function: a comment on the import's first line, or on the line
+    above it (one comment may head a run of consecutive imports)."""
+    lines = path.read_text().splitlines()
+    found = []
+    for func in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        body_imports = [n for n in ast.walk(func) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for node in sorted(body_imports, key=lambda n: n.lineno):
+            first = node.lineno - 1
+            above = first - 1
+            while above >= 0 and lines[above].strip().startswith(("import ", "from ")):  # a run of imports
+                above -= 1
+            reason = "#" in lines[first] or (above >= 0 and lines[above].strip().startswith("#"))
+            found.append((node.lineno, reason))
+    return sorted(set(found))
+
+
+def test_function_level_imports_give_their_reason(tmp_path):
+    write_package(tmp_path, {"pkg/a.py": "def f():\n    import json\n\n\ndef g():\n    # optional: the [x] extra\n"
+                                         "    import x\n    from y import z\n\n\ndef h():\n    import w  # startup\n"})
+    assert function_level_imports(tmp_path / "pkg/a.py") == [(2, False), (7, True), (8, True), (12, True)]
+    missing = [f"{p.relative_to(REPO)}:{line}" for p in sorted((REPO / "llava").rglob("*.py"))
+               for line, reason in function_level_imports(p) if not reason]
+    assert missing == [], "say in one comment why these imports are inside a function (or move them to the top)"
+
+
+def test_module_names_are_unique():
+    names: dict[str, list[str]] = {}
+    for path in sorted((REPO / "llava").rglob("*.py")):
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert {n: where for n, where in names.items() if len(where) > 1} == {}
 
 
 CITED = re.compile(r"(?<![\w/.])((?:llava|tests|scripts|docs|playground|zero_configs)/[\w/-]+(?:\.[\w]+)+)")

@@ -175,6 +175,7 @@ _COPIED_KEYS = ("image_mean", "image_std", "resample", "rescale_factor", "do_res
 def build_anyres_image_processor(layout: AnyresLayout, tower_processor):
     """The native (PIL-backed, no torchvision) LlavaNext / LlavaOnevision image processor for ``layout``, with the
     tower processor's normalisation and the tower's input size for every crop and the base view."""
+    # transformers' image-processor modules load only for anyres (train/args.py imports this module)
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
@@ -226,6 +227,7 @@ def _vision_config_of(model_args):
     """The tower's vision config from ``--vision_tower`` (a CLIP/SigLIP directory, full or vision-only), else None."""
     if not model_args.vision_tower:
         return None
+    # transformers' auto classes only when a tower is given (train/args.py imports this module)
     from transformers import AutoConfig
 
     try:

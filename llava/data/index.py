@@ -29,11 +29,13 @@ the others read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +46,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from llava.data.index_batch import index_records
 from llava.data.stores import SavedDatasetRecords, is_table_store, open_table_store, parquet_files  # noqa: F401
+from llava.data.validate import DataError, iter_jsonl, load_raw_records, require_saved_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ def local_main_first():
     """Under an initialised process group, the node's local rank 0 runs the block first (it builds and caches the
     index), the other local ranks after it (they read the cache); a plain block otherwise. The barrier is in a
     ``finally``, so a failure on rank 0 releases the others, which then meet the same error themselves."""
+    # torch only under a process group (the index's worker processes import this module)
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -140,6 +145,7 @@ class ArrowRecords(Sequence):
     Pickles as its path, so DataLoader workers map the same file instead of copying records."""
 
     def __init__(self, arrow_path: str | os.PathLike, bad_lines: list[tuple[str, str]] | None = None):
+        # datasets (slow to import) only for a `datasets` directory
         import datasets
 
         self.path = str(arrow_path)
@@ -181,8 +187,6 @@ def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, dig
     """The records of ``data_path`` as a memory-mapped sequence (converted to Arrow on first use)."""
     path = Path(data_path)
     if is_table_store(path):  # Parquet / a `datasets` directory: already columnar, read in place
-        from llava.data.validate import require_saved_dataset
-
         return open_table_store(path if parquet_files(path) else require_saved_dataset(path))
     if not path.is_file():
         raise FileNotFoundError(f"--data_path {data_path} does not exist")
@@ -190,8 +194,6 @@ def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, dig
     arrow = Path(cache_dir) / f"records-{digest}.arrow"
     meta = arrow.with_suffix(".json")
     if not (arrow.is_file() and meta.is_file()):
-        import multiprocessing
-
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         queue = ctx.Queue()
         child = ctx.Process(target=_convert_in_child, args=(str(path), str(arrow), queue))
@@ -199,16 +201,12 @@ def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, dig
         error = queue.get()
         child.join()
         if error is not None:
-            from llava.data.validate import DataError
-
             raise DataError(error)
     bad_lines = [tuple(x) for x in json.loads(meta.read_text())["bad_lines"]]
     return ArrowRecords(arrow, bad_lines)
 
 
 def _convert_in_child(source: str, arrow: str, queue) -> None:
-    from llava.data.validate import DataError
-
     try:
         convert_to_arrow(source, arrow)
         queue.put(None)
@@ -222,9 +220,8 @@ def _convert_in_child(source: str, arrow: str, queue) -> None:
 def convert_to_arrow(source: str | os.PathLike, arrow: str | os.PathLike, batch: int = 10_000) -> None:
     """JSONL (streamed) or a JSON list -> an Arrow stream file of one JSON string per record (a JSONL record's line
     as written, a list's records in compact JSON) + the bad lines."""
+    # pyarrow only when JSON records are converted to Arrow
     import pyarrow as pa
-
-    from llava.data.validate import iter_jsonl, load_raw_records
 
     source, arrow = Path(source), Path(arrow)
     arrow.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +293,6 @@ def index_key(digest: str, tokenizer, template, settings: IndexSettings) -> str:
 
 def _template_fields(template) -> dict[str, Any]:
     """Every field of the template but its renderer function (whose source is in the code fingerprint)."""
-    import dataclasses
 
     return {f.name: getattr(template, f.name) for f in dataclasses.fields(template) if f.name != "renderer"}
 
@@ -336,8 +332,6 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
                 results.append(_index_chunk((a, b)))
                 bar.update(b - a)
         else:
-            import multiprocessing
-
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(store, tokenizer, template, settings, True)) as pool:
@@ -372,7 +366,6 @@ def _init_worker(store, tokenizer, template, settings, in_pool: bool = False) ->
 
 def _index_chunk(bounds: tuple[int, int]) -> dict[str, Any]:
     """Records ``[a, b)`` indexed by ``index_batch.index_records`` (one batched tokenizer call for the chunk)."""
-    from llava.data.index_batch import index_records
 
     store = _WORKER["store"]
     a, b = bounds

@@ -39,7 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from llava.data.index import InMemoryRecords, cached_digest, load_or_build_index, open_records
+from llava.data.validate import ProblemLog, load_raw_records
 from llava.errors import UsagePathError, UsageValueError
 
 STRATEGIES = ("all", "first", "end", "random")
@@ -86,8 +89,6 @@ def source_specs(data_path: str | os.PathLike, image_folder: str | None = None, 
 def read_mixture(path: str | os.PathLike, *, image_folder: str | None = None, video_folder: str | None = None,
                  flag: str = "--data_path") -> list[SourceSpec]:
     """Parse and check a mixture YAML; every mistake is a one-line error naming the entry and the key."""
-    import yaml
-
     where = f"{flag} {path}"
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -293,9 +294,6 @@ def open_sources(specs: list[SourceSpec], settings, tokenizer, template, *, cach
                  workers: int, show_progress: bool) -> tuple[list[Source], list]:
     """Each source's raw-record store and index (``index.load_or_build_index`` with the source's own image folder:
     cached per source); a file listed twice with the same folders is opened and indexed once."""
-    from llava.data.index import InMemoryRecords, cached_digest, load_or_build_index, open_records
-    from llava.data.validate import ProblemLog, load_raw_records
-
     sources, indexes, memo = [], [], {}
     for spec in specs:
         digest = cached_digest(spec.path, cache_dir)

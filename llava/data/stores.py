@@ -55,7 +55,7 @@ class ParquetRecords(Sequence):
     """Rows of one Parquet file or of every ``*.parquet`` file below a directory, in sorted file order."""
 
     def __init__(self, path: str | os.PathLike):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # pyarrow's Parquet reader only when a Parquet source is read
 
         self.path = str(path)
         self.bad_lines: list[tuple[str, str]] = []
@@ -85,7 +85,7 @@ class ParquetRecords(Sequence):
             self._open, self._cache, self._pid = {}, OrderedDict(), os.getpid()
         rows = self._cache.get(g)
         if rows is None:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # as in __init__: only for Parquet sources
 
             k = int(self._group_file[g])
             if k not in self._open:
@@ -132,7 +132,7 @@ class SavedDatasetRecords(Sequence):
     ``{"bytes", "path"}`` (read through Arrow, never decoded to PIL here)."""
 
     def __init__(self, path: str | os.PathLike):
-        import datasets
+        import datasets  # datasets (slow to import) only for a `datasets` directory
 
         self.path = str(path)
         self.bad_lines: list[tuple[str, str]] = []

@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from llava.demo.tiny_models import write_demo_models
+from llava.serve.eval import evaluate, format_table
+from llava.serve.predict import Predictor
+from llava.train.train import train
+
 PATTERNS = ("horizontal", "vertical", "checker", "plain")
 SIDES = (128, 192)
 QUESTION = "<image>\nWhat pattern fills the picture?"
@@ -78,10 +83,6 @@ class AnyresDemoConfig:
 
 def run_anyres_demo(workdir: str | Path, cfg: AnyresDemoConfig | None = None) -> dict:
     """Train pad and anyres on the fine-detail data from the same tiny models; held-out accuracy, real and blank."""
-    from llava.demo.tiny_models import write_demo_models
-    from llava.serve.eval import evaluate, format_table
-    from llava.serve.predict import Predictor
-    from llava.train.train import train
 
     cfg = cfg or AnyresDemoConfig()
     workdir = Path(workdir)

@@ -54,6 +54,7 @@ def _banner(text: str) -> None:
 
 
 def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, dict[str, float]]:
+    # `llava --help` builds this module's parser: torch loads only when the demo runs
     from llava.demo.shapes import generate_shapes_dataset
     from llava.demo.tiny_models import write_demo_models
     from llava.serve.eval import evaluate, format_table
@@ -93,6 +94,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
                            "--learning_rate", str(cfg.lora_lr if cfg.lora else cfg.stage2_lr),
                            "--output_dir", str(stage2)])
     if cfg.lora:
+        # `llava --help` imports this module: torch loads only when the demo runs
         from llava.export.merge import merge_lora
 
         stage2 = merge_lora(stage2, workdir / "out" / "merged")
@@ -134,6 +136,7 @@ def demo_main(args: argparse.Namespace) -> int:
         raise UsagePathError(f"--workdir {args.workdir}: cannot create it ({err.strerror}); give a writable "
                              f"directory") from err
     if args.anyres:
+        # `llava --help` imports this module: torch loads only when the demo runs
         from llava.demo.fine_detail import run_anyres_demo
 
         run_anyres_demo(args.workdir)

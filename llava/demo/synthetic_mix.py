@@ -40,7 +40,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from llava.demo.tiny_models import write_tiny_llm, write_tiny_vision_tower
+from llava.demo.tiny_models import llava_json_texts, write_tiny_llm, write_tiny_vision_tower
 
 MIX = {  # kind: (share, p of one more turn's geometric, max turns, (q median, q sigma), (a median, a sigma))
     "text_only": (0.10, 0.5, 8, (25, 1.0), (120, 0.9)),
@@ -129,7 +129,6 @@ def write_bench_models(workdir: str | Path, data_path: str | Path, *, size: str 
     ``size="small"`` is the benchmark model above; ``"issue"`` the same LLM with a CLIP of 4 layers, 192 wide
 (:data:`ISSUE_VISION`); ``"tiny"`` the same shape of run in seconds (tests).
     """
-    from llava.demo.tiny_models import llava_json_texts
 
     llm, vision = {"small": (SMALL_LLM, SMALL_VISION), "issue": (SMALL_LLM, ISSUE_VISION),
                    "tiny": (TINY_LLM, TINY_VISION)}[size]

@@ -18,7 +18,7 @@ In memory (QLoRA runs, Llava-checkpoint bases, adapters with biases/DoRA): one c
 (``out * in`` elements) during the merge; ``save_pretrained`` writes ``--max_shard_size`` shards from the live
 tensors. A QLoRA merge also holds the quantized language model while it dequantizes (~``P_lm * 0.5`` bytes at
 4 bit, ``P_lm`` at 8 bit, minus each layer as it is replaced), and merges in float32 before casting.
-Measured (``tests/export/measure_merge_memory.py``, fp32, hidden 512, LLM in 20 MB shards, 20 MB output shards):
+Measured (``scripts/measure_merge_memory.py``, fp32, hidden 512, LLM in 20 MB shards, 20 MB output shards):
 2/8/16 layers = 29/106/209 MiB of weights; peak RSS above the libraries' imports, streaming 41/50/50 MiB, in memory
 99/171/274 MiB (~1.0x the model per added MiB + ~70 MiB).
 """
@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from llava.errors import UsagePathError, require_model_path, require_path
+from llava.export.merge_stream import can_stream, write_merged_streaming
 from llava.model.anyres_model import image_layout_args_from_run, load_processor
 from llava.model.builder import build_llava_model
 from llava.model.quantization import quantization_config
@@ -56,6 +57,7 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
     """The run's model as it trained: rebuilt base (dequantized for QLoRA) + non-LoRA trainables + adapter.
 
     Returns ``(peft_model, processor, run_args)``."""
+    # peft only for the in-memory merge (the streaming default reads adapters as files)
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -71,6 +73,7 @@ def build_adapter_model(adapter_dir: str | Path, *, dtype: torch.dtype = torch.f
                               data_args=image_layout_args_from_run(run))
     model = built.model
     if qconfig is not None:
+        # bitsandbytes' side of transformers only for QLoRA runs (the [qlora] extra)
         from transformers.integrations.bitsandbytes import dequantize_and_replace
 
         model = dequantize_and_replace(model, qconfig, dtype=torch.float32)
@@ -95,7 +98,6 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.dty
     """Write the merged native checkpoint + processor + ``llava_args.json`` to ``out_dir``.
 
     Streams shard by shard (``merge_stream.py``) where it applies, else merges the whole model in memory."""
-    from llava.export.merge_stream import can_stream, write_merged_streaming
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     run = read_lora_run(adapter_dir)

@@ -23,7 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from llava.model.builder import _is_llava_checkpoint, llava_key_of_llm_key, load_vision_tower, make_llava_config
 from llava.run_dir import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, NON_LORA_FILE, model_args_from_run
 from llava.safetensors_io import HFShardWriter, SafetensorsReader, parse_size
 
@@ -40,7 +42,6 @@ def _llm_files(llm_dir: Path) -> list[Path]:
 
 def can_stream(adapter_dir: Path, run_args: dict, model_base: str | None) -> str | None:
     """``None`` if the streaming merge applies, else the reason it does not."""
-    from llava.model.builder import _is_llava_checkpoint
 
     margs, targs = run_args["model_args"], run_args["training_args"]
     base = model_base or margs["model_name_or_path"]
@@ -61,14 +62,6 @@ def can_stream(adapter_dir: Path, run_args: dict, model_base: str | None) -> str
     return None
 
 
-def _llava_name(llm_key: str) -> str:
-    if llm_key.startswith("model."):
-        return "model.language_model." + llm_key[len("model."):]
-    if llm_key.startswith("lm_head."):
-        return llm_key
-    raise ValueError(f"unexpected language-model weight {llm_key!r} (expected model.* or lm_head.*)")
-
-
 def write_merged_streaming(adapter_dir: str | Path, out_dir: str | Path, run_args: dict, *,
                            dtype: torch.dtype = torch.float32, max_shard_size: str = "2GB",
                            model_base: str | None = None) -> None:
@@ -76,9 +69,6 @@ def write_merged_streaming(adapter_dir: str | Path, out_dir: str | Path, run_arg
 
     The output layout is planned from the safetensors headers first (names and shapes are known before any
     tensor is read), then every tensor is merged and written straight to its place in its shard."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from llava.model.builder import load_vision_tower, make_llava_config
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     margs = model_args_from_run(run_args)
@@ -99,7 +89,7 @@ def write_merged_streaming(adapter_dir: str | Path, out_dir: str | Path, run_arg
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for reader in readers:
         for key in reader.keys():
-            name = _llava_name(key)
+            name = llava_key_of_llm_key(key)
             layout[name] = (dtype, tuple(replaced[name].shape) if name in replaced else reader.meta(key)[1])
     missing = sorted(set(pairs) - set(layout))
     if missing:
@@ -114,7 +104,7 @@ def write_merged_streaming(adapter_dir: str | Path, out_dir: str | Path, run_arg
     writer = HFShardWriter(out_dir, layout, parse_size(max_shard_size))
     for reader in tqdm(readers, desc="merging language-model shards", unit="shard"):
         for key in reader.keys():
-            name = _llava_name(key)
+            name = llava_key_of_llm_key(key)
             tensor = replaced[name] if name in replaced else reader.get(key)
             if name in pairs:
                 a, b = pairs[name]

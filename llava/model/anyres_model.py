@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from transformers import (
     AutoProcessor,
+    AutoTokenizer,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
@@ -31,6 +33,10 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionProcessor,
 )
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, HAS_CLS_TOKEN
 from llava.data.anyres import (
@@ -123,9 +129,6 @@ class OnevisionProcessorFiles:
                                                                                    chat_template, settings)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        import json
-        import os
-
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
         image_processor = self.image_processor.to_dict()
@@ -144,7 +147,6 @@ def onevision_video_processor_dict(image_processor: dict) -> dict:
     processor's video half from it (without it transformers raises ``OSError`` for a missing
     ``video_preprocessor_config.json`` before any image is read). Frames resize to the tower's square input with the
     image processor's normalisation, as the native OneVision checkpoints configure it."""
-    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
     size = image_processor["size"]
     side = size.get("height") or size.get("shortest_edge")
@@ -171,10 +173,6 @@ def load_processor(path, *, trust_remote_code: bool = False):
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         if config.get("processor_class") != "LlavaOnevisionProcessor" or "image_processor" not in config:
             raise
-    from transformers import AutoTokenizer
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
 
     settings = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -149,6 +149,16 @@ def _is_llava_checkpoint(path: str, trust_remote_code: bool) -> bool:
         return False
 
 
+def llava_key_of_llm_key(llm_key: str) -> str:
+    """Where a language model's checkpoint tensor lives in a Llava checkpoint (``model.x`` ->
+    ``model.language_model.x``; ``lm_head.*`` unchanged)."""
+    if llm_key.startswith("model."):
+        return "model.language_model." + llm_key[len("model."):]
+    if llm_key.startswith("lm_head."):
+        return llm_key
+    raise ValueError(f"unexpected language-model weight {llm_key!r} (expected model.* or lm_head.*)")
+
+
 def build_llava_model(model_args, *, torch_dtype=torch.float32, quantization_config=None, data_args=None) -> BuiltModel:
     """Build from ``--model_name_or_path`` (+ ``--vision_tower``), load a stage-1 projector if given.
 
@@ -285,6 +295,7 @@ def _without_zero3_init():
     """Build the Llava skeleton on the meta device outside ZeRO-3's ``zero.Init`` (which would try to initialise
     meta tensors). Its parts come from ``from_pretrained`` (partitioned under ZeRO-3 as usual); the new projector
     stays whole until ``deepspeed.initialize`` partitions every parameter not yet partitioned."""
+    # transformers' DeepSpeed integration only when building under ZeRO-3
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref

@@ -17,7 +17,7 @@ Applied only where that holds, checked on every call: the model is training, no 
 model's attention is ``sdpa`` (or ``llava_packed_sdpa``, which takes the same path for unpacked batches).
 ``flash_attention_2`` keeps its mask (it unpads, which does less work than attending over the pads); eval, predict
 and generation are untouched. How it hooks in: a forward pre-hook with kwargs on the (unwrapped) Llava model, so
-PEFT, DeepSpeed and DDP wrappers still run the stock forward. Held by ``tests/train/test_causal_padding.py`` (loss
+PEFT, DeepSpeed and DDP wrappers still run the stock forward. Held by ``tests/model/test_causal_padding.py`` (loss
 and every gradient vs the masked forward, <= 1e-5 fp32; the mask really dropped; left padding and eval keep it).
 """
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from llava.errors import UsagePathError, UsageValueError
-from llava.run_dir import atomic_save_safetensors
+from llava.safetensors_io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 

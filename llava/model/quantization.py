@@ -10,6 +10,7 @@ exactly as training did before dequantizing it.
 from __future__ import annotations
 
 import torch
+from transformers import BitsAndBytesConfig
 
 # bitsandbytes matches these as full module-name prefixes: a bare "vision_tower" or "multi_modal_projector" does not
 # keep the tower and the projector out of the quantization (they would be quantized too).
@@ -20,7 +21,6 @@ def quantization_config(training_args, compute_dtype: torch.dtype):
     """``--bits 4|8`` as a ``BitsAndBytesConfig`` that leaves the vision tower, projector and lm_head alone."""
     if training_args.bits == 16:
         return None
-    from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=training_args.bits == 4,

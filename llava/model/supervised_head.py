@@ -19,7 +19,7 @@ returns the loss instead of logits for that call; the model's ``loss_function`` 
 the stock one: per-token cross-entropy in fp32 of ``logits[:, :-1]`` against ``labels[:, 1:]`` with ``-100``
 ignored, summed and divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation), else the
 mean over supervised tokens. ``outputs.logits`` of such a call holds the loss (0-dim); eval, predict and generation
-(``model.eval()``, or no labels) take the stock path and get full logits. Held by ``tests/train/test_supervised_head.py``
+(``model.eval()``, or no labels) take the stock path and get full logits. Held by ``tests/model/test_supervised_head.py``
 (loss and every gradient vs the stock head, <= 1e-5 fp32: padding, packing, accumulation, LoRA, ZeRO-3).
 
 Plain torch on every device. liger-kernel's fused linear cross-entropy (a Triton kernel of the same idea) is not

@@ -21,7 +21,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images
 from llava.data.collator import collate_images
 from llava.data.dataset import process_images
-from llava.data.images import expand2square
+from llava.data.images import expand2square, open_image_rgb
 from llava.data.records import Message
 from llava.data.templates import ConversationTemplate, get_template
 from llava.data.tokenize import build_generation_prompt
@@ -146,8 +146,6 @@ class Predictor:
 
 
 def predict_main(args) -> int:
-    from llava.data.images import open_image_rgb
-
     check_checkpoint_dir(args.model)
     require_model_path("--model", args.model, hint=MODEL_HINT)
     if args.image:

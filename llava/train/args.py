@@ -5,13 +5,13 @@
     python -m llava.train.train config.yaml [--flag value ...]      # YAML with the same keys; flags override
 
 Bad combinations fail here, at start-up, with the flag names in the message. ``ModelArguments`` (how the model is
-built) lives in ``llava/model/args.py``, so export and serve rebuild it from a run without importing ``llava.train``;
-``resolved_args_dict`` is what ``llava/run_dir.py`` stores beside the weights (``llava_args.json``).
+built) lives in ``llava/model/model_args.py``, so export and serve rebuild it from a run without importing ``llava.train``;
+``llava/run_dir.py``'s ``resolved_args_dict`` is what it stores beside the weights (``llava_args.json``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -19,14 +19,16 @@ import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import transformers
+import yaml
 
 from llava.data.anyres import check_anyres_flags, parse_image_aspect_ratio
+from llava.data.sources import source_specs
+from llava.data.templates import get_template
 from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
-from llava.megatron.args import MegatronArguments
-from llava.model.args import ModelArguments
+from llava.megatron.backend.megatron_args import MegatronArguments
+from llava.model.model_args import ModelArguments
 from llava.train.distributed import release_deepspeed_shm, repair_cpu_process_state, wants_cpu_ddp
 
 logger = logging.getLogger("llava.train")
@@ -174,7 +176,7 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """The files and directories the flags name exist, the template is known: checked before any model loads."""
-    from llava.data.templates import get_template
+    # model/builder.py imports torch: the flags are checked before it loads
     from llava.model.builder import check_model_dirs
 
     get_template(model_args.version)
@@ -194,8 +196,6 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     if data_args.eval_data_path:
         require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file, Parquet "
                      "file(s), a `datasets` directory or a dataset-mixture YAML")
-    from llava.data.sources import source_specs
-
     for flag in ("--data_path", "--eval_data_path"):  # a mixture's entries: keys, strategies, paths
         path = getattr(data_args, flag[2:])
         if path:
@@ -212,7 +212,7 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
 
 
 ARG_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
-# what a checkpoint-N directory holds: the Trainer's state (hf backend) or llava/megatron/checkpoint.py's META_FILE
+# what a checkpoint-N directory holds: the Trainer's state (hf backend) or llava/megatron/backend/megatron_checkpoint.py's META_FILE
 CHECKPOINT_FILES = ("trainer_state.json", "megatron_checkpoint.json")
 # Flags of the LLaVA-1.5 launcher scripts that transformers has renamed since: old -> new.
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
@@ -248,7 +248,7 @@ class ArgumentParser(RaiseOnUsageError, transformers.HfArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    """The three argument dataclasses + ``--backend`` and the Megatron flags (``llava/megatron/args.py``)."""
+    """The three argument dataclasses + ``--backend`` and the Megatron flags (``llava/megatron/backend/megatron_args.py``)."""
     return ArgumentParser((*ARG_CLASSES, MegatronArguments), prog="llava train",
                           usage="llava train [CONFIG.yaml] [--flag VALUE ...]")
 
@@ -281,16 +281,12 @@ def parse_args(argv: list[str] | None = None, *, with_backend: bool = False) -> 
 
 
 def _did_you_mean(parser: ArgumentParser, unknown: list[str]) -> str:
-    import difflib
-
     flags = [s for a in parser._actions for s in a.option_strings]
     close = [m for u in unknown if u.startswith("--") for m in difflib.get_close_matches(u.split("=")[0], flags, 2)]
     return f"; did you mean {', '.join(close)}?" if close else "; `llava train --help` lists the flags"
 
 
 def _config_file_to_flags(path: str) -> list[str]:
-    import yaml
-
     text = Path(path).read_text()
     try:
         values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text) or {}
@@ -305,11 +301,3 @@ def _config_file_to_flags(path: str) -> list[str]:
         elif value is not None:
             flags += [f"--{key}", str(value)]
     return flags
-
-
-def resolved_args_dict(model_args, data_args, training_args) -> dict[str, Any]:
-    return {
-        "model_args": dataclasses.asdict(model_args),
-        "data_args": dataclasses.asdict(data_args),
-        "training_args": json.loads(training_args.to_json_string()),
-    }

@@ -22,6 +22,7 @@ import logging
 import os
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ def close_process_group() -> None:
     Left to interpreter exit, a gloo group's worker threads could be torn down while rank 0 still wrote files, and
     the process then aborted with ``terminate called without an active exception`` (exit -6) after a finished run.
     """
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -3,7 +3,7 @@
     llava train --help                              # rendered from train_flags.json, no torch import
     python -m llava.train.flag_help --write         # regenerate train_flags.json after changing the flags
 
-The flags are defined by the dataclasses of ``llava/model/args.py`` and ``llava/train/args.py``, whose
+The flags are defined by the dataclasses of ``llava/model/model_args.py`` and ``llava/train/args.py``, whose
 ``TrainingArguments`` subclasses ``transformers.TrainingArguments``: importing it pulls in torch (~7 s). So the flag
 table read from the real ``HfArgumentParser`` (names, types, defaults, choices, help) is stored in
 ``train_flags.json`` beside this file, keyed by the transformers version and a hash of the files in ``SOURCES``. When
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 SPEC_FILE = Path(__file__).with_name("train_flags.json")
-SOURCES = ("train/args.py", "model/args.py", "megatron/args.py")  # files (in llava/) whose dataclasses define the flags: the cache key
+SOURCES = ("train/args.py", "model/model_args.py", "megatron/backend/megatron_args.py")  # files (in llava/) whose dataclasses define the flags: the cache key
 
 # (title, field names) in display order; add a flag to its group here. Empty groups are not shown.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -106,6 +106,7 @@ def cache_key() -> dict[str, str]:
 
 def live_spec() -> list[dict[str, Any]]:
     """The flag table of the real parser (imports transformers and torch)."""
+    # the live parser imports transformers: only when the stored table is stale
     from llava.train.args import build_parser
 
     return flag_spec(build_parser())

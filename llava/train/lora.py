@@ -19,9 +19,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from llava.run_dir import NON_LORA_FILE, atomic_save_safetensors
+from llava.run_dir import NON_LORA_FILE
+from llava.safetensors_io import atomic_save_safetensors
+from llava.train.zero3_gather import gather_named_parameters
 
 LM_PREFIX = "model.language_model."
 PEFT_PREFIX = "base_model.model."
@@ -45,8 +48,6 @@ def find_all_linear_names(model: nn.Module, exclude: Iterable[str] = ()) -> list
 
 
 def lora_config(model: nn.Module, training_args, *, exclude: Iterable[str] = ()):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=training_args.lora_r,
         lora_alpha=training_args.lora_alpha,
@@ -60,7 +61,6 @@ def setup_lora(model: nn.Module, model_args, training_args, *, added_tokens: int
     """Wrap ``model`` in a ``PeftModel``; then the projector (and, with new tokens, the embeddings) train fully.
 
     ``exclude``: name fragments of language-model linear layers to leave without an adapter."""
-    from peft import get_peft_model
 
     vision_trainable = [p.requires_grad for p in model.model.vision_tower.parameters()]
     peft_model = get_peft_model(model, lora_config(model, training_args, exclude=exclude))
@@ -97,7 +97,6 @@ def split_trainables(peft_model) -> tuple[list[tuple[str, nn.Parameter]], list[t
 
 def save_lora_checkpoint(peft_model, output_dir: str | os.PathLike, *, should_save: bool = True) -> None:
     """Adapter (peft format) + ``non_lora_trainables.safetensors``; gathered under ZeRO-3 (every rank calls)."""
-    from llava.train.checkpoint import gather_named_parameters
 
     adapter, non_lora = split_trainables(peft_model)
     adapter_state = gather_named_parameters(adapter)

@@ -79,6 +79,7 @@ def _num_vision_layers(model: torch.nn.Module) -> int:
 def deepspeed_optimizer_keeps_groups(groups_fn):
     """While active, a DeepSpeed config with its own "optimizer" gets ``groups_fn()`` as its parameter groups (each
     group's ``lr`` overrides the config's) instead of transformers' flat list of trainable parameters."""
+    # transformers' DeepSpeed integration only for a DeepSpeed config
     from transformers.integrations import deepspeed as hf_deepspeed
 
     original = hf_deepspeed.deepspeed_optim_sched

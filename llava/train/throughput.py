@@ -27,6 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from llava.constants import HAS_CLS_TOKEN
 
@@ -127,7 +128,6 @@ def profile_step_by_component(model, run_step) -> dict[str, float]:
     model (embedding, norms, rotary, residual adds, mask building) is ``norms+embed+rope``; the loss, computed after
     ``lm_head``, is counted with it. Times are self CPU times, so nothing is counted twice.
     """
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     handles, open_ranges = [], {}

@@ -33,7 +33,8 @@ from llava.model.causal_padding import use_causal_padding
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.quantization import quantization_config
 from llava.model.supervised_head import use_supervised_head
-from llava.train.args import check_inputs, parse_args, resolved_args_dict
+from llava.run_dir import resolved_args_dict
+from llava.train.args import check_inputs, parse_args
 from llava.train.distributed import close_process_group
 from llava.train.lora import setup_lora
 from llava.train.trainer import LLaVATrainer
@@ -51,11 +52,12 @@ def load_dtype(training_args) -> torch.dtype:
 
 
 def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
-    # --- setup: arguments, logging, seed; --backend megatron: llava/megatron/train.py (returns the step log)
+    # --- setup: arguments, logging, seed; --backend megatron: llava/megatron/backend/megatron_train.py (returns the step log)
     model_args, data_args, training_args, backend_args = parse_args(argv, with_backend=True)
     check_inputs(model_args, data_args, training_args)
     if backend_args.backend == "megatron":
-        from llava.megatron.train import train_megatron
+        # the Megatron backend (megatron-core) only for --backend megatron
+        from llava.megatron.backend.megatron_train import train_megatron
 
         return train_megatron(model_args, data_args, training_args, backend_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -142,6 +144,7 @@ def uses_packed_sdpa(model_args, training_args) -> bool:
 def _finish_wandb(training_args) -> None:
     """Close the run, so a second ``train()`` in the same process does not log into this one."""
     if "wandb" in (training_args.report_to or []) and training_args.should_log:
+        # wandb only when the run reports to it
         import wandb
 
         wandb.finish()

@@ -21,6 +21,7 @@ import shutil
 from typing import Any
 
 import torch
+import transformers.trainer as hf_trainer
 from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import (
     LlavaForConditionalGeneration,
@@ -29,8 +30,9 @@ from transformers import (
     Trainer,
 )
 from transformers.trainer import SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava.data.samplers import LengthGroupedSampler
 from llava.model.projector import load_projector_state, read_projector_file, save_projector_state
 from llava.run_dir import (
     BAD_SAMPLES_FILE,
@@ -42,10 +44,9 @@ from llava.run_dir import (
     training_run_kind,
     write_run_args,
 )
-from llava.train.checkpoint import gather_named_parameters
 from llava.train.lora import save_lora_checkpoint
 from llava.train.param_groups import deepspeed_optimizer_keeps_groups, needs_param_groups, optimizer_param_groups
-from llava.train.samplers import LengthGroupedSampler
+from llava.train.zero3_gather import gather_named_parameters
 
 logger = logging.getLogger(__name__)
 LLAVA_MODEL_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
@@ -146,7 +147,6 @@ class LLaVATrainer(Trainer):
             fsync_dir(run_dir)
             if self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final
-            from transformers.trainer_utils import rotate_checkpoints
 
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -177,7 +177,6 @@ class LLaVATrainer(Trainer):
                 self._keeping_groups = False
         if not (self.is_deepspeed_enabled and self.projector_only and resume_from_checkpoint):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        import transformers.trainer as hf_trainer
 
         strict_load = hf_trainer.deepspeed_load_checkpoint
 

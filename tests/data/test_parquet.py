@@ -170,7 +170,7 @@ def test_anyres_counts_from_embedded_headers_equal_the_files(parts, ov_data, tin
 
 
 def test_data_check_flags_the_corrupt_rows_by_id_and_file(parts, ov_data, tiny_models, capsys):
-    from llava.data.check import check_main
+    from llava.data_check import check_main
 
     code = check_main(["--data_path", str(ov_data["parquet"]), "--model_name_or_path", str(tiny_models["llm"]),
                        "--vision_tower", str(tiny_models["vision_tower"]), "--model_max_length", "512", "--json"])

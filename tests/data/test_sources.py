@@ -261,7 +261,7 @@ def test_playground_mixture_example_reads_json_and_embedded_sources(parts, shape
 
 
 def test_data_check_reports_each_entry_on_the_rows_it_takes(tiny_models, tmp_path, capsys):
-    from llava.data.check import check_main
+    from llava.data_check import check_main
 
     records = _records("a", 6) + [{"id": "broken", "conversations": _conv("no answer", "")}]
     (tmp_path / "a.json").write_text(json.dumps(records))

@@ -40,7 +40,7 @@ def _load_gpt(ckpt_dir: Path, tp: int, pp: int):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from safetensors.torch import load_file
 
-    from llava.megatron.model import transformer_config
+    from llava.megatron.backend.megatron_model import transformer_config
 
     meta = json.loads((ckpt_dir / "mca_config.json").read_text())
     mca, par = meta["mca_config"], meta["parallel"]

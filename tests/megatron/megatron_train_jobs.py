@@ -28,7 +28,7 @@ def install_pause(step: int, seconds: float) -> None:
     """Wrap the checkpoint's weight writer in this process: checkpoint ``step`` pauses once its weights are staged."""
     import torch
 
-    from llava.megatron import checkpoint
+    from llava.megatron.backend import megatron_checkpoint as checkpoint
 
     write_rank_shards = checkpoint.write_rank_shards
 

@@ -112,7 +112,7 @@ def test_data_check_uses_each_images_token_count(tiny_models, anyres_data, capsy
 
     import numpy as np
 
-    from llava.data.check import check_main
+    from llava.data_check import check_main
 
     built, dataset = build(tiny_models, anyres_data, "next_clip")
     code = check_main(["--data_path", str(anyres_data["train"]), "--image_folder", str(anyres_data["image_folder"]),

@@ -18,9 +18,9 @@ import sys
 import torch
 
 from llava.data.dataset import LazySupervisedDataset
-from llava.train.checkpoint import gather_named_parameters, is_zero3_partitioned
 from llava.train.distributed import close_process_group
 from llava.train.train import train
+from llava.train.zero3_gather import gather_named_parameters, is_zero3_partitioned
 
 SEEN: list[int] = []
 _getitem = LazySupervisedDataset.__getitem__

@@ -60,7 +60,7 @@ def test_error_stops_before_step_one_with_the_report(tiny_models, bad_corpus, tm
 
 
 def test_image_deleted_mid_run_is_replaced_by_next_sample_and_counted(tiny_models, shapes_data, tmp_path):
-    from llava.data.check import build_parser, load_token_setup
+    from llava.data_check import build_parser, load_token_setup
 
     folder = tmp_path / "images"
     shutil.copytree(shapes_data["image_folder"], folder)

@@ -1,0 +1,353 @@
+"""``llava data check``: validate a dataset before training, with the training flags, and print its statistics.
+
+    llava data check --data_path d.json --image_folder images --model_name_or_path LLM --vision_tower CLIP \
+        --version vicuna_v1 --model_max_length 2048 [--json] [--workers 8] [--no_decode] [any other training flag]
+
+Loads only the tokenizer (plus ``<image>``) and the vision tower's *config* (for the image-token count), reads
+every record, tokenizes it exactly as training does, and opens every image in a thread pool (PIL releases the
+GIL while decoding). Reports, per problem kind, the count, the first record ids and what is wrong. Exit code 1
+when anything would stop ``--on_bad_sample error`` training (severity ``error``); samples training drops
+(too long, nothing supervised) are ``dropped``, duplicate ids a ``warning``, converted/animated images ``note``.
+The reading, the problem log and the image checks are ``llava/data/validate.py``, which the training dataset
+runs too (existence and confinement only, no decode) before step 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.data.anyres import read_image_sizes
+from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
+from llava.data.records import Record, RecordError, parse_record
+from llava.data.sources import is_mixture_path, read_mixture, select_rows, source_specs
+from llava.data.stores import parquet_files
+from llava.data.templates import get_template
+from llava.data.tokenize import SampleRejected, tokenize_conversation
+from llava.data.validate import (
+    DataError,
+    ProblemLog,
+    check_one_image,
+    image_problem_kind,
+    load_raw_records,
+    require_saved_dataset,
+)
+from llava.errors import ArgumentParser, UsageValueError, report_usage_errors, require_model_path, require_path
+
+SEVERITY = {"duplicate_id": "warning", "image_tokens_exceed_max_length": "dropped", "no_supervised_tokens": "dropped",
+            "image_converted": "note", "image_animated": "note"}  # every other kind is an "error"
+ADVICE = {
+    "invalid_json": "fix the line's JSON (one object per line in JSONL)",
+    "image_missing": "check --image_folder and the record's image path (COCO 2014 vs 2017 names, .gif vs .jpg)",
+    "image_absolute_path": "give image paths relative to --image_folder",
+    "image_outside_folder": "keep images inside --image_folder",
+    "image_tokens_exceed_max_length": "raise --model_max_length or use fewer images per sample",
+    "duplicate_id": "give each record a unique id",
+    "video_unsupported": "video is not supported: drop video records, or give their frames as images",
+}
+
+
+@dataclass
+class ProblemReport(ProblemLog):
+    """The problem log with severities and statistics; ``exit_code`` 1 when training would stop."""
+
+    stats: dict[str, Any] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def severity(self, kind: str) -> str:
+        return SEVERITY.get(kind, "error")
+
+    @property
+    def exit_code(self) -> int:
+        return int(any(self.severity(k) == "error" for k in self.counts))
+
+    def as_dict(self) -> dict[str, Any]:
+        problems = {k: {"count": n, "severity": self.severity(k), "record_ids": self.ids[k],
+                        "messages": self.examples[k], "advice": ADVICE.get(k)} for k, n in self.counts.most_common()}
+        return {"ok": self.exit_code == 0, "problems": problems, "stats": self.stats}
+
+    def text(self) -> str:
+        lines = []
+        for kind, info in self.as_dict()["problems"].items():
+            lines.append(f"[{info['severity']}] {kind}: {info['count']} record(s), first: {', '.join(info['record_ids'])}")
+            lines += [f"    - {m}" for m in info["messages"][:3]]
+            if info["advice"]:
+                lines.append(f"    fix: {info['advice']}")
+        s = self.stats
+        if s:
+            lines.append(f"records: {s['records']}, trainable: {s['trainable']}; modality mix: {s['modality']}")
+            lines.append(f"images per sample: {s['images_per_sample']}")
+            lines.append(f"token length percentiles (after templating and image expansion): {s['token_length']}")
+            lines.append(f"longer than --model_max_length {s['model_max_length']}: {s['over_max_length']} "
+                         f"(truncated after their images: {s['truncated']}, dropped: {s['dropped']})")
+            lines.append(f"image width/height percentiles: {s['image_width']} / {s['image_height']}")
+        lines.append("OK: nothing would stop training" if self.exit_code == 0 else "FAILED: training would stop on the "
+                     "errors above (fix them, or train with --on_bad_sample skip to drop those records)")
+        return "\n".join(lines)
+
+
+def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str, Any]]:
+    """``[(name, raw)]``: ``line N`` (JSONL) or ``#i``; unreadable lines and files are reported as ``invalid_json``."""
+    path = Path(data_path)
+    lines: list[int] = []
+    try:
+        raw = load_raw_records(path, report, lines)
+    except DataError as err:
+        report.add("invalid_json", str(err), str(path))
+        return []
+    names = [f"line {n}" for n in lines] if lines else [f"#{i}" for i in range(len(raw))]
+    return [(names[i], raw[i]) for i in range(len(raw))]
+
+
+def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: str | None, *, decode: bool = True,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, str, Any]]:
+    """Queue ``record``'s images on ``pool``: ``[(record id, path, future | None)]`` (None: no --image_folder)."""
+    return [(record.id, rel, None if not image_folder and isinstance(rel, str) else  # embedded bytes need no folder
+             pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
+
+
+def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemReport, *, progress: bool = True) -> set[str]:
+    """Report the results of :func:`submit_image_checks` in order; returns the ids of records with a bad image."""
+    bad: set[str] = set()
+    sizes: list[tuple[int, int]] = []
+    for rid, rel, future in tqdm(pending, desc="images", disable=not progress):
+        if future is None:
+            if rid not in bad:
+                report.add("no_image_folder", f"record {rid!r} has images but --image_folder is not set", rid)
+            bad.add(rid)
+            continue
+        size, notes = future.result()
+        if isinstance(size, ImageLoadError):
+            report.add(image_problem_kind(size), f"record {rid!r}: {size}", rid)
+            bad.add(rid)
+            continue
+        if size is not None:
+            sizes.append(size)
+        for note in notes:
+            kind = "image_animated" if note.startswith("animated") else "image_converted"
+            report.add(kind, f"record {rid!r}, image {rel!r}: {note}", rid)
+    if sizes:
+        arr = np.array(sizes)
+        report.stats["image_width"], report.stats["image_height"] = _percentiles(arr[:, 0]), _percentiles(arr[:, 1])
+    return bad
+
+
+def _percentiles(values) -> dict[str, int]:
+    if len(values) == 0:
+        return {}
+    q = np.percentile(np.asarray(values), [0, 50, 90, 99, 100])
+    return dict(zip(("min", "p50", "p90", "p99", "max"), (int(round(x)) for x in q)))
+
+
+@dataclass
+class TokenSetup:
+    tokenizer: Any
+    template: Any
+    image_token_id: int
+    num_image_tokens: int
+    model_max_length: int
+    mm_use_im_start_end: bool = False
+    layout: Any = None  # AnyresLayout: each image's token count from its size (llava/data/anyres.py)
+    image_folder: str | None = None
+
+
+def load_token_setup(args: argparse.Namespace) -> TokenSetup:
+    """The tokenizer (with ``<image>``) and the image-token count from the vision tower's config; no weights."""
+    # transformers and model/ (torch) load after the flags are checked: --help and flag errors stay fast
+    from transformers import AutoConfig, AutoTokenizer
+
+    # model/ imports torch: only once the flags are checked
+    from llava.model.builder import add_multimodal_tokens, num_image_tokens, select_strategy, vision_model_class
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, use_fast=True)
+    add_multimodal_tokens(tokenizer, args.mm_use_im_start_end)
+    # model/ imports torch: only once the flags are checked
+    from llava.model.anyres_model import ANYRES_MODEL_TYPES, anyres_layout, layout_from_config
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    layout = None
+    if config.model_type in ANYRES_MODEL_TYPES:
+        layout = layout_from_config(config)
+        n = layout.base_tokens
+    elif config.model_type == "llava":
+        n = num_image_tokens(config.vision_config, config.vision_feature_select_strategy)
+    else:
+        if not args.vision_tower:
+            raise UsageValueError(f"--model_name_or_path {args.model_name_or_path} is a language model, so "
+                                  f"--vision_tower is required: give a CLIP or SigLIP directory")
+        tower_type = AutoConfig.from_pretrained(args.vision_tower).model_type
+        vision_config = vision_model_class(args.vision_tower, tower_type).config_class.from_pretrained(args.vision_tower)
+        strategy = select_strategy(vision_config, args.mm_vision_select_feature)
+        n = num_image_tokens(vision_config, strategy)
+        layout = anyres_layout(args, vision_config, strategy)
+    template = get_template(args.version, image_front=getattr(args, "image_placement", "front") == "front")
+    return TokenSetup(tokenizer, template, tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN), n,
+                      args.model_max_length, args.mm_use_im_start_end, layout, args.image_folder)
+
+
+def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, spec=None, seed: int = 42) -> ProblemReport:
+    """Every check and statistic of ``llava data check`` on one dataset; with ``spec`` (a mixture entry,
+    ``llava/data/sources.py``), on the rows its sampling strategy takes with ``seed``."""
+    report = ProblemReport()
+    raws = read_records(data_path, report)
+    if spec is not None:
+        raws = [raws[i] for i in np.unique(select_rows(spec, len(raws), seed))]
+    records: list[Record] = []
+    seen: set[str] = set()
+    lengths, n_images = [], Counter()
+    truncated = dropped = 0
+    image_tokens: list[int] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))  # images decode while the main thread tokenizes
+    pending: list[tuple[str, str, Any]] = []
+    for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
+        try:
+            record = parse_record(raw, i)
+        except RecordError as err:
+            report.add(err.kind, str(err), err.record_id)
+            continue
+        if record.id in seen:
+            report.add("duplicate_id", f"record id {record.id!r} ({name}) appears more than once", record.id)
+        seen.add(record.id)
+        n_images[len(record.images)] += 1
+        pending += submit_image_checks(pool, record, image_folder, decode=decode, max_pixels=max_pixels)
+        try:
+            full = _tokenize(record, setup, 10**9)
+            lengths.append(len(full.input_ids))
+            if len(full.input_ids) > setup.model_max_length:
+                _tokenize(record, setup, setup.model_max_length)
+                truncated += 1
+        except SampleRejected as err:
+            dropped += 1
+            report.add(err.kind, f"record {record.id!r}: {err}", record.id)
+            continue
+        except ImageLoadError:  # anyres counts need the image's size; the image check reports the problem
+            continue
+        except ValueError as err:  # e.g. <image> not a special token: a setup error, reported per record
+            report.add("tokenize_error", f"record {record.id!r}: {err}", record.id)
+            continue
+        records.append(record)
+        if setup.layout is not None and record.images:
+            image_tokens += image_token_counts(record, setup)
+    with pool:
+        bad_images = collect_image_checks(pending, report, progress=progress)
+    with_image = sum(1 for r in records if r.images)
+    report.stats.update({
+        "records": len(raws), "trainable": len([r for r in records if r.id not in bad_images]),
+        "modality": {"image": with_image, "text_only": len(records) - with_image},
+        "images_per_sample": {str(k): v for k, v in sorted(n_images.items())},
+        "token_length": _percentiles(lengths), "model_max_length": setup.model_max_length,
+        "over_max_length": truncated + report.counts["image_tokens_exceed_max_length"], "truncated": truncated,
+        "dropped": dropped, "num_image_tokens": setup.num_image_tokens,
+    })
+    if setup.layout is not None:  # anyres: tokens per image depend on its size
+        report.stats["image_tokens_per_image"] = _percentiles(image_tokens)
+        report.stats["num_image_tokens"] = f"per image size ({setup.layout.vision_aspect_ratio})"
+    report.stats.setdefault("image_width", {})
+    report.stats.setdefault("image_height", {})
+    return report
+
+
+def image_token_counts(record: Record, setup: TokenSetup) -> list[int]:
+    """Each image's token count: fixed (LLaVA-1.5), or from its size read from the header (anyres)."""
+    if setup.layout is None or not record.images or (
+            setup.image_folder is None and any(isinstance(r, str) for r in record.images)):
+        return [setup.num_image_tokens] * len(record.images)
+
+    return setup.layout.record_image_tokens(read_image_sizes(setup.image_folder, record.images))
+
+
+def _tokenize(record: Record, setup: TokenSetup, max_length: int):
+    return tokenize_conversation(record.messages, setup.template, setup.tokenizer, image_token_id=setup.image_token_id,
+                                 num_image_tokens=image_token_counts(record, setup) if record.images else
+                                 setup.num_image_tokens, model_max_length=max_length,
+                                 mm_use_im_start_end=setup.mm_use_im_start_end)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="llava data check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--image_folder", default=None)
+    p.add_argument("--model_name_or_path", required=True)
+    p.add_argument("--vision_tower", default=None)
+    p.add_argument("--version", default="vicuna_v1")
+    p.add_argument("--model_max_length", type=int, default=2048)
+    p.add_argument("--mm_use_im_start_end", type=_bool, default=False)
+    p.add_argument("--image_placement", choices=("front", "keep"), default="front")
+    p.add_argument("--mm_vision_select_feature", default="patch")
+    p.add_argument("--image_aspect_ratio", default="square")
+    p.add_argument("--image_grid_pinpoints", default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--seed", type=int, default=42, help="a mixture's random:N sampling, as training's --seed")
+    return p
+
+
+def _bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "y")
+
+
+def check_main(argv: list[str]) -> int:
+    """Parse the training-style flags (others ignored), check, print; returns the exit code."""
+    args, _ignored = build_parser().parse_known_args(argv)
+    data = require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file, Parquet file(s), a "
+                        "`datasets` directory or a dataset-mixture YAML")
+    if data.is_dir() and not parquet_files(data):
+        require_saved_dataset(args.data_path)
+    if is_mixture_path(args.data_path):  # the entries' keys, strategies and paths, before anything loads
+        source_specs(args.data_path, args.image_folder)
+    if args.image_folder:
+        require_path("--image_folder", args.image_folder, kind="dir",
+                     hint="give the directory the records' image paths are relative to")
+    require_model_path("--model_name_or_path", args.model_name_or_path,
+                       hint="give the LLM or Llava checkpoint you will train (its tokenizer is used)")
+    if args.vision_tower:
+        require_model_path("--vision_tower", args.vision_tower, hint="give a CLIP or SigLIP directory")
+    # model/ imports torch: only once the flags are checked
+    from llava.model.builder import check_model_dirs
+
+    check_model_dirs(args.model_name_or_path, args.vision_tower)
+    setup = load_token_setup(args)
+    if is_mixture_path(args.data_path):
+        return check_mixture(args, setup)
+    report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
+                           max_pixels=args.max_pixels, progress=not args.json)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return report.exit_code
+
+
+def check_mixture(args: argparse.Namespace, setup: TokenSetup) -> int:
+    """``llava data check mix.yaml``: each entry checked on the rows its sampling takes (``--seed``), one report per
+    entry; the exit code is 1 when any entry would stop training."""
+    reports = []
+    for spec in read_mixture(args.data_path, image_folder=args.image_folder):
+        report = check_dataset(spec.path, spec.image_folder, replace(setup, image_folder=spec.image_folder),
+                               decode=not args.no_decode, workers=args.workers, max_pixels=args.max_pixels,
+                               progress=not args.json, spec=spec, seed=args.seed)
+        reports.append((spec, report))
+    if args.json:
+        print(json.dumps({"ok": all(r.exit_code == 0 for _, r in reports), "sources": [
+            {"entry": spec.entry, "json_path": spec.written, "sampling": spec.sampling, **report.as_dict()}
+            for spec, report in reports]}, indent=2))
+    else:
+        for spec, report in reports:
+            print(f"== {spec.label}, sampling {spec.sampling}")
+            print(report.text())
+    return max(r.exit_code for _, r in reports)
+
+
+if __name__ == "__main__":
+    sys.exit(report_usage_errors("data check", lambda: check_main(sys.argv[1:])))

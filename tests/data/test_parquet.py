@@ -195,7 +195,6 @@ def _losses(trainer) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
 
 
-@pytest.mark.slow
 def test_parquet_trains_resumes_and_matches_json_losses(tiny_models, ov_data, tmp_path):
     from llava.train.train import train
 

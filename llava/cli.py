@@ -4,11 +4,13 @@
     llava demo --anyres True [--workdir DIR]                # high resolution: pad vs anyres where detail matters
     llava train --model_name_or_path ... (LLaVA flags)      # = python -m llava.train.train; --help lists them grouped
     llava data check --data_path ... (the same flags)       # validate data + statistics before training; --json
+                                                            # --report DIR: the same as an HTML page
     llava predict --model DIR --image X.png --prompt "..."
-    llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images]
+    llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images] [--report DIR]
     llava convert hf2mcore|mcore2hf|mcore2mcore ...         # optional Megatron path (pip install .[megatron])
     llava merge --adapter RUN_DIR --out DIR [--dtype bfloat16] [--max_shard_size 2GB]   # LoRA -> native Llava
     llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA-1.5/1.6/OneVision -> native checkpoint
+    llava plot RUN_DIR [RUN_DIR ...] [--out curves.png]     # training curves of several runs on one figure
 
 A mistake in the input (a missing path, flag or value, bad data) is one line on stderr, `llava CMD: error: ...`,
 with exit code 2; `llava --debug CMD ...` or LLAVA_DEBUG=1 shows its traceback. Help never imports torch.
@@ -21,7 +23,7 @@ import sys
 
 from llava.errors import ArgumentParser, UsageError, debug_requested, report_usage_errors
 
-COMMANDS = ("train", "data", "convert", "demo", "predict", "eval", "merge", "import-llava")
+COMMANDS = ("train", "data", "convert", "demo", "predict", "eval", "merge", "import-llava", "plot")
 CONVERT_COMMANDS = ("hf2mcore", "mcore2hf", "mcore2mcore")
 
 
@@ -73,6 +75,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--blank_images", action="store_true", help="also score with every image blanked")
     p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write an HTML page of every sample: images, "
+                   "question, reference, answers (DIR/index.html, thumbnails beside it)")
 
 
 def _merge_parser(sub) -> None:
@@ -96,6 +100,12 @@ def _import_parser(sub) -> None:
     p.add_argument("--max_shard_size", type=shard_size, default="5GB")
 
 
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="loss, learning rate and grad norm of one or more runs on one figure")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="--output_dir of `llava train` runs")
+    p.add_argument("--out", default="curves.png", help="the picture to write (PNG; default: curves.png)")
+
+
 def build_parser() -> ArgumentParser:
     """The top-level parser; ``train``, ``data`` and ``convert`` only appear here (they parse their own flags)."""
     parser = ArgumentParser(prog="llava", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -109,6 +119,7 @@ def build_parser() -> ArgumentParser:
     _eval_parser(sub)
     _merge_parser(sub)
     _import_parser(sub)
+    _plot_parser(sub)
     return parser
 
 
@@ -146,6 +157,11 @@ def run_command(argv: list[str]) -> int:
             return 0
         if rest[:1] != ["check"]:
             raise UsageError(f"unknown data command {' '.join(rest[:1]) or '(none)'}: use `llava data check ...`")
+        if any(arg == "--report" or arg.startswith("--report=") for arg in rest[1:]):
+            # imported when the command runs: `llava --help` and argument errors stay free of torch
+            from llava.report.check_page import check_report_main
+
+            return check_report_main(rest[1:])
         # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.data_check import check_main
 
@@ -174,11 +190,21 @@ def run_command(argv: list[str]) -> int:
         from llava.demo.run import demo_main
 
         return demo_main(args)
+    if args.command == "plot":
+        # imported when the command runs: `llava --help` and argument errors stay free of matplotlib
+        from llava.train.curves import plot_main
+
+        return plot_main(args)
     if args.command == "predict":
         # imported when the command runs: `llava --help` and argument errors stay free of torch
         from llava.serve.predict import predict_main
 
         return predict_main(args)
+    if args.report:
+        # imported when the command runs: `llava --help` and argument errors stay free of torch
+        from llava.report.eval_page import eval_report_main
+
+        return eval_report_main(args)
     # imported when the command runs: `llava --help` and argument errors stay free of torch
     from llava.serve.eval import eval_main
 

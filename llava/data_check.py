@@ -63,6 +63,7 @@ class ProblemReport(ProblemLog):
 
     stats: dict[str, Any] = field(default_factory=dict)
     max_examples: int = 5
+    values: dict[str, list] = field(default_factory=dict, repr=False)  # raw token lengths, image sizes: the page's histograms
 
     def severity(self, kind: str) -> str:
         return SEVERITY.get(kind, "error")
@@ -136,6 +137,7 @@ def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemRep
         for note in notes:
             kind = "image_animated" if note.startswith("animated") else "image_converted"
             report.add(kind, f"record {rid!r}, image {rel!r}: {note}", rid)
+    report.values["image_size"] = sizes
     if sizes:
         arr = np.array(sizes)
         report.stats["image_width"], report.stats["image_height"] = _percentiles(arr[:, 0]), _percentiles(arr[:, 1])
@@ -242,6 +244,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     with pool:
         bad_images = collect_image_checks(pending, report, progress=progress)
     with_image = sum(1 for r in records if r.images)
+    report.values.update(token_length=lengths, image_tokens=image_tokens)
     report.stats.update({
         "records": len(raws), "trainable": len([r for r in records if r.id not in bad_images]),
         "modality": {"image": with_image, "text_only": len(records) - with_image},
@@ -293,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--seed", type=int, default=42, help="a mixture's random:N sampling, as training's --seed")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write the report as an HTML page (DIR/index.html): "
+                   "histograms, modality mix, each problem with its records and images")
     return p
 
 
@@ -302,6 +307,15 @@ def _bool(text: str) -> bool:
 
 def check_main(argv: list[str]) -> int:
     """Parse the training-style flags (others ignored), check, print; returns the exit code."""
+    if build_parser().parse_known_args(argv)[0].report:  # the page writer lives on the command side (llava/report)
+        raise UsageValueError("--report: write the page with `llava data check ... --report DIR`")
+    args, report = run_check(argv)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return report.exit_code
+
+
+def run_check(argv: list[str]) -> tuple[argparse.Namespace, ProblemReport]:
+    """``llava data check``'s work: the flags parsed and checked, every record and image checked."""
     args, _ignored = build_parser().parse_known_args(argv)
     data = require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file, Parquet file(s), a "
                         "`datasets` directory or a dataset-mixture YAML")
@@ -309,6 +323,9 @@ def check_main(argv: list[str]) -> int:
         require_saved_dataset(args.data_path)
     if is_mixture_path(args.data_path):  # the entries' keys, strategies and paths, before anything loads
         source_specs(args.data_path, args.image_folder)
+        if args.report:
+            raise UsageValueError(f"--report writes one dataset's page; --data_path {args.data_path} is a mixture: "
+                                  f"give one entry's json_path as --data_path")
     if args.image_folder:
         require_path("--image_folder", args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
@@ -322,32 +339,41 @@ def check_main(argv: list[str]) -> int:
     check_model_dirs(args.model_name_or_path, args.vision_tower)
     setup = load_token_setup(args)
     if is_mixture_path(args.data_path):
-        return check_mixture(args, setup)
+        return args, check_mixture(args, setup)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)
-    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
-    return report.exit_code
+    return args, report
 
 
-def check_mixture(args: argparse.Namespace, setup: TokenSetup) -> int:
-    """``llava data check mix.yaml``: each entry checked on the rows its sampling takes (``--seed``), one report per
-    entry; the exit code is 1 when any entry would stop training."""
+@dataclass
+class MixtureReport:
+    """One :class:`ProblemReport` per mixture entry (``llava/data/sources.py``), checked on the rows it takes."""
+
+    reports: list[tuple[Any, ProblemReport]]  # (SourceSpec, its report)
+
+    @property
+    def exit_code(self) -> int:
+        return max(r.exit_code for _, r in self.reports)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.exit_code == 0, "sources": [
+            {"entry": spec.entry, "json_path": spec.written, "sampling": spec.sampling, **report.as_dict()}
+            for spec, report in self.reports]}
+
+    def text(self) -> str:
+        return "\n".join(f"== {spec.label}, sampling {spec.sampling}\n{report.text()}" for spec, report in self.reports)
+
+
+def check_mixture(args: argparse.Namespace, setup: TokenSetup) -> MixtureReport:
+    """``llava data check mix.yaml``: each entry checked on the rows its sampling takes (``--seed``); exit code 1 when
+    any entry would stop training."""
     reports = []
     for spec in read_mixture(args.data_path, image_folder=args.image_folder):
         report = check_dataset(spec.path, spec.image_folder, replace(setup, image_folder=spec.image_folder),
                                decode=not args.no_decode, workers=args.workers, max_pixels=args.max_pixels,
                                progress=not args.json, spec=spec, seed=args.seed)
         reports.append((spec, report))
-    if args.json:
-        print(json.dumps({"ok": all(r.exit_code == 0 for _, r in reports), "sources": [
-            {"entry": spec.entry, "json_path": spec.written, "sampling": spec.sampling, **report.as_dict()}
-            for spec, report in reports]}, indent=2))
-    else:
-        for spec, report in reports:
-            print(f"== {spec.label}, sampling {spec.sampling}")
-            print(report.text())
-    return max(r.exit_code for _, r in reports)
-
+    return MixtureReport(reports)
 
 if __name__ == "__main__":
     sys.exit(report_usage_errors("data check", lambda: check_main(sys.argv[1:])))

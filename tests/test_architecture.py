@@ -135,8 +135,9 @@ PACKAGE_ORDER = [
     ("llava.model",),                                                 # builds the model (uses data's anyres geometry)
     ("llava.run_dir",),                                               # the run directory (rebuilds ModelArguments)
     ("llava.export", "llava.serve", "llava.megatron.backend"),        # read and write runs; the Megatron backend
-    ("llava.train",),                                                 # the recipe and the hf backend
-    ("llava.demo", "llava.data_check"),                               # whole-pipeline commands
+    ("llava.train", "llava.data_check"),                              # the recipe and the hf backend; data check
+    ("llava.report",),                                                # HTML pages of eval and data check results
+    ("llava.demo",),                                                  # the whole pipeline
     ("llava.cli",),                                                   # the `llava` command
 ]
 

@@ -6,7 +6,8 @@
 2. write a tiny CLIP vision tower and a tiny Llama + tokenizer as ordinary Hugging Face directories;
 3. stage 1: train the projector only on captions (``--tune_mm_mlp_adapter``);
 4. stage 2: full fine-tune (vision tower frozen) on the Q&A, starting from the stage-1 projector;
-5. evaluate held-out accuracy per question type, with real images and with every image blanked.
+5. evaluate held-out accuracy per question type, with real images and with every image blanked, and write the
+   evaluation page (``WORKDIR/report/index.html``: every question with its image, the reference and both answers).
 
 The training steps call ``llava.train.train.train`` with the same flags a user passes on the command line.
 """
@@ -57,6 +58,7 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
     # `llava --help` builds this module's parser: torch loads only when the demo runs
     from llava.demo.shapes import generate_shapes_dataset
     from llava.demo.tiny_models import write_demo_models
+    from llava.report.eval_page import write_eval_report
     from llava.serve.eval import evaluate, format_table
     from llava.serve.predict import Predictor
     from llava.train.train import train
@@ -100,13 +102,16 @@ def run_demo(workdir: str | Path, cfg: DemoConfig | None = None) -> dict[str, di
         stage2 = merge_lora(stage2, workdir / "out" / "merged")
     _banner("5/5 held-out accuracy (exact match), real images vs blank images")
     predictor = Predictor.load(stage2)
-    rows = {
-        "real images": evaluate(predictor, str(data["heldout_qa"]), str(data["image_folder"])).accuracy(),
-        "blank images": evaluate(predictor, str(data["heldout_qa"]), str(data["image_folder"]),
-                                 blank_images=True).accuracy(),
+    results = {
+        "real images": evaluate(predictor, str(data["heldout_qa"]), str(data["image_folder"])),
+        "blank images": evaluate(predictor, str(data["heldout_qa"]), str(data["image_folder"]), blank_images=True),
     }
+    rows = {name: result.accuracy() for name, result in results.items()}
     print(format_table(rows))
     print(f"chance: colour 25%, shape 33%, position 25%, count 33%; total time {time.time() - t0:.0f} s")
+    page = write_eval_report(workdir / "report", results, image_folder=str(data["image_folder"]), model=stage2,
+                             data=data["heldout_qa"], title="llava demo: held-out questions")
+    print(f"evaluation page (open it in a browser): {page}")
     (workdir / "demo_results.json").write_text(json.dumps({"accuracy": rows, "seconds": time.time() - t0}, indent=2))
     return rows
 

@@ -64,10 +64,18 @@ def evaluate(predictor: Predictor, data_path: str, image_folder: str | None, *, 
             ok = normalize_answer(answer) == normalize_answer(gold)
             result.total[kind] += 1
             result.correct[kind] += int(ok)
-            result.predictions.append({"id": rec.id, "type": kind, "gold": gold, "answer": answer, "correct": ok})
+            result.predictions.append({"id": rec.id, "type": kind, "gold": gold, "answer": answer, "correct": ok,
+                                       "question": question_text(rec), "images": list(rec.images)})
         bar.update(len(batch))
     bar.close()
     return result
+
+
+def question_text(record) -> str:
+    """The record's last user turn, as the report page shows it (the gold answer is the turn after it)."""
+    last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+    users = [m.content for m in record.messages[:last] if m.role == "user"]
+    return users[-1] if users else ""
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -81,6 +89,12 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def eval_main(args) -> int:
+    print_results(run_eval(args), as_json=args.json)
+    return 0
+
+
+def run_eval(args) -> dict[str, EvalResult]:
+    """``llava eval``'s work: inputs checked, checkpoint loaded, ``{"real images": ..., "blank images": ...}``."""
     check_checkpoint_dir(args.model)
     require_model_path("--model", args.model, hint=MODEL_HINT)
     require_path("--data", args.data, hint="give a LLaVA JSON/JSONL file of held-out records")
@@ -88,11 +102,17 @@ def eval_main(args) -> int:
         require_path("--image_folder", args.image_folder, kind="dir", hint="give the directory the records' image "
                      "paths are relative to")
     predictor = Predictor.load(args.model, version=args.version)
-    rows = {"real images": evaluate(predictor, args.data, args.image_folder, batch_size=args.batch_size).accuracy()}
+    results = {"real images": evaluate(predictor, args.data, args.image_folder, batch_size=args.batch_size)}
     if args.blank_images:
-        rows["blank images"] = evaluate(predictor, args.data, args.image_folder, batch_size=args.batch_size,
-                                        blank_images=True).accuracy()
+        results["blank images"] = evaluate(predictor, args.data, args.image_folder, batch_size=args.batch_size,
+                                           blank_images=True)
+    return results
+
+
+def print_results(results: dict[str, EvalResult], *, as_json: bool = False) -> dict[str, dict[str, float]]:
+    """The accuracy table (and with ``as_json`` the same numbers as one JSON line); returns the rows."""
+    rows = {name: result.accuracy() for name, result in results.items()}
     print(format_table(rows))
-    if args.json:
+    if as_json:
         print(json.dumps(rows))
-    return 0
+    return rows

@@ -44,8 +44,14 @@ from llava.run_dir import (
     training_run_kind,
     write_run_args,
 )
+from llava.train.curves import LR_GROUP_PREFIX, MISSING_HINT, matplotlib_available, write_training_curves
 from llava.train.lora import save_lora_checkpoint
-from llava.train.param_groups import deepspeed_optimizer_keeps_groups, needs_param_groups, optimizer_param_groups
+from llava.train.param_groups import (
+    deepspeed_optimizer_keeps_groups,
+    is_projector_param,
+    needs_param_groups,
+    optimizer_param_groups,
+)
 from llava.train.zero3_gather import gather_named_parameters
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ class LLaVATrainer(Trainer):
     def __init__(self, *args, projector_only: bool = False, run_args: dict[str, Any] | None = None, **kwargs):
         self.projector_only = projector_only
         self.run_args = run_args or {}
+        self._can_plot: bool | None = None  # matplotlib present? asked at the first save (curves.png)
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -110,6 +117,52 @@ class LLaVATrainer(Trainer):
                                      bits=getattr(self.args, "bits", 16))
             write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only, "run_kind": kind.value})
             self._write_bad_samples(output_dir)
+            self._write_curves(output_dir)
+
+    def _write_curves(self, output_dir: str) -> None:
+        """``curves.png`` (loss, learning rate per group, grad norm) beside every save; without matplotlib, one
+        warning per run and nothing else."""
+        if self._can_plot is None:
+            self._can_plot = matplotlib_available()
+            if not self._can_plot:
+                logger.warning(MISSING_HINT)
+        if self._can_plot:
+            write_training_curves(output_dir, self.state.log_history)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """With parameter groups at their own learning rates (projector, vision tower), each part's rate too: the
+        highest of its groups (a tower under layer decay has a group per layer, all on the same schedule)."""
+        groups = getattr(self.optimizer, "param_groups", None) or []
+        if "learning_rate" in logs and self.lr_scheduler is not None and len(groups) > 1:
+            if len({g.get("initial_lr", g.get("lr")) for g in groups}) > 1:
+                rates = self.lr_scheduler.get_last_lr()
+                per_part: dict[str, float] = {}
+                for name, rate in zip(self._lr_group_names(len(rates)), rates):
+                    per_part[name] = max(rate, per_part.get(name, rate))
+                for name, rate in per_part.items():
+                    logs.setdefault(LR_GROUP_PREFIX + name, rate)
+        super().log(logs, start_time)
+
+    def _lr_group_names(self, n: int) -> list[str]:
+        """What each optimizer group trains (projector / vision tower / language model), by its parameters (under ZeRO,
+        the parameters DeepSpeed keeps per group); "group i" where they are not the model's."""
+        cached = getattr(self, "_lr_names", None)
+        if cached is not None and len(cached) == n:
+            return cached
+        model = self.accelerator.unwrap_model(self.model)
+        owner = {id(p): ("projector" if is_projector_param(name) else "vision tower" if "vision_tower" in name
+                         else "language model") for name, p in model.named_parameters()}
+        params = [g["params"] for g in getattr(self.optimizer, "param_groups", [])]
+        zero = getattr(self.optimizer, "optimizer", None)  # DeepSpeed ZeRO keeps each group's own parameters here
+        originals = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
+        if originals is not None and len(originals) == n:
+            params = originals
+        names = []
+        for i in range(n):
+            parts = sorted({owner.get(id(p), "?") for p in (params[i] if i < len(params) else [])})
+            names.append(" + ".join(parts) if parts and "?" not in parts else f"group {i}")
+        self._lr_names = names
+        return names
 
     def _write_bad_samples(self, output_dir: str) -> None:
         """Counts of skipped samples by kind (``bad_samples.json``), so a run says what it did not train on."""

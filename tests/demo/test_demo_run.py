@@ -28,6 +28,12 @@ def test_demo_cli_small_run_writes_both_rows(tmp_path, capsys):
     assert "real images" in out and "blank images" in out
     assert (workdir / "out" / "pretrain" / "mm_projector.safetensors").is_file()
     assert (workdir / "out" / "finetune" / "model.safetensors").is_file()
+    # the evaluation page: every held-out question, its image, both answers marked as the JSON marks them
+    from tests.report.page_checks import check_eval_page
+
+    assert f"evaluation page (open it in a browser): {workdir / 'report' / 'index.html'}" in out
+    page = check_eval_page(workdir / "report", accuracy_json=results)
+    assert len(page.rows) == 24 and all(len(row["images"]) == 1 for row in page.rows)
 
 
 @pytest.mark.slow

@@ -217,3 +217,13 @@ def test_format_table_shows_both_rows():
     assert header.split() == ["colour", "shape", "overall"]
     assert real.startswith("real images") and real.split()[2:] == ["100.0%", "50.0%", "75.0%"]
     assert blank.startswith("blank images") and blank.split()[2:] == ["25.0%", "0.0%", "12.5%"]
+
+
+def test_eval_report_page_of_a_llava_checkpoint(stage2_dir, shapes_data, tmp_path, capsys):
+    """``llava eval --report``: the page of a trained Llava checkpoint, checked against the printed JSON (#26)."""
+    from tests.report.page_checks import eval_report_via_cli, screenshot
+
+    page = eval_report_via_cli(stage2_dir, shapes_data["heldout_qa"], shapes_data["image_folder"], tmp_path / "report",
+                               capsys)
+    assert len(page.rows) == 32
+    screenshot(tmp_path / "report" / "index.html", tmp_path / "eval_llava.png")

@@ -274,3 +274,30 @@ def test_onevision_lora_run_merges_into_native_onevision_with_logit_parity(tiny_
         expected = trainer.model.eval()(**inputs).logits
         got = LlavaOnevisionForConditionalGeneration.from_pretrained(merged_dir).eval()(**inputs).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+
+@pytest.mark.slow
+def test_eval_report_page_of_a_merged_onevision_lora_run(tiny_models, anyres_data, next_stage1, tmp_path, capsys):
+    """``llava eval --report`` on LlavaOnevision, a merged LoRA run (#26)."""
+    from llava.export.merge import merge_lora
+    from tests.report.page_checks import eval_report_via_cli, screenshot
+
+    run_dir = tmp_path / "lora"
+    train(anyres_argv(tiny_models, anyres_data, run_dir, stage=2, ratio="anyres_max_2", extra=[
+        "--pretrain_mm_mlp_adapter", str(next_stage1["dir"] / "mm_projector.safetensors"), "--lora_enable", "True",
+        "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3", "--max_steps", "1", "--save_steps", "100"]))
+    merged_dir = merge_lora(run_dir, tmp_path / "merged")
+    assert json.loads((merged_dir / "config.json").read_text())["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    eval_report_via_cli(merged_dir, anyres_data["train"], anyres_data["image_folder"], tmp_path / "report", capsys)
+    screenshot(tmp_path / "report" / "index.html", tmp_path / "eval_onevision_merged.png")
+
+
+def test_eval_report_page_of_a_llava_next_checkpoint(anyres_data, next_stage2, tmp_path, capsys):
+    """``llava eval --report`` on LlavaNext: images of every size, a two-image and a text-only record (#26)."""
+    from tests.report.page_checks import eval_report_via_cli, screenshot
+
+    page = eval_report_via_cli(next_stage2["dir"], anyres_data["train"], anyres_data["image_folder"],
+                               tmp_path / "report", capsys)
+    assert sorted(len(row["images"]) for row in page.rows)[:2] == [0, 1] and max(len(r["images"]) for r in page.rows) == 2
+    screenshot(tmp_path / "report" / "index.html", tmp_path / "eval_llava_next.png")

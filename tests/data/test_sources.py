@@ -276,3 +276,7 @@ def test_data_check_reports_each_entry_on_the_rows_it_takes(tiny_models, tmp_pat
     assert [(s["entry"], s["json_path"], s["sampling"], s["ok"], s["stats"]["records"]) for s in report["sources"]] == [
         (1, "a.json", "first:6", True, 6), (2, "b.jsonl", "random:30%", True, 3), (3, "a.json", "end:50%", False, 4)]
     assert report["sources"][2]["problems"]["empty_text"]["record_ids"] == ["broken"] and not report["ok"]
+    assert check_main(flags[:-1]) == 1
+    text = capsys.readouterr().out
+    assert "== entry 3 (a.json), sampling end:50%\n[error] empty_text: 1 record(s), first: broken" in text
+    assert text.count("OK: nothing would stop training") == 2

@@ -75,6 +75,8 @@ def _train_argv(p: dict, *, drop: tuple[str, ...] = (), **flags: str) -> list[st
                                 "checkpoint-N directory of the run"),
     ("output_dir_is_a_file", "is a file; give a directory (created if missing)"),
     ("data_dir_not_saved", "is a directory that `datasets` did not save (no state.json or dataset_dict.json)"),
+    ("mixture_bad_strategy", "mix.yaml, entry 1 (d.json): sampling_strategy 'some:5' is not one of all, first:N"),
+    ("eval_mixture_missing_source", "--eval_data_path "),
 ])
 def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
     if case.startswith("megatron"):
@@ -103,7 +105,13 @@ def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
         "resume_not_a_checkpoint": lambda: _train_argv(p, resume_from_checkpoint=p["images"]),
         "output_dir_is_a_file": lambda: _train_argv(p, output_dir=p["data"]),
         "data_dir_not_saved": lambda: _train_argv(p, data_path=p["images"]),
+        "mixture_bad_strategy": lambda: _train_argv(p, data_path=str(_write(tmp_path / "mix.yaml", (
+            "datasets:\n  - json_path: d.json\n    sampling_strategy: some:5\n")))),
+        "eval_mixture_missing_source": lambda: _train_argv(p, eval_data_path=str(_write(
+            tmp_path / "eval.yaml", "datasets:\n  - json_path: gone.json\n"))),
     }[case]()
+    if case == "eval_mixture_missing_source":
+        expected = f"--eval_data_path {tmp_path / 'eval.yaml'}, entry 1 (gone.json): json_path gone.json does not exist"
     assert expected in one_error_line(capsys, argv, "llava train")
 
 

@@ -19,7 +19,7 @@ import json
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.anyres import read_image_sizes
 from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError
 from llava.data.records import Record, RecordError, parse_record
+from llava.data.sources import is_mixture_path, read_mixture, select_rows, source_specs
+from llava.data.stores import parquet_files
 from llava.data.templates import get_template
 from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.data.validate import (
@@ -127,9 +129,8 @@ def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str
 def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: str | None, *, decode: bool = True,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, str, Any]]:
     """Queue ``record``'s images on ``pool``: ``[(record id, path, future | None)]`` (None: no --image_folder)."""
-    if not image_folder:
-        return [(record.id, rel, None) for rel in record.images]
-    return [(record.id, rel, pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
+    return [(record.id, rel, None if not image_folder and isinstance(rel, str) else  # embedded bytes need no folder
+             pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
 
 
 def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemReport, *, progress: bool = True) -> set[str]:
@@ -224,13 +225,16 @@ def load_token_setup(args: argparse.Namespace) -> TokenSetup:
 
 
 def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = True, workers: int = 8,
-                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ProblemReport:
-    """Every check and statistic of ``llava data check`` on one dataset."""
+                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, spec=None, seed: int = 42) -> ProblemReport:
+    """Every check and statistic of ``llava data check`` on one dataset; with ``spec`` (a mixture entry,
+    ``llava/data/sources.py``), on the rows its sampling strategy takes with ``seed``."""
     # llava.data.preference imports torch (its dataset): not at the top, so `llava data check --help` stays light
     from llava.data.preference import is_preference_record, parse_preference_record
 
     report = ProblemReport()
     raws = read_records(data_path, report)
+    if spec is not None:
+        raws = [raws[i] for i in np.unique(select_rows(spec, len(raws), seed))]
     records: list[Record] = []
     seen: set[str] = set()
     lengths, n_images = [], Counter()
@@ -307,7 +311,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
 
 def image_token_counts(record: Record, setup: TokenSetup) -> list[int]:
     """Each image's token count: fixed (LLaVA-1.5), or from its size read from the header (anyres)."""
-    if setup.layout is None or not record.images or setup.image_folder is None:
+    if setup.layout is None or not record.images or (
+            setup.image_folder is None and any(isinstance(r, str) for r in record.images)):
         return [setup.num_image_tokens] * len(record.images)
 
     return setup.layout.record_image_tokens(read_image_sizes(setup.image_folder, record.images))
@@ -365,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8, help="threads decoding images")
     p.add_argument("--no_decode", action="store_true", help="check image existence and paths only")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--seed", type=int, default=42, help="a mixture's random:N sampling, as training's --seed")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the report as an HTML page (DIR/index.html): "
                    "histograms, modality mix, each problem with its records and images")
     return p
@@ -386,8 +392,15 @@ def check_main(argv: list[str]) -> int:
 def run_check(argv: list[str]) -> tuple[argparse.Namespace, ProblemReport]:
     """``llava data check``'s work: the flags parsed and checked, every record and image checked."""
     args, _ignored = build_parser().parse_known_args(argv)
-    if require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory").is_dir():
+    data = require_path("--data_path", args.data_path, hint="give a LLaVA JSON/JSONL file, Parquet file(s), a "
+                        "`datasets` directory or a dataset-mixture YAML")
+    if data.is_dir() and not parquet_files(data):
         require_saved_dataset(args.data_path)
+    if is_mixture_path(args.data_path):  # the entries' keys, strategies and paths, before anything loads
+        source_specs(args.data_path, args.image_folder, args.video_folder)
+        if args.report:
+            raise UsageValueError(f"--report writes one dataset's page; --data_path {args.data_path} is a mixture: "
+                                  f"give one entry's json_path as --data_path")
     if args.image_folder:
         require_path("--image_folder", args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
@@ -400,9 +413,43 @@ def run_check(argv: list[str]) -> tuple[argparse.Namespace, ProblemReport]:
 
     check_model_dirs(args.model_name_or_path, args.vision_tower)
     setup = load_token_setup(args)
+    if is_mixture_path(args.data_path):
+        return args, check_mixture(args, setup)
     report = check_dataset(args.data_path, args.image_folder, setup, decode=not args.no_decode, workers=args.workers,
                            max_pixels=args.max_pixels, progress=not args.json)
     return args, report
+
+
+@dataclass
+class MixtureReport:
+    """One :class:`ProblemReport` per mixture entry (``llava/data/sources.py``), checked on the rows it takes."""
+
+    reports: list[tuple[Any, ProblemReport]]  # (SourceSpec, its report)
+
+    @property
+    def exit_code(self) -> int:
+        return max(r.exit_code for _, r in self.reports)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.exit_code == 0, "sources": [
+            {"entry": spec.entry, "json_path": spec.written, "sampling": spec.sampling, **report.as_dict()}
+            for spec, report in self.reports]}
+
+    def text(self) -> str:
+        return "\n".join(f"== {spec.label}, sampling {spec.sampling}\n{report.text()}" for spec, report in self.reports)
+
+
+def check_mixture(args: argparse.Namespace, setup: TokenSetup) -> MixtureReport:
+    """``llava data check mix.yaml``: each entry checked on the rows its sampling takes (``--seed``); exit code 1 when
+    any entry would stop training."""
+    reports = []
+    for spec in read_mixture(args.data_path, image_folder=args.image_folder, video_folder=args.video_folder):
+        own = replace(setup, image_folder=spec.image_folder, video_folder=spec.video_folder)
+        report = check_dataset(spec.path, spec.image_folder, own,
+                               decode=not args.no_decode, workers=args.workers, max_pixels=args.max_pixels,
+                               progress=not args.json, spec=spec, seed=args.seed)
+        reports.append((spec, report))
+    return MixtureReport(reports)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     PYTHONPATH=. python scripts/bench_data_index.py --workdir /tmp/mix --size issue --n 200000 [--train_step]
     git worktree add /tmp/before <older commit>    # then, to compare with that code:
     PYTHONPATH=. python scripts/bench_data_index.py --workdir /tmp/mix --n 20000 --before_src /tmp/before --rounds 3
+    PYTHONPATH=. python scripts/bench_data_index.py --workdir /tmp/mix --n 3200000 --sources 4 \
+        --modes first_start,restart,edit_one --train_step         # a 4-source mixture YAML (issue #23's scale bar)
 
 Uses the mix and model of ``python -m llava.demo.synthetic_mix`` (made on first use), and writes
 ``<workdir>/records-<n>.jsonl``: the mix's records repeated (fresh ids) up to ``--n``. Modes, each in a fresh
@@ -13,10 +15,15 @@ process, every start), ``first_start`` (an empty cache directory: converted to A
 CPU seconds (its worker processes included) to build the training dataset (``LazySupervisedDataset.from_args``, as
 ``llava train`` does) and the process's resident memory growth across it: total, anonymous (private to the rank)
 and file-backed (the memory-mapped Arrow pages, shared by the ranks of a node). ``--train_step`` also times a whole
-1-step ``python -m llava.train.train`` run per mode (process start to exit, wall and CPU seconds; the first start's
+1-step ``python -m llava.train.train`` run per mode (process start to exit, wall and CPU seconds, the training
+process's peak RSS; the first start's
 run starts from an empty cache too, the restart's from the warm one). ``--rounds N`` repeats the modes interleaved
 (the machine's noise hits each alike) and reports medians. Prints one JSON line per mode and round, then the ratios
 to ``before`` (or ``per_start``).
+
+``--sources K`` splits the ``--n`` records into K JSONL files (fresh ids per file) and trains on a dataset-mixture
+YAML listing them (``sampling_strategy: all``); mode ``edit_one`` appends one record to the last source, then starts
+like ``restart`` (only that source is indexed again: ``sources_from_cache`` says which were read from the cache).
 """
 
 from __future__ import annotations
@@ -59,11 +66,21 @@ ds = LazySupervisedDataset.from_args(data_args.data_path, model_args, data_args,
 seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
 after = rss()
 print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "samples": len(ds), "from_cache": ds.index_from_cache,
+                  "sources_from_cache": "".join("c" if c else "b" for c in ds.sources_from_cache),
                   **{f"{k}_growth_mib": round(after[k] - before[k], 1) for k in after}}))
 """
 
+# `python -m llava.train.train ARGS` whose peak resident memory (the training process's own, KiB) is written at exit
+TRAIN_CHILD = r"""
+import atexit, os, resource, runpy, sys
+atexit.register(lambda: open(os.environ["PEAK_RSS_FILE"], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+sys.argv = ["llava.train.train", *sys.argv[1:]]
+runpy.run_module("llava.train.train", run_name="__main__", alter_sys=True)
+"""
+
 MODES = {"before": ["--index_cache_dir", "none", "--index_workers", "1"],
-         "per_start": ["--index_cache_dir", "none", "--index_workers", "1"], "first_start": [], "restart": []}
+         "per_start": ["--index_cache_dir", "none", "--index_workers", "1"], "first_start": [], "restart": [],
+         "edit_one": []}
 
 
 def make_records(workdir: Path, n: int) -> Path:
@@ -76,11 +93,39 @@ def make_records(workdir: Path, n: int) -> Path:
     return out
 
 
+def make_mixture(workdir: Path, n: int, sources: int) -> Path:
+    """``sources`` JSONL files of ``n // sources`` records each (the mix repeated, fresh ids) and a YAML listing them."""
+    out = workdir / f"mixture-{n}-{sources}.yaml"
+    if not out.is_file():
+        base = [json.loads(x) for x in (workdir / "mix.jsonl").read_text().splitlines()]
+        lines = ["datasets:"]
+        for k in range(sources):
+            path = workdir / f"records-{n}-source{k}.jsonl"
+            with path.open("w") as f:
+                for i in range(n // sources):
+                    f.write(json.dumps({**base[(i + k) % len(base)], "id": f"s{k}r{i:07d}"}) + "\n")
+            lines += [f"  - json_path: {path.name}", "    sampling_strategy: all"]
+        out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def append_one_record(mixture: Path) -> None:
+    """Edit the mixture's last source: one more record (a fresh id)."""
+    import yaml
+
+    last = mixture.parent / yaml.safe_load(mixture.read_text())["datasets"][-1]["json_path"]
+    first = json.loads(last.open().readline())
+    with last.open("a") as f:
+        f.write(json.dumps({**first, "id": f"edit{time.time_ns()}"}) + "\n")
+
+
 def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache: Path) -> dict:
     import resource
 
     if mode == "first_start":
         shutil.rmtree(cache, ignore_errors=True)
+    if mode == "edit_one":
+        append_one_record(Path(argv_mode[argv_mode.index("--data_path") + 1]))
     # run from the work directory: `-c` and `-m` put the current directory first on sys.path, and the code a mode runs
     # must be the one its PYTHONPATH names
     where = cache.parent
@@ -94,13 +139,15 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
             shutil.rmtree(cache, ignore_errors=True)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "llava.train.train", *argv_mode], capture_output=True, text=True,
-                              env=env, cwd=where)
+        peak = cache.parent / f"peak-rss-{mode}.txt"
+        done = subprocess.run([sys.executable, "-c", TRAIN_CHILD, *argv_mode], capture_output=True, text=True,
+                              env={**env, "PEAK_RSS_FILE": str(peak)}, cwd=where)
         if done.returncode != 0:
             raise RuntimeError(f"{mode} training run: {done.stderr[-3000:]}")
         result["one_step_run_s"] = round(time.perf_counter() - t0, 1)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result["one_step_run_cpu_s"] = round(after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime, 1)
+        result["one_step_run_peak_rss_mib"] = round(int(peak.read_text()) / 1024, 1)
     return result
 
 
@@ -115,14 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--before_src", default=None, help="a checkout of older code: mode `before` runs it (PYTHONPATH)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the modes, interleaved; medians are reported")
     p.add_argument("--train_step", action="store_true", help="also time a whole 1-step training run per mode")
+    p.add_argument("--sources", type=int, default=1, help="K > 1: a mixture YAML of K JSONL sources (n/K records each)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import ensure_workdir
 
     workdir = Path(args.workdir).resolve()
     paths = ensure_workdir(workdir, args.size, 400)
-    data = make_records(workdir, args.n)
-    cache = workdir / f"index-cache-{args.n}"
+    data = make_records(workdir, args.n) if args.sources == 1 else make_mixture(workdir, args.n, args.sources)
+    cache = workdir / (f"index-cache-{args.n}" + ("" if args.sources == 1 else f"-{args.sources}"))
     modes = (args.modes or ("before," if args.before_src else "") + "per_start,first_start,restart").split(",")
     if "before" in modes and not args.before_src:
         p.error("mode before needs --before_src")

@@ -78,6 +78,8 @@ def _train_argv(p: dict, *, drop: tuple[str, ...] = (), **flags: str) -> list[st
     ("dpo_flag_in_sft", "--beta 0.5 apply to preference tuning: add --training_stage dpo (or run `llava dpo`)"),
     ("dpo_loss_type", "--loss_type must be sigmoid or ipo, got hinge"),
     ("dpo_packing", "--packing is not available with --training_stage dpo"),
+    ("mixture_bad_strategy", "mix.yaml, entry 1 (d.json): sampling_strategy 'some:5' is not one of all, first:N"),
+    ("eval_mixture_missing_source", "--eval_data_path "),
 ])
 def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
     if case.startswith("megatron"):
@@ -109,7 +111,13 @@ def test_train_mistakes(train_paths, tmp_path, capsys, case, expected):
         "dpo_flag_in_sft": lambda: _train_argv(p, beta="0.5"),
         "dpo_loss_type": lambda: _train_argv(p, training_stage="dpo", loss_type="hinge"),
         "dpo_packing": lambda: _train_argv(p, training_stage="dpo", packing="True"),
+        "mixture_bad_strategy": lambda: _train_argv(p, data_path=str(_write(tmp_path / "mix.yaml", (
+            "datasets:\n  - json_path: d.json\n    sampling_strategy: some:5\n")))),
+        "eval_mixture_missing_source": lambda: _train_argv(p, eval_data_path=str(_write(
+            tmp_path / "eval.yaml", "datasets:\n  - json_path: gone.json\n"))),
     }[case]()
+    if case == "eval_mixture_missing_source":
+        expected = f"--eval_data_path {tmp_path / 'eval.yaml'}, entry 1 (gone.json): json_path gone.json does not exist"
     assert expected in one_error_line(capsys, argv, "llava train")
 
 

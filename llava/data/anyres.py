@@ -27,10 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from llava.constants import HAS_CLS_TOKEN
-from llava.data.images import ImageLoadError, resolve_image_path
+from llava.data.images import image_ref_size
 from llava.errors import UsageValueError
 
 ASPECT_RATIOS = ("pad", "square", "anyres", "anyres_max_N")
@@ -164,19 +162,10 @@ class AnyresLayout:
         return (best_h // self.tower_image_size) * (best_w // self.tower_image_size) + 1
 
 
-def read_image_sizes(image_folder: str | Path, paths: list[str]) -> list[tuple[int, int]]:
-    """``(height, width)`` of each image from its header (nothing decoded); ``ImageLoadError`` as the loader raises."""
-    sizes = []
-    for rel in paths:
-        real = resolve_image_path(image_folder, rel)
-        try:
-            with Image.open(real) as image:
-                width, height = image.size
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise ImageLoadError("unreadable", rel, f"cannot read the image header ({err})",
-                                 image_folder=image_folder) from err
-        sizes.append((height, width))
-    return sizes
+def read_image_sizes(image_folder: str | Path | None, paths: list) -> list[tuple[int, int]]:
+    """``(height, width)`` of each image (a path or embedded bytes) from its header (nothing decoded);
+    ``ImageLoadError`` as the loader raises."""
+    return [image_ref_size(image_folder, ref) for ref in paths]
 
 
 _COPIED_KEYS = ("image_mean", "image_std", "resample", "rescale_factor", "do_rescale", "do_normalize",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,20 +27,13 @@ import torch
 from torch.utils.data import Dataset
 
 from llava.data.anyres import AnyresLayout, process_anyres_images, read_image_sizes
-from llava.data.images import ImageLoadError, expand2square, load_image_rgb
-from llava.data.index import (
-    IndexSettings,
-    InMemoryRecords,
-    default_cache_dir,
-    file_digest,
-    load_or_build_index,
-    local_main_first,
-    open_records,
-)
+from llava.data.images import ImageLoadError, expand2square, open_image_ref
+from llava.data.index import IndexSettings, default_cache_dir, local_main_first
 from llava.data.records import Record, parse_record
+from llava.data.sources import mixture_table, open_sources, source_specs, take_rows
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import tokenize_conversation
-from llava.data.validate import DataError, ProblemLog, image_problem_kind, load_raw_records
+from llava.data.validate import DataError, ProblemLog, image_problem_kind
 from llava.data.video import (
     VideoLayout,
     VideoLoadError,
@@ -77,6 +69,8 @@ class LazySupervisedDataset(Dataset):
         video: VideoLayout | None = None,
         video_folder: str | os.PathLike | None = None,
         video_token_id: int | None = None,
+        seed: int = 0,
+        data_flag: str = "--data_path",
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -95,20 +89,32 @@ class LazySupervisedDataset(Dataset):
         self._failed: set[int] = set()
         # records, lengths, modality and validation (llava/data/validate.py, as `llava data check`): from the shared
         # index (llava/data/index.py), computed once and cached by content, tokenizer, template and settings
-        index = self._load_index(data_path, index_cache_dir, index_workers, show_progress)
-        self.index_from_cache = index.from_cache
+        # sources (llava/data/sources.py): the one --data_path, or each entry of a mixture YAML, each with its own
+        # cached index; the dataset holds (source number, raw row) per sample
+        specs = source_specs(data_path, None if image_folder is None else str(image_folder),
+                             None if video_folder is None else str(video_folder), flag=data_flag)
+        self.sources, indexes = self._load_index(specs, index_cache_dir, index_workers, show_progress)
+        self.raw = self.sources[0].store
+        self.sources_from_cache = [index.from_cache for index in indexes]  # per source: index read, not built
+        self.index_from_cache = all(self.sources_from_cache)
+        mix = take_rows(self.sources, indexes, seed)
+        del indexes
         self.problems = ProblemLog()  # records that fail validation
-        for record_id, message in self.raw.bad_lines:
-            self.problems.add("invalid_json", message, record_id)
-        for kind, message, record_id in index.problems:
+        for src in {id(src.store): src for src in self.sources}.values():
+            for record_id, message in src.store.bad_lines:
+                self.problems.add("invalid_json", message, record_id)
+        for kind, message, record_id in mix.problems:
             self.problems.add(kind, message, record_id)
         self.dropped = ProblemLog()  # samples that are valid data but cannot train (too long, nothing supervised)
-        for kind, message, record_id in index.dropped:
+        for kind, message, record_id in mix.dropped:
             self.dropped.add(kind, message, record_id)
-        self._keep = index.keep
-        self._lengths = index.lengths
-        self._has_image = index.has_image
-        self._has_video = index.has_video
+        self._source = mix.source
+        self._keep = mix.rows
+        self._lengths = mix.lengths
+        self._has_image = mix.has_image
+        self._has_video = mix.has_video
+        logger.info("%s: %d sample(s) from %d source(s):\n%s", data_path, len(self._keep), len(self.sources),
+                    mixture_table(self.sources))
         if self.problems.counts:
             if on_bad_sample == "error":
                 raise DataError(
@@ -123,25 +129,16 @@ class LazySupervisedDataset(Dataset):
         if not len(self._keep):
             raise DataError(f"{data_path}: no trainable record left")
 
-    def _load_index(self, data_path, cache_dir, workers: int, show_progress: bool):
-        """Raw records memory-mapped from Arrow and the cached index when ``cache_dir`` is given; else the records
-        in memory and the index computed here (``workers`` processes)."""
-        digest = file_digest(data_path)
-        settings = IndexSettings(image_folder=None if self.image_folder is None else str(self.image_folder),
-                                 image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
-                                 model_max_length=self.model_max_length, mm_use_im_start_end=self.mm_use_im_start_end,
-                                 anyres=self.anyres, video=self.video, video_folder=self.video_folder,
-                                 video_token_id=self.video_token_id)
-        if cache_dir:
-            self.raw = open_records(data_path, cache_dir, digest)
-        else:
-            problems = ProblemLog(max_examples=1 << 30)
-            records = load_raw_records(data_path, problems)
-            self.raw = InMemoryRecords(records, list(zip(problems.ids.get("invalid_json", []),
-                                                         problems.examples.get("invalid_json", []))))
-        return load_or_build_index(self.raw, digest, self.tokenizer, self.template, settings, cache_dir=cache_dir,
-                                   workers=workers, show_progress=show_progress,
-                                   desc=f"indexing {Path(data_path).name}")
+    def _load_index(self, specs, cache_dir, workers: int, show_progress: bool):
+        """Per source: raw records memory-mapped from Arrow (or read in place: Parquet, `datasets`) and the cached
+        index when ``cache_dir`` is given; else the records in memory and the index computed here. Each source's
+        index has its own image and video folders (``open_sources`` sets them from the source)."""
+        settings = IndexSettings(image_folder=None, image_token_id=self.image_token_id,
+                                 num_image_tokens=self.num_image_tokens, model_max_length=self.model_max_length,
+                                 mm_use_im_start_end=self.mm_use_im_start_end, anyres=self.anyres, video=self.video,
+                                 video_folder=None, video_token_id=self.video_token_id)
+        return open_sources(specs, settings, self.tokenizer, self.template, cache_dir=cache_dir, workers=workers,
+                            show_progress=show_progress)
 
     @classmethod
     def from_args(cls, data_path, model_args, data_args, training_args, built, template, **overrides) -> LazySupervisedDataset:
@@ -164,6 +161,7 @@ class LazySupervisedDataset(Dataset):
             video=built.video,
             video_folder=data_args.video_folder,
             video_token_id=getattr(built.model.config, "video_token_id", None) if built.video is not None else None,
+            seed=training_args.seed,
         )
         kwargs.update(overrides)
         with local_main_first():
@@ -208,7 +206,15 @@ class LazySupervisedDataset(Dataset):
 
     def record(self, i: int) -> Record:
         j = int(self._keep[i])
-        return parse_record(self.raw[j], j)
+        return parse_record(self.sources[self._source[i]].store[j], j)
+
+    def sample_image_folder(self, i: int) -> str | None:
+        """The image folder of sample ``i``'s source (``--image_folder`` unless its mixture entry gives one)."""
+        return self.sources[self._source[i]].image_folder
+
+    def sample_video_folder(self, i: int) -> str | None:
+        """The video folder of sample ``i``'s source (``--video_folder`` unless its mixture entry gives one)."""
+        return self.sources[self._source[i]].video_folder
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | None]:
         """Sample ``i``; when its image fails now (deleted, disk error) the next good index is returned instead and
@@ -234,21 +240,22 @@ class LazySupervisedDataset(Dataset):
 
     def _load(self, i: int) -> dict[str, torch.Tensor | None]:
         record = self.record(i)
+        folder = self.sample_image_folder(i)
         if record.video is not None:
-            return self._load_video(record)
+            return self._load_video(record, folder, self.sample_video_folder(i))
         if self.anyres is not None:
-            return self._load_anyres(record)
+            return self._load_anyres(record, folder)
         sample = self._tokenize(record)
         return {
             "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
             "labels": torch.tensor(sample.labels, dtype=torch.long),
-            "pixel_values": self.load_pixel_values(record),
+            "pixel_values": self.load_pixel_values(record, folder),
         }
 
-    def _load_anyres(self, record: Record) -> dict[str, torch.Tensor | None]:
+    def _load_anyres(self, record: Record, folder=None) -> dict[str, torch.Tensor | None]:
         """anyres: ``pixel_values`` ``[n_images, views, 3, S, S]`` and ``image_sizes`` ``[n_images, 2]`` from the native
         image processor; the token counts come from the decoded images' sizes."""
-        images = self._open_images(record)
+        images = self._open_images(record, folder)
         sample = self._tokenize(record, [(im.height, im.width) for im in images])
         item = {"input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
                 "labels": torch.tensor(sample.labels, dtype=torch.long), "pixel_values": None}
@@ -256,20 +263,22 @@ class LazySupervisedDataset(Dataset):
             item.update(process_anyres_images(self.image_processor, images))
         return item
 
-    def _load_video(self, record: Record) -> dict[str, torch.Tensor | None]:
+    def _load_video(self, record: Record, folder=None, video_folder=None) -> dict[str, torch.Tensor | None]:
         """A record with a video: its sampled frames decoded (seeking, resized to the tower's input as decoded) into
-        ``pixel_values_videos`` ``[1, frames, 3, S, S]``; its images (OneVision / LlavaNext anyres) beside them."""
+        ``pixel_values_videos`` ``[1, frames, 3, S, S]``; its images (OneVision / LlavaNext anyres) beside them. The
+        video is under ``video_folder`` (its source's: a mixture entry's own, else ``--video_folder``)."""
         layout = self.video
+        video_folder = self.video_folder if video_folder is None else str(video_folder)
         if layout is None:
             raise VideoLoadError("missing", record.video, f"record {record.id!r} has a video but --video_folder is not set")
         try:
-            info = probe_video(self.video_folder, record.video)
+            info = probe_video(video_folder, record.video)
             indices = sample_frame_indices(info.frames, info.fps, layout.sampling)
-            frames = decode_video_frames(self.video_folder, record.video, indices, size=layout.frame_size, info=info)
+            frames = decode_video_frames(video_folder, record.video, indices, size=layout.frame_size, info=info)
         except VideoLoadError as err:
             raise VideoLoadError(err.kind, err.path, f"{err.detail} (record {record.id!r})",
-                                 video_folder=self.video_folder) from err
-        images = self._open_images(record)
+                                 video_folder=video_folder) from err
+        images = self._open_images(record, folder)
         n_tokens: int | list[int] = self.num_image_tokens
         if images and self.anyres is not None:
             n_tokens = self.anyres.record_image_tokens([(im.height, im.width) for im in images])
@@ -285,22 +294,25 @@ class LazySupervisedDataset(Dataset):
             item.update(process_anyres_images(self.image_processor, images))
         return item
 
-    def _open_images(self, record: Record) -> list:
+    def _open_images(self, record: Record, folder=None) -> list:
+        """The record's images decoded (paths under ``folder``, default ``--image_folder``; embedded bytes here, in
+        the DataLoader worker); an error names the record id (and an embedded image's source file and row)."""
+        folder = self.image_folder if folder is None else folder
         images = []
         for rel in record.images:
             try:
-                image, _ = load_image_rgb(self.image_folder, rel)
+                image, _ = open_image_ref(folder, rel)
             except ImageLoadError as err:
                 raise ImageLoadError(err.kind, err.path, f"{err.detail} (record {record.id!r})",
-                                     image_folder=self.image_folder) from err
+                                     image_folder=err.image_folder) from err
             images.append(image)
         return images
 
-    def load_pixel_values(self, record: Record) -> torch.Tensor | None:
+    def load_pixel_values(self, record: Record, folder=None) -> torch.Tensor | None:
         if not record.images:
             return None
         images = []
-        for image in self._open_images(record):
+        for image in self._open_images(record, folder):
             if self.image_aspect_ratio == "pad":
                 image = expand2square(image, tuple(int(x * 255) for x in self.image_processor.image_mean))
             images.append(image)

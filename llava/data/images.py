@@ -18,11 +18,13 @@ errors: they are converted (see :func:`to_rgb`) and the conversion is reported i
 
 from __future__ import annotations
 
+import io
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llava.data.records import EmbeddedImage
 from llava.errors import UsageError
 
 __all__ = [
@@ -30,7 +32,10 @@ __all__ = [
     "IMAGE_ERROR_KINDS",
     "ImageLoadError",
     "expand2square",
+    "check_image_ref",
+    "image_ref_size",
     "load_image_rgb",
+    "open_image_ref",
     "open_image_rgb",
     "resolve_image_path",
     "to_rgb",
@@ -259,6 +264,41 @@ def load_image_rgb(
         return open_image_rgb(real, max_pixels=max_pixels)
     except ImageLoadError as err:
         raise ImageLoadError(err.kind, rel, err.detail, image_folder=image_folder) from err
+
+
+def open_image_ref(image_folder: str | Path | None, ref: str | EmbeddedImage, *,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, list[str]]:
+    """The one way a record's image is opened: a path (:func:`load_image_rgb`, confined to ``image_folder``) or
+    embedded bytes (decoded from memory; an error names ``ref.name``, i.e. the source file and row)."""
+    if not isinstance(ref, EmbeddedImage):
+        return load_image_rgb(image_folder, ref, max_pixels=max_pixels)
+    try:
+        return open_image_rgb(io.BytesIO(ref.data), max_pixels=max_pixels)
+    except ImageLoadError as err:
+        raise ImageLoadError(err.kind, ref.name, err.detail) from err
+
+
+def image_ref_size(image_folder: str | Path | None, ref: str | EmbeddedImage) -> tuple[int, int]:
+    """``(height, width)`` from the image's header (nothing decoded); ``ImageLoadError`` as the loader raises."""
+    if isinstance(ref, EmbeddedImage):
+        source, name, folder = io.BytesIO(ref.data), ref.name, None
+    else:
+        source, name, folder = resolve_image_path(image_folder, ref), ref, image_folder
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageLoadError("unreadable", name, f"cannot read the image header ({err})", image_folder=folder) from err
+    return height, width
+
+
+def check_image_ref(image_folder: str | Path | None, ref: str | EmbeddedImage) -> None:
+    """What the index checks without decoding: a path exists inside the folder (:func:`resolve_image_path`);
+    embedded bytes have an image header PIL reads."""
+    if isinstance(ref, EmbeddedImage):
+        image_ref_size(None, ref)
+    else:
+        resolve_image_path(image_folder, ref)
 
 
 def expand2square(img: Image.Image, background_color: tuple[int, int, int]) -> Image.Image:

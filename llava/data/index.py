@@ -47,11 +47,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llava.data.index_batch import index_records
+from llava.data.stores import SavedDatasetRecords, is_table_store, open_table_store, parquet_files  # noqa: F401
 from llava.data.validate import DataError, iter_jsonl, load_raw_records, require_saved_dataset
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 _CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
                  "index_batch", "video")
 CHUNK = 2048  # records per worker task
@@ -94,6 +95,32 @@ def file_digest(path: str | os.PathLike) -> str:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def cached_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str:
+    """:func:`file_digest` of ``path``, remembered in ``<cache_dir>/digests/`` under the files' metadata (real path,
+    size, mtime_ns, inode of the file, or of every file of a directory): a restart reads metadata, not the bytes.
+    Any write to a file changes its mtime, hence the metadata key, hence a fresh hash."""
+    if not cache_dir:
+        return file_digest(path)
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()]]
+    stamp = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    memo = Path(cache_dir) / "digests" / f"{stamp}.txt"
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = file_digest(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError as err:
+        logger.warning("could not remember the digest of %s in %s: %s", path, memo.parent, err)
+    return digest
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -156,39 +183,11 @@ class InMemoryRecords(Sequence):
         return self.records[int(i)]
 
 
-class SavedDatasetRecords(Sequence):
-    """A ``save_to_disk`` directory (already Arrow, memory-mapped by ``datasets``); rows as dicts."""
-
-    def __init__(self, path: str | os.PathLike):
-        # datasets (slow to import) only for a `datasets` directory
-        import datasets
-
-        self.path = str(path)
-        self.bad_lines: list[tuple[str, str]] = []
-        self._ds = datasets.load_from_disk(str(require_saved_dataset(self.path)))
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def __getitem__(self, i: int) -> Any:
-        return self._ds[int(i)]
-
-    def batch(self, start: int, stop: int) -> list[Any]:
-        columns = self._ds[start:stop]
-        return [dict(zip(columns, row)) for row in zip(*columns.values())]
-
-    def __getstate__(self):
-        return {"path": self.path}
-
-    def __setstate__(self, state):
-        self.__init__(state["path"])
-
-
 def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, digest: str | None = None):
     """The records of ``data_path`` as a memory-mapped sequence (converted to Arrow on first use)."""
     path = Path(data_path)
-    if path.is_dir():
-        return SavedDatasetRecords(path)
+    if is_table_store(path):  # Parquet / a `datasets` directory: already columnar, read in place
+        return open_table_store(path if parquet_files(path) else require_saved_dataset(path))
     if not path.is_file():
         raise FileNotFoundError(f"--data_path {data_path} does not exist")
     digest = digest or file_digest(path)
@@ -285,6 +284,9 @@ class DatasetIndex:
     image_dirs: dict[str, int] = field(default_factory=dict)  # directory -> mtime_ns when indexed
     from_cache: bool = False
     has_video: np.ndarray | None = None  # kept samples with a video (None: an index without the field)
+    problem_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # record position per problem
+    dropped_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ... and per dropped sample
+    records: int = 0  # records in the store (valid or not)
 
 
 def index_key(digest: str, tokenizer, template, settings: IndexSettings) -> str:
@@ -348,6 +350,9 @@ def build_index(store, tokenizer, template, settings: IndexSettings, *, workers:
         problems=[p for r in results for p in r["problems"]],
         dropped=[p for r in results for p in r["dropped"]],
         has_video=np.concatenate([r["has_video"] for r in results]).astype(bool) if results else np.zeros(0, bool),
+        problem_rows=np.concatenate([np.zeros(0, np.int64)] + [r["problem_rows"] for r in results]),
+        dropped_rows=np.concatenate([np.zeros(0, np.int64)] + [r["dropped_rows"] for r in results]),
+        records=n,
     )
     dirs = sorted({d for r in results for d in r["image_dirs"]})
     index.image_dirs = {d: _mtime_ns(d) for d in dirs}
@@ -387,9 +392,10 @@ def _image_dirs_unchanged(dirs: dict[str, int]) -> bool:
 def _write_index(path: Path, key: str, index: DatasetIndex) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"key": key, "format": INDEX_FORMAT, "problems": index.problems, "dropped": index.dropped,
-            "image_dirs": index.image_dirs}
+            "image_dirs": index.image_dirs, "records": index.records}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, keep=index.keep, lengths=index.lengths, has_image=index.has_image, has_video=index.has_video,
+             problem_rows=index.problem_rows, dropped_rows=index.dropped_rows,
              meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     os.replace(tmp, path)
 
@@ -404,7 +410,9 @@ def _read_index(path: Path, key: str) -> DatasetIndex | None:
             return DatasetIndex(keep=f["keep"], lengths=f["lengths"], has_image=f["has_image"],
                                 problems=[tuple(p) for p in meta["problems"]],
                                 dropped=[tuple(p) for p in meta["dropped"]], image_dirs=meta["image_dirs"],
-                                from_cache=True, has_video=f["has_video"] if "has_video" in f else None)
+                                from_cache=True, has_video=f["has_video"] if "has_video" in f else None,
+                                problem_rows=f["problem_rows"], dropped_rows=f["dropped_rows"],
+                                records=meta["records"])
     except (OSError, ValueError, KeyError) as err:
         logger.warning("could not read the dataset index %s (%s): rebuilding", path, err)
         return None

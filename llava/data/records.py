@@ -31,10 +31,23 @@ class Message:
     content: str
 
 
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image whose bytes are in the record (a Parquet / Arrow image column), not a path under the image folder.
+    ``name`` says where it came from, e.g. ``train-00001.parquet#row=17/image[0]``; decoded only when used
+    (``llava.data.images.open_image_ref``)."""
+
+    data: bytes = field(repr=False)
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
 @dataclass
 class Record:
     id: str
-    images: list[str]
+    images: list[str | EmbeddedImage]
     messages: list[Message]
     extras: dict[str, Any] = field(default_factory=dict)
     video: str | None = None  # a video file or a directory of frames, relative to --video_folder (llava/data/video.py)
@@ -42,6 +55,9 @@ class Record:
     @property
     def num_image_placeholders(self) -> int:
         return sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in self.messages)
+
+
+ORIGIN_KEY = "__origin__"  # set by stores of embedded-image rows: "file.parquet#row=17", named in image errors
 
 
 class RecordError(UsageValueError):
@@ -100,7 +116,8 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
         id=rid,
         images=images,
         messages=messages,
-        extras={k: v for k, v in raw.items() if k not in ("id", "image", "images", "conversations", "video")},
+        extras={k: v for k, v in raw.items()
+                if k not in ("id", "image", "images", "conversations", "video", ORIGIN_KEY)},
         video=video,
     )
     if video is not None:
@@ -136,17 +153,32 @@ def _video_placeholder(messages: list[Message], n_images: int, rid: str) -> list
     return messages
 
 
-def _parse_images(raw: dict, rid: str) -> list[str]:
+def _parse_images(raw: dict, rid: str) -> list[str | EmbeddedImage]:
     if raw.get("image") is not None and raw.get("images") is not None:
         raise RecordError("bad_type", rid, "image", "the record has both 'image' and 'images'; use one of them")
     key = "images" if raw.get("images") is not None else "image"
     value = raw.get(key)
     if value is None:
         return []
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+    values = [value] if isinstance(value, (str, bytes, dict)) else value
+    if not isinstance(values, list):
         raise RecordError("bad_type", rid, key, f"expected a path or a list of paths, got {_describe(value)}")
-    return list(values)
+    origin = raw.get(ORIGIN_KEY) or f"record {rid}"
+    refs = [_image_ref(v, f"{origin}/{key}[{k}]") for k, v in enumerate(values)]
+    if not all(refs):
+        raise RecordError("bad_type", rid, key, f"expected a path or a list of paths (or image bytes), got "
+                          f"{_describe(value)}")
+    return refs
+
+
+def _image_ref(value: Any, name: str) -> str | EmbeddedImage | None:
+    """A path (a non-empty string), embedded bytes (raw, or ``{"bytes": ..., "path": ...}`` as the ``datasets`` Image
+    feature and LLaVA-OneVision-Data's Parquet store them; a null ``bytes`` with a path is that path), else None."""
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return EmbeddedImage(bytes(value), name)
+    return value if isinstance(value, str) and value else None
 
 
 def _check_roles(messages: list[Message], rid: str) -> None:

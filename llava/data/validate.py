@@ -22,8 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, open_image_rgb, resolve_image_path
-from llava.data.records import Record
+from llava.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    check_image_ref,
+    open_image_ref,
+    open_image_rgb,
+    resolve_image_path,
+)
+from llava.data.records import EmbeddedImage, Record
+from llava.data.stores import is_table_store, open_table_store, parquet_files
 from llava.errors import UsagePathError, UsageValueError
 
 
@@ -74,17 +82,14 @@ def iter_jsonl(path: str | os.PathLike, with_lines: bool = False):
 
 def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None = None,
                      line_numbers: list[int] | None = None):
-    """A JSON list, a JSONL file, or a ``datasets`` directory -> an indexable sequence of raw dicts.
+    """A JSON list, a JSONL file, Parquet file(s) or a ``datasets`` directory -> an indexable sequence of raw dicts.
 
     A JSONL line that is not JSON raises ``DataError``, or, when ``problems`` is given, is logged there as
     ``invalid_json`` (record id ``line N``) and skipped. ``line_numbers`` (JSONL) receives each kept record's line.
     """
     path = Path(data_path)
-    if path.is_dir():
-        # datasets (slow to import) only for a `datasets` directory
-        import datasets
-
-        return datasets.load_from_disk(str(require_saved_dataset(path)))
+    if is_table_store(path):  # Parquet file(s) or a `datasets` directory: read in place (llava/data/stores.py)
+        return open_table_store(path if parquet_files(path) else require_saved_dataset(path))
     if not path.is_file():
         raise UsagePathError(f"--data_path {data_path} does not exist")
     if path.suffix == ".jsonl":
@@ -115,7 +120,8 @@ def require_saved_dataset(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
         raise DataError(f"--data_path {path} is a directory that `datasets` did not save (no state.json or "
-                        f"dataset_dict.json): give a LLaVA JSON/JSONL file or a `save_to_disk` directory")
+                        f"dataset_dict.json) and holds no .parquet file: give a LLaVA JSON/JSONL file, Parquet "
+                        f"file(s) or a `save_to_disk` directory")
     return path
 
 
@@ -127,11 +133,11 @@ def image_problem_kind(err: ImageLoadError) -> str:
 def record_image_problem(record: Record, image_folder: str | os.PathLike | None) -> tuple[str, str] | None:
     """``(kind, message)`` of the first problem with ``record``'s images found without decoding them (no
     ``--image_folder``, a missing file, a path outside the folder), or ``None``."""
-    if record.images and not image_folder:
+    if not image_folder and any(isinstance(ref, str) for ref in record.images):
         return "no_image_folder", f"record {record.id!r} has images but --image_folder is not set"
     for rel in record.images:
         try:
-            resolve_image_path(image_folder, rel)
+            check_image_ref(image_folder, rel)  # embedded bytes: their header is read
         except ImageLoadError as err:
             return image_problem_kind(err), f"record {record.id!r}: {err}"
     return None
@@ -141,10 +147,13 @@ def check_one_image(image_folder: str | os.PathLike, rel: str, decode: bool = Tr
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, list[str]]:
     """``((width, height) | None, notes)`` or an :class:`ImageLoadError`, returned (not raised) for a thread pool."""
     try:
-        real = resolve_image_path(image_folder, rel)
         if not decode:
+            check_image_ref(image_folder, rel)
             return None, []
-        image, notes = open_image_rgb(real, max_pixels=max_pixels)
+        if isinstance(rel, EmbeddedImage):
+            image, notes = open_image_ref(image_folder, rel, max_pixels=max_pixels)
+        else:
+            image, notes = open_image_rgb(resolve_image_path(image_folder, rel), max_pixels=max_pixels)
         return image.size, notes
     except ImageLoadError as err:
         return err, []

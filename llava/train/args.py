@@ -24,6 +24,7 @@ import transformers
 import yaml
 
 from llava.data.anyres import check_anyres_flags, parse_image_aspect_ratio
+from llava.data.sources import source_specs
 from llava.data.templates import get_template
 from llava.data.video_flags import check_video_flags
 from llava.errors import RaiseOnUsageError, UsagePathError, UsageValueError, one_line, require_model_path, require_path
@@ -36,7 +37,8 @@ logger = logging.getLogger("llava.train")
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "LLaVA JSON, JSONL, or a `datasets` directory on disk"})
+    data_path: str = field(default=None, metadata={
+        "help": "LLaVA JSON/JSONL, Parquet, a `datasets` directory, or a LLaVA-NeXT mixture YAML (seeded by --seed)"})
     image_folder: str | None = field(default=None, metadata={"help": "root that image paths are relative to"})
     image_aspect_ratio: str = field(default="square", metadata={
         "help": "pad (to square, mean colour), square, anyres (LLaVA-NeXT tiles -> LlavaNext) or anyres_max_N "
@@ -44,7 +46,7 @@ class DataArguments:
     image_grid_pinpoints: str | None = field(default=None, metadata={
         "help": "anyres grids as LLaVA-NeXT writes them: '(1x1),...,(3x3)' (width x height) in units of the tower's "
                 "input size, or '[[336, 672], [672, 336]]' [width, height] pixels; default (1x2),(2x1),(2x2),(3x1),(1x3) for anyres, (1x1),...,(6x6) for anyres_max_N"})
-    eval_data_path: str | None = field(default=None, metadata={"help": "held-out records for eval loss/accuracy"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "held-out records (as --data_path)"})
     on_bad_sample: str = field(default="error", metadata={"help": "error: stop before training; skip: drop, count"})
     image_placement: str = field(default="front", metadata={
         "help": "front: a record's single <image> moves to the front of its turn (\"<image>\\n\" + text), as "
@@ -71,10 +73,6 @@ class DataArguments:
     def __post_init__(self):
         if self.data_path is None:
             raise ValueError("--data_path is required")
-        if str(self.data_path).endswith((".yaml", ".yml")):
-            raise ValueError(f"--data_path {self.data_path}: LLaVA-NeXT's dataset-mixture YAML (datasets: json_path + "
-                             f"sampling_strategy) is not read here; combine the files it lists into one JSON/JSONL "
-                             f"file (or a `datasets` directory) and pass that")
         if self.frames_upbound < 0 or self.video_fps <= 0:
             raise ValueError(f"--frames_upbound must be >= 0 and --video_fps > 0, got {self.frames_upbound} and "
                              f"{self.video_fps}")
@@ -244,7 +242,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     if model_args.pretrain_mm_mlp_adapter:
         require_path("--pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter, kind="file",
                      hint="stage 1 writes OUTPUT_DIR/mm_projector.safetensors")
-    require_path("--data_path", data_args.data_path, hint="give a LLaVA JSON/JSONL file or a `datasets` directory")
+    require_path("--data_path", data_args.data_path, hint="give a LLaVA JSON/JSONL file, Parquet file(s), a "
+                 "`datasets` directory or a dataset-mixture YAML")
     if data_args.image_folder:
         require_path("--image_folder", data_args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
@@ -252,7 +251,12 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
         require_path("--video_folder", data_args.video_folder, kind="dir",
                      hint="give the directory the records' video paths are relative to")
     if data_args.eval_data_path:
-        require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file")
+        require_path("--eval_data_path", data_args.eval_data_path, hint="give a LLaVA JSON/JSONL file, Parquet "
+                     "file(s), a `datasets` directory or a dataset-mixture YAML")
+    for flag in ("--data_path", "--eval_data_path"):  # a mixture's entries: keys, strategies, paths
+        path = getattr(data_args, flag[2:])
+        if path:
+            source_specs(path, data_args.image_folder, data_args.video_folder, flag=flag)
     if Path(training_args.output_dir).is_file():
         raise UsagePathError(f"--output_dir {training_args.output_dir} is a file; give a directory (created if missing)")
     resume = training_args.resume_from_checkpoint

@@ -109,8 +109,8 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     eval_dataset = None
     if data_args.eval_data_path:
         eval_dataset = LazySupervisedDataset.from_args(
-            data_args.eval_data_path, model_args, data_args, training_args, built, template
-        )
+            data_args.eval_data_path, model_args, data_args, training_args, built, template,
+            data_flag="--eval_data_path")
 
     # --- trainer: padded batches, or padding-free rows of whole samples (--packing)
     pad_id = built.tokenizer.pad_token_id

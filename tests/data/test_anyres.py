@@ -157,7 +157,7 @@ def _argv(tiny_models, shapes_data, *extra):
     (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial"], "got 'spatial'"),
     (["--mm_patch_merge_type", "spatial_unpad"], "--mm_patch_merge_type 'spatial_unpad' merges the crops"),
     (["--mm_patch_merge_type", "unpad_bogus"], "--mm_patch_merge_type 'unpad_bogus'"),
-    (["--mm_newline_position", "one_token"], "--mm_newline_position 'one_token'"),
+    (["--mm_newline_position", "one_frame"], "--mm_newline_position 'one_frame'"),  # one_token: video (#22)
     (["--image_grid_pinpoints", "(1x1),...,(2x2)"], "needs --image_aspect_ratio anyres"),
     (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--image_grid_pinpoints",
       "[[64, 100]]"], "[64, 100] is not a multiple of the vision tower's input size 64"),

@@ -1,6 +1,7 @@
-"""LLaVA-NeXT's published training scripts: their flag sets parse verbatim and take effect; two of them run.
+"""LLaVA-NeXT's published training scripts: their flag sets parse verbatim and take effect; three of them run.
 
-    pytest tests/train/test_llava_next_scripts.py            # the run (stage 1 + the 1.6 stage 2) is marked slow
+    pytest tests/train/test_llava_next_scripts.py            # the runs (stage 1 + the 1.6 stage 2; finetune_ov.sh with
+                                                             # its onevision.yaml, 2 ZeRO-3 processes) are marked slow
 
 The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``LLaVA-NeXT/scripts/train/pretrain_clip.sh``,
 ``pretrain_siglip.sh``, ``direct_finetune_clip.sh`` (the LLaVA-NeXT 1.6 recipe, the README's ``finetune_clip.sh``),
@@ -9,7 +10,8 @@ The flags below are those of LLaVA-VL/LLaVA-NeXT (commit df17966) ``LLaVA-NeXT/s
 ``--unfreeze_mm_vision_tower``),
 written as the scripts pass them (``--flag=value`` forms included). Only these change: model, data and output paths
 (tiny models; a CLIP tower at 336 px and a SigLIP at 384 px so the scripts' pixel pinpoints fit them; the OneVision
-data YAML becomes a JSON file, since the dataset-mixture YAML is refused with a message, checked here), the run name
+data YAML is the ``onevision.yaml`` of LLaVA-NeXT's training scripts with its paths changed, in ``tests/train/data/``),
+the run name
 (``direct_finetune_*.sh`` pass ``--run_name $MID_RUN_NAME``, which those scripts never set), and on CPU ``--bf16`` and
 ``--tf32`` False, as ``tests/train/test_llava15_scripts.py`` does for LLaVA-1.5; the two runs also leave out
 ``--torch_compile True --torch_compile_backend inductor`` (parsed and checked, but inductor compiles for minutes on
@@ -189,12 +191,17 @@ def test_flag_set_parses_and_takes_effect(next_paths, name, caplog):
         assert data_args.video_folder == next_paths["IMAGES"] and model_args.mm_newline_position == "one_token"
 
 
-def test_dataset_mixture_yaml_is_refused(next_paths, tmp_path):
+def test_dataset_mixture_yaml_is_read_and_video_records_parse(next_paths, tmp_path):
     mixture = tmp_path / "next_ov_stage_july21.yaml"
     mixture.write_text(f"datasets:\n  - json_path: {next_paths['QA']}\n    sampling_strategy: all\n")
-    argv = script_argv("finetune_ov", {**next_paths, "QA": str(mixture)})
-    with pytest.raises(UsageValueError, match=r"--data_path .*next_ov_stage_july21.yaml: LLaVA-NeXT's dataset-mixture"):
-        parse_args(argv)
+    argv = script_argv("finetune_ov", {**next_paths, "QA": str(mixture)}) + ["--mm_newline_position", "one_token"]
+    assert parse_args(argv)[1].data_path == str(mixture)  # read by llava/data/sources.py (tests/data/test_sources.py)
+    from llava.data.records import parse_record
+
+    video = {"id": "v1", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<image>\nWhat happens?"},
+                                                                 {"from": "gpt", "value": "A dog runs."}]}
+    record = parse_record(video)  # LLaVA-NeXT's <image> of a video record is its <video> (llava/data/video.py)
+    assert (record.video, record.images, record.messages[0].content) == ("clip.mp4", [], "<video>\nWhat happens?")
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +244,101 @@ def test_next_recipe_runs_and_saves_native_llava_next(next_runs, next_paths):
     lm = largest_change(model.model.language_model, AutoModelForCausalLM.from_pretrained(next_paths["LLM"]).model)
     assert 0 < tower <= 2e-6 * 1.1, tower
     assert 4e-6 < lm <= 1e-5 * 1.1, lm
+
+
+# --- finetune_ov.sh with its data: LLaVA-NeXT's onevision.yaml, paths changed (tests/train/data/onevision.yaml)
+OV_YAML = Path(__file__).parent / "data" / "onevision.yaml"
+VIDEO_FILES = ("academic_source_30s_v1_all.json", "0718_0_30_s_academic_mc_v0_1_all.json", "sharegpt4video_255000.json")
+
+
+def _ov_entries() -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(OV_YAML.read_text())["datasets"]
+
+
+def write_ov_mixture(root: Path, next_paths: dict[str, str], *, video: bool) -> Path:
+    """The YAML beside tiny files at each of its paths: the anyres records (images only) in every image entry (JSONL
+    where the YAML names .jsonl), video records in its three video entries; ``video=False`` leaves those entries out."""
+    records = [r for r in json.loads(Path(next_paths["QA"]).read_text()) if "image" in r or "images" in r]
+    text = OV_YAML.read_text()
+    for entry in _ov_entries():
+        path = root / entry["json_path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = records
+        if path.name in VIDEO_FILES:
+            rows = [{"id": f"{path.stem}-v{i}", "video": f"v{i}.mp4", "conversations": [
+                {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "A dog runs."}]}
+                for i in range(2)]
+        path.write_text("\n".join(json.dumps(r) for r in rows) if path.suffix == ".jsonl" else json.dumps(rows))
+    if not video:
+        lines = text.splitlines()
+        drop = {i + k for i, line in enumerate(lines) if any(v in line for v in VIDEO_FILES) for k in (0, 1)}
+        text = "\n".join(line for i, line in enumerate(lines) if i not in drop) + "\n"
+    out = root / ("onevision.yaml" if video else "onevision_images.yaml")
+    out.write_text(text)
+    return out
+
+
+def test_onevision_yaml_video_entries_are_read_and_missing_videos_name_the_entry(next_paths, tmp_path):
+    """The YAML's three video entries parse as video records (no refusal since video landed); their clips are not in
+    the tiny test data, so each taken video record is reported as ``video_missing``, its message naming the entry."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llava.data.dataset import LazySupervisedDataset
+    from llava.data.validate import DataError
+    from llava.data.video_flags import video_layout_from_flags
+    from llava.model.builder import add_multimodal_tokens
+
+    mixture = write_ov_mixture(tmp_path, next_paths, video=True)
+    argv = script_argv("finetune_ov", {**next_paths, "QA": str(mixture)}) + ["--mm_newline_position", "one_token"]
+    model_args, data_args, _ = parse_args(argv)
+    assert data_args.data_path == str(mixture) and data_args.video_folder == next_paths["IMAGES"]
+    tower = AutoConfig.from_pretrained(model_args.vision_tower)
+    layout = video_layout_from_flags(model_args, data_args, getattr(tower, "vision_config", tower))
+    tok = AutoTokenizer.from_pretrained(next_paths["LLM"])
+    add_multimodal_tokens(tok, False, video=True)
+    kwargs = dict(template=get_template("qwen_1_5"), image_processor=None, image_folder=next_paths["IMAGES"],
+                  image_token_id=tok.convert_tokens_to_ids("<image>"), num_image_tokens=64, model_max_length=32768,
+                  show_progress=False, index_cache_dir=None, video=layout, video_folder=data_args.video_folder,
+                  video_token_id=tok.convert_tokens_to_ids("<video>"))
+    entries = {Path(e["json_path"]).name: k for k, e in enumerate(_ov_entries(), 1)}
+    with pytest.raises(DataError) as info:
+        LazySupervisedDataset(mixture, tok, **kwargs)
+    first = VIDEO_FILES[0]
+    assert (f"entry {entries[first]} (llava_instruct/real_vision_flan/{first}): record "
+            f"'{Path(first).stem}-v0': ") in str(info.value) and "video_missing" in str(info.value)
+    ds = LazySupervisedDataset(mixture, tok, on_bad_sample="skip", **kwargs)
+    assert dict(ds.problems.counts) == {"video_missing": 2 * len(VIDEO_FILES)}  # every video entry is "all"
+    assert not any(ds.record(i).video for i in range(len(ds)))
+    assert all("v0.mp4" in m or "v1.mp4" in m for m in ds.problems.examples["video_missing"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_finetune_ov_runs_with_its_yaml_two_processes_zero3(next_paths, tmp_path):
+    """finetune_ov.sh's flags and YAML (its video entries left out: the tiny test data has no clips for them), 2 steps in 2 DeepSpeed ZeRO-3
+    processes; the mixture's size is the sum of LLaVA-NeXT's per-entry counts, computed here."""
+    import math
+
+    from tests.train.test_distributed import PROBE, deepspeed, step_losses
+
+    mixture = write_ov_mixture(tmp_path, next_paths, video=False)
+    out = tmp_path / "ov"
+    argv = script_argv("finetune_ov", {**next_paths, "QA": str(mixture), "OUT": str(tmp_path)}, max_steps=2)
+    argv += ["--mm_newline_position", "one_token"]  # LLaVA-NeXT's default grid is refused with --video_folder
+    log = deepspeed([PROBE], argv, timeout=900)
+    assert sorted(step_losses(out)) == [1, 2]
+    n = len([r for r in json.loads(Path(next_paths["QA"]).read_text()) if "image" in r or "images" in r])
+    expected = 0
+    for entry in _ov_entries():
+        if Path(entry["json_path"]).name in VIDEO_FILES:
+            continue
+        strategy = str(entry.get("sampling_strategy", "all"))
+        amount = strategy.partition(":")[2]
+        expected += n if strategy == "all" else min(n, math.ceil(int(amount[:-1]) * n / 100) if amount.endswith("%")
+                                                   else int(amount))
+    total = next(line.split() for line in log.splitlines() if line.startswith("total "))
+    assert total[2] == f"{expected:,}" and total[3] == f"{expected:,}", total  # taken, trainable
+    assert json.loads((out / "llava_args.json").read_text())["data_args"]["data_path"] == str(mixture)
+    assert (out / "config.json").is_file()

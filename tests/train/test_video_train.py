@@ -236,3 +236,38 @@ def test_predict_video_prompts_as_training_and_answers(onevision_run, video_corp
                  "--prompt", "Which way does the dot move?", "--max_new_tokens", "3"]) == 0
     expected = predictor.answer_video(video_corpus["video_folder"], "clip0.mp4", "Which way does the dot move?", 3)
     assert capsys.readouterr().out == expected + "\n"  # the tiny model may well answer with its end token: ""
+
+
+def test_mixture_entry_trains_its_videos_from_its_own_video_folder(tiny_models, video_corpus, tmp_path):
+    """A mixture entry's ``video_folder`` is where its videos load from (index and ``__getitem__``); an entry without
+    one uses ``--video_folder``, here a decoy folder whose ``clip0.mp4`` is another clip (a blue dot moving left)."""
+    from llava.data.video import decode_video_frames, frames_to_pixel_values, probe_video, sample_frame_indices
+    from tests.data.video_clips import moving_dot_frames, write_clip
+
+    decoy = tmp_path / "decoy_videos"
+    write_clip(decoy / "clip0.mp4", moving_dot_frames(8, -1, colour=(40, 40, 250)), fps=4)
+    other = tmp_path / "decoy.json"
+    other.write_text(json.dumps([{"id": "decoy", "video": "clip0.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhich way does the dot move?"}, {"from": "gpt", "value": "left"}]}]))
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text(f"datasets:\n  - json_path: {video_corpus['train']}\n"
+                       f"    video_folder: {video_corpus['video_folder']}\n  - json_path: {other}\n")
+    argv = video_argv(tiny_models, video_corpus, tmp_path / "out")
+    for flag, value in (("--data_path", mixture), ("--video_folder", decoy), ("--max_steps", 1)):
+        argv[argv.index(flag) + 1] = str(value)
+    ds = train(argv).train_dataset  # any video of entry 1 looked up in the decoy folder: video_missing, no run
+    assert not ds.problems.counts and len(ds) == len(video_corpus["records"]) + 1
+    ids = {ds.record(i).id: i for i in range(len(ds))}
+    assert ds.sample_video_folder(ids["v0"]) == str(video_corpus["video_folder"])
+    assert ds.sample_video_folder(ids["decoy"]) == str(decoy)
+
+    def pixels(folder):
+        info = probe_video(folder, "clip0.mp4")
+        indices = sample_frame_indices(info.frames, info.fps, ds.video.sampling)
+        frames = decode_video_frames(folder, "clip0.mp4", indices, size=ds.video.frame_size, info=info)
+        return frames_to_pixel_values(frames, ds.image_processor)[None]
+
+    own, decoyed = pixels(video_corpus["video_folder"]), pixels(decoy)
+    assert not torch.equal(own, decoyed)
+    assert torch.equal(ds[ids["v0"]]["pixel_values_videos"], own)
+    assert torch.equal(ds[ids["decoy"]]["pixel_values_videos"], decoyed)

@@ -73,6 +73,10 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
             model_args.attn_implementation not in (None, "sdpa", "eager"),
         f"--image_aspect_ratio {data_args.image_aspect_ratio} (LlavaNext / LlavaOnevision: use the hf backend)":
             str(data_args.image_aspect_ratio).startswith("anyres"),
+        "--video_folder (video: LlavaOnevision / LlavaNextVideo: use the hf backend)": bool(data_args.video_folder),
+        "--training_stage dpo (preference tuning: use the hf backend)":
+            getattr(training_args, "training_stage", "sft") == "dpo",
+        "--tiled_mlp_shards (the LM runs megatron-core's MLP)": getattr(training_args, "tiled_mlp_shards", 0) > 1,
         "--mm_vision_tower_lr / --mm_vision_tower_lr_decay (parameter groups of the hf backend's optimizer)":
             getattr(training_args, "mm_vision_tower_lr", None) is not None
             or getattr(training_args, "mm_vision_tower_lr_decay", None) is not None,

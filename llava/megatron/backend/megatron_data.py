@@ -40,6 +40,7 @@ def load_processor_bits(hf_dir: str | Path, model_args):
         image_token_id=config.image_token_id,
         num_image_tokens=num_image_tokens(config.vision_config, config.vision_feature_select_strategy),
         layout=None,  # no anyres here: the Megatron backend refuses --image_aspect_ratio anyres at start-up
+        video=None,  # no video here: the Megatron backend refuses --video_folder at start-up
     )
     return processor, bits
 

@@ -283,6 +283,11 @@ def test_export_loads_in_transformers_and_predicts(runs, shapes_data):
     (["--gradient_checkpointing", "True"], "--gradient_checkpointing True"),
     (["--optim", "sgd"], "--optim sgd"),
     (["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad"], "--image_aspect_ratio anyres"),
+    (["--video_folder", ".", "--mm_newline_position", "one_token", "--force_sample", "True",
+      "--frames_upbound", "4", "--image_aspect_ratio", "anyres_max_9", "--mm_patch_merge_type", "spatial_unpad"],
+     "--video_folder"),
+    (["--training_stage", "dpo"], "--training_stage dpo"),
+    (["--tiled_mlp_shards", "2"], "--tiled_mlp_shards"),
     pytest.param(["--use_cpu", "True", "--bf16", "True"], "--bf16 True without a GPU",  # Float16Optimizer: CUDA only
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 trains on a GPU")),
 ])

@@ -123,6 +123,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the high-resolution demo instead (llava/demo/fine_detail.py): pad vs anyres")
     parser.add_argument("--dpo", type=_bool, default=False, metavar="BOOL",
                         help="the preference-tuning demo instead (llava/demo/preference_demo.py): SFT vs DPO")
+    parser.add_argument("--video", type=_bool, default=False, metavar="BOOL",
+                        help="the video demo instead (llava/demo/time_order.py): clips vs single frames")
     for name, value in vars(defaults).items():
         kind = _bool if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name}", type=kind, default=value, metavar=kind.__name__.strip("_").upper())
@@ -146,6 +148,11 @@ def demo_main(args: argparse.Namespace) -> int:
         from llava.demo.preference_demo import run_dpo_demo  # imports torch: only when the demo runs
 
         run_dpo_demo(args.workdir, seed=args.seed)
+        return 0
+    if getattr(args, "video", False):
+        from llava.demo.time_order import run_video_demo  # imports torch: only when the demo runs
+
+        run_video_demo(args.workdir)
         return 0
     if args.anyres:
         # `llava --help` imports this module: torch loads only when the demo runs

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -62,6 +63,10 @@ VARIANTS = {  # name: extra training flags
     "padded_fused_adamw": ["--optim", "adamw_torch_fused"],  # AdamW as one fused kernel (the default is LLaVA's loop)
     "trl": [],  # TRL's SFTTrainer on the same model, data and settings (scripts/bench_trl.py; the `bench` extra)
 }
+# --video_mix N: N clips join the mix and every variant trains the OneVision video recipe (its images anyres_max)
+VIDEO_FLAGS = ["--mm_newline_position", "one_token", "--mm_spatial_pool_mode", "bilinear", "--mm_spatial_pool_stride",
+               "2", "--force_sample", "True", "--image_aspect_ratio", "anyres_max_2", "--mm_patch_merge_type",
+               "spatial_unpad", "--image_grid_pinpoints", "(1x1),...,(2x2)"]
 
 
 def _status_kib(key: str) -> int | None:
@@ -139,6 +144,9 @@ class VariantRun:
         n_images = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
         if "image_sizes" in batch:  # anyres: the tower runs on every crop and the base view
             n_images = sum(self.built.layout.num_views(int(h), int(w)) for h, w in batch["image_sizes"].tolist())
+        videos = batch.get("pixel_values_videos")
+        n_frames = 0 if videos is None else videos.shape[0] * videos.shape[1]
+        n_images += n_frames  # the tower runs on every sampled frame
         before = reset_peak_rss()
         cpu0 = _cpu_seconds()
         loss = self.compute(batch, num_items)
@@ -151,7 +159,7 @@ class VariantRun:
         if record:
             self.records.append({"wait": t1 - t0, "wall": t2 - t0, "real": sum(lengths), "samples": len(lengths),
                                  "supervised": int((batch["labels"][..., 1:] != -100).sum()), "cpu": cpu,
-                                 "slots": batch["input_ids"].numel(), "loss": loss,
+                                 "frames": n_frames, "slots": batch["input_ids"].numel(), "loss": loss,
                                  "flops": self.counts.step_flops(lengths, n_images)})
 
     def summary(self, peak: float) -> dict:
@@ -168,6 +176,7 @@ class VariantRun:
             "mfu": round(sum(x["flops"] for x in r) / wall / peak, 4),
             "mean_loss": round(statistics.fmean(x["loss"] for x in r), 4),
             "supervised_tokens": sum(x["supervised"] for x in r),
+            "video_frames": sum(x["frames"] for x in r),
             "time_to_first_step_s": round(self.first_step_s, 2),
             "step_peak_mib": round(self.step_peak_kib / 1024, 1),
         }
@@ -191,9 +200,45 @@ def ensure_workdir(workdir: Path, size: str, n: int) -> dict[str, Path]:
     return {"data_path": workdir / "mix.jsonl", "image_folder": workdir / "images", "llm": llm, "vision_tower": vision}
 
 
+def add_video_records(workdir: Path, n: int, frames: int, seed: int = 0) -> dict[str, Path]:
+    """``n`` clips (a dot moving left or right, 12 to 40 frames of 64 px at 8 fps, encoded with PyAV) under
+    ``workdir/videos`` and ``mix_video{n}.jsonl``: the mix's records and ``n`` video records (one to four turns of
+    LLaVA-Video-like Q&A), shuffled together; made once."""
+    import random
+
+    from llava.demo.moving_dots import moving_dot_frames, write_clip
+
+    out = workdir / f"mix_video{n}.jsonl"
+    if out.is_file():
+        return {"data_path": out, "video_folder": workdir / "videos"}
+    rng = random.Random(f"bench-video-{seed}")
+    records = [json.loads(line) for line in (workdir / "mix.jsonl").read_text().splitlines() if line]
+    questions = [("Which way does the dot move?", "{d}"), ("Describe the video.", "A {c} dot moves to the {d} over "
+                  "{n} frames on a light grey background; nothing else changes."), ("How many dots are there?", "one"),
+                 ("What colour is the dot?", "It is {c} in every frame.")]
+    for i in range(n):
+        direction, colour = rng.choice((1, -1)), rng.choice(("red", "green", "blue"))
+        rgb = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 230)}[colour]
+        length = rng.randint(max(frames, 12), 40)
+        rel = f"clip_{i:05d}.mp4"
+        if not (workdir / "videos" / rel).is_file():
+            write_clip(workdir / "videos" / rel, moving_dot_frames(length, direction, size=64, colour=rgb), fps=8)
+        words = {"d": "right" if direction > 0 else "left", "c": colour, "n": length}
+        turns = []
+        for k, (q, a) in enumerate(rng.sample(questions, rng.randint(1, len(questions)))):
+            turns += [{"from": "human", "value": f"<video>\n{q}" if k == 0 else q},
+                      {"from": "gpt", "value": a.format(**words)}]
+        records.append({"id": f"video_{i:05d}", "video": rel, "conversations": turns})
+    rng.shuffle(records)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"data_path": out, "video_folder": workdir / "videos"}
+
+
 def base_argv(paths: dict, args) -> list[str]:
+    video = (["--video_folder", str(paths["video_folder"]), "--frames_upbound", str(args.video_frames), *VIDEO_FLAGS]
+             if args.video_mix else [])
     return ["--model_name_or_path", str(paths["llm"]), "--vision_tower", str(paths["vision_tower"]),
-            "--version", "vicuna_v1", "--data_path", str(paths["data_path"]),
+            "--version", "vicuna_v1", "--data_path", str(paths["data_path"]), *video,
             "--image_folder", str(paths["image_folder"]), "--output_dir", str(Path(args.workdir) / "out"),
             "--per_device_train_batch_size", str(args.batch_size), "--model_max_length", str(args.model_max_length),
             "--dataloader_num_workers", str(args.workers), "--max_steps", str(args.warmup + args.steps + 1),
@@ -214,12 +259,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model_max_length", type=int, default=1024)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video_mix", type=int, default=0, help="add this many clips (made if missing) to the mix and "
+                   "train the OneVision video recipe (images anyres_max_2)")
+    p.add_argument("--video_frames", type=int, default=8, help="--frames_upbound with --video_mix (forced)")
     p.add_argument("--extra", default="", help="more training flags for every variant, one string")
     p.add_argument("--profile", default="", help="comma-separated variants: profile steps of each by component")
     p.add_argument("--profile_rounds", type=int, default=1, help="profiled steps per variant, interleaved; median")
     args = p.parse_args(argv)
     paths = ensure_workdir(Path(args.workdir), args.size, args.n)
+    if args.video_mix:
+        paths.update(add_video_records(Path(args.workdir), args.video_mix, args.video_frames, args.seed))
     names = args.variants.split(",")
+    load0 = os.getloadavg()[0]
     runs = [VariantRun(name, base_argv(paths, args) + VARIANTS[name], args.seed) for name in names]
     peak = matmul_peak_flops()
     for run in runs:
@@ -235,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         done, flip = done + block, not flip
         print(f"bench: {done}/{args.steps} steps of every variant", file=sys.stderr, flush=True)
     result = {"bench": "train", "model": str(paths["llm"].name), "batch_size": args.batch_size,
+              "video_mix": args.video_mix, "load_1min": {"start": load0, "end": os.getloadavg()[0]},
               "model_max_length": args.model_max_length, "workers": args.workers, "threads": torch.get_num_threads(),
               "matmul_peak_gflops": round(peak / 1e9, 1),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -263,7 +315,9 @@ def print_table(result: dict) -> None:
     for name, r in result["ratios"].items():
         print(f"{name}: real tokens/s x{r['real_tokens_per_s']}, per CPU-second x{r['real_tokens_per_cpu_s']}, "
               f"samples/s x{r['samples_per_s']}")
-    print(f"matmul peak {result['matmul_peak_gflops']} GFLOP/s, peak RSS {result['peak_rss_mib']} MiB")
+    print(f"matmul peak {result['matmul_peak_gflops']} GFLOP/s, peak RSS {result['peak_rss_mib']} MiB, load "
+          f"{result['load_1min']['start']:.1f} -> {result['load_1min']['end']:.1f}"
+          + (f", {result['video_mix']} clips in the mix" if result["video_mix"] else ""))
     for name, table in result.get("profile_ms", {}).items():
         total = sum(table.values())
         print(f"{'profile: ' + name:28}{'ms':>10}{'share':>8}")

@@ -74,3 +74,22 @@ def test_bench_train_reports_every_field(tiny_mix, tmp_path):
     assert set(table) >= {"data_wait", "vision_tower", "attention", "mlp", "optimizer"}
     assert all(ms >= 0 for ms in table.values()) and table["mlp"] > 0 and table["vision_tower"] > 0
     assert "packed/padded: real tokens/s" in out.stdout
+
+
+def test_bench_train_video_mix_packed_vs_padded(tiny_mix, tmp_path):
+    """``--video_mix``: clips join the mix, both variants train the OneVision video recipe on the same samples."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_train.py"), "--workdir", str(tiny_mix), "--size", "tiny",
+           "--variants", "padded,packed", "--steps", "3", "--block", "1", "--batch_size", "8", "--video_mix", "60",
+           "--video_frames", "4", "--model_max_length", "512", "--workers", "1"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("{")))
+    records = [json.loads(line) for line in (tiny_mix / "mix_video60.jsonl").read_text().splitlines()]
+    assert sum("video" in r for r in records) == 60 and len(records) == 60 + 120
+    padded, packed = result["variants"]["padded"], result["variants"]["packed"]
+    assert padded["video_frames"] == packed["video_frames"] > 0 and padded["video_frames"] % 4 == 0
+    assert packed["mean_loss"] == pytest.approx(padded["mean_loss"], abs=1e-3)  # the same samples and tokens
+    assert packed["padding_fraction"] < padded["padding_fraction"]
+    assert result["video_mix"] == 60 and set(result["load_1min"]) == {"start", "end"}
+    assert "60 clips in the mix" in out.stdout

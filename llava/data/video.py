@@ -99,9 +99,20 @@ def sample_frame_indices(total: int, fps: float, sampling: VideoSampling) -> lis
     return indices
 
 
-def time_instruction(info: VideoInfo, indices: list[int]) -> str:
+def frame_times(info: VideoInfo, indices: list[int], sampling: VideoSampling) -> list[float]:
+    """The times LLaVA-NeXT writes for the sampled frames: ``index / fps`` when ``--frames_upbound`` capped (or
+    ``--force_sample`` forced) the sampling, ``index / step`` (the sampling step, ``round(fps / video_fps)``) when it
+    did not -- seconds only at ``--video_fps 1`` --; a directory of frames ``index / 2`` (its shareVideoGPTV path)."""
+    step = max(1, round(info.fps / sampling.video_fps))
+    capped = sampling.frames_upbound > 0 and (len(range(0, info.frames, step)) > sampling.frames_upbound
+                                              or sampling.force_sample)
+    divisor = info.fps if info.frame_dir or capped else step
+    return [i / divisor for i in indices]
+
+
+def time_instruction(info: VideoInfo, indices: list[int], sampling: VideoSampling) -> str:
     """LLaVA-NeXT's ``--add_time_instruction`` sentence (its text, missing space included)."""
-    frame_time = ",".join(f"{i / info.fps:.2f}s" for i in indices)
+    frame_time = ",".join(f"{t:.2f}s" for t in frame_times(info, indices, sampling))
     return (f"The video lasts for {info.duration:.2f} seconds, and {len(indices)} frames are uniformly sampled from "
             f"it. These frames are located at {frame_time}.Please answer the following questions related to this "
             f"video.")
@@ -298,7 +309,7 @@ def video_messages(messages: list[Message], info: VideoInfo, indices: list[int],
         return messages
     first = next(i for i, m in enumerate(messages) if m.role == "user")
     out = [Message(m.role, m.content.replace(DEFAULT_VIDEO_TOKEN, "")) for m in messages]
-    out[first] = Message("user", f"{DEFAULT_VIDEO_TOKEN}\n{time_instruction(info, indices)}\n{out[first].content}")
+    out[first] = Message("user", f"{DEFAULT_VIDEO_TOKEN}\n{time_instruction(info, indices, layout.sampling)}\n{out[first].content}")
     return out
 
 

@@ -58,12 +58,60 @@ def test_time_instruction_is_llava_next_text():
     assert indices == [0, 31, 62, 94]
     expected = ("The video lasts for 9.50 seconds, and 4 frames are uniformly sampled from it. These frames are located "
                 "at 0.00s,3.10s,6.20s,9.40s.Please answer the following questions related to this video.")
-    assert time_instruction(info, indices) == expected
+    assert time_instruction(info, indices, VideoSampling(4, 1, True)) == expected
     record = parse_record({"id": "a", "video": "x.mp4", "conversations": [
         {"from": "human", "value": "What happens? <image>"}, {"from": "gpt", "value": "x"}]})
     layout = VideoLayout(64, 4, add_time_instruction=True)
     first = video_messages(record.messages, info, indices, layout)[0].content
     assert first == f"<video>\n{expected}\nWhat happens? "  # LLaVA-NeXT: token, sentence, the turn without its token
+
+
+def llava_next_time_instruction(total: int, fps: float, video_fps: float, upbound: int, force: bool) -> str:
+    """LLaVA-NeXT's ``process_video_with_decord`` frame times and train.py's sentence, as written there: in the
+    uncapped case a frame's time is its index over the sampling step ``avg_fps``, in the capped one over the fps."""
+    video_time = total / fps
+    avg_fps = round(fps / video_fps)
+    frame_idx = [i for i in range(0, total, avg_fps)]
+    frame_time = [i / avg_fps for i in frame_idx]
+    if upbound > 0:
+        if len(frame_idx) > upbound or force:
+            frame_idx = np.linspace(0, total - 1, upbound, dtype=int).tolist()
+            frame_time = [i / fps for i in frame_idx]
+    frame_time = ",".join([f"{i:.2f}s" for i in frame_time])
+    num_frames_to_sample = len(frame_idx)
+    return (f"The video lasts for {video_time:.2f} seconds, and {num_frames_to_sample} frames are uniformly sampled "
+            f"from it. These frames are located at {frame_time}.Please answer the following questions related to "
+            f"this video.")
+
+
+@pytest.mark.parametrize("fps", [10.0, 24.0, 25.0, 29.97, 30.0])
+def test_frame_times_are_llava_next(fps):
+    """Every case where LLaVA-NeXT samples (``round(fps / video_fps)`` > 0; 0 raises there): index / step
+    uncapped (e.g. 29.97 fps at --video_fps 2: frame 15 is at 1.00s), index / fps capped or forced."""
+    differs = 0
+    for total in (1, 7, 30, 31, 300, 1801):
+        for video_fps in (0.5, 1, 2, 5):
+            for upbound in (0, 1, 8, 32, 64):
+                for force in (False, True):
+                    if force and not upbound:
+                        continue
+                    sampling = VideoSampling(upbound, video_fps, force)
+                    info = VideoInfo(frames=total, fps=fps, height=32, width=32)
+                    indices = sample_frame_indices(total, fps, sampling)
+                    expected = llava_next_time_instruction(total, fps, video_fps, upbound, force)
+                    assert time_instruction(info, indices, sampling) == expected, (total, video_fps, upbound, force)
+                    differs += ",".join(f"{i / fps:.2f}s" for i in indices) not in expected
+    assert differs > 0  # index / fps everywhere (the old formula) fails this test
+
+
+def test_frame_directory_times_are_llava_next():
+    """LLaVA-NeXT's frame-directory path: ``avg_fps = 2``, each sampled frame at index / 2, the video total / 2."""
+    info = VideoInfo(frames=9, fps=2.0, height=32, width=32, frame_dir=True)
+    for sampling in (VideoSampling(4, 1, True), VideoSampling(0, 2, False), VideoSampling(0, 1, False)):
+        indices = sample_frame_indices(9, 2.0, sampling)
+        times = ",".join(f"{i / 2:.2f}s" for i in indices)
+        assert f"lasts for 4.50 seconds, and {len(indices)} frames" in time_instruction(info, indices, sampling)
+        assert f"located at {times}.Please" in time_instruction(info, indices, sampling)
 
 
 @pytest.fixture(scope="module")

@@ -150,9 +150,9 @@ def demo_main(args: argparse.Namespace) -> int:
         run_dpo_demo(args.workdir, seed=args.seed)
         return 0
     if getattr(args, "video", False):
-        from llava.demo.time_order import run_video_demo  # imports torch: only when the demo runs
+        from llava.demo.time_order import VideoDemoConfig, run_video_demo  # imports torch: only when it runs
 
-        run_video_demo(args.workdir)
+        run_video_demo(args.workdir, VideoDemoConfig(seed=args.seed))
         return 0
     if args.anyres:
         # `llava --help` imports this module: torch loads only when the demo runs

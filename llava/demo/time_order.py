@@ -6,7 +6,7 @@ the same clips, and compares held-out accuracy.
 Each clip (``FRAMES`` frames of ``SIZE`` px, encoded with PyAV) asks one of two questions whose answer is the order
 of its frames:
 
-    direction  "Which way does the dot move?"   left | right   (a dot crossing the frame at a random speed)
+    direction  "Which way does the dot move?"   left | right   (a green bar crossing the frame, edge to edge)
     order      "Which colour came first?"       red | blue     (a still dot that turns from one colour to the other)
 
 A clip answering ``left`` (``blue``) is a clip answering ``right`` (``red``) played backwards, drawn from the same
@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPVisionModel
 
+from llava.data.video import frames_to_pixel_values
 from llava.demo.moving_dots import write_clip
 from llava.demo.tiny_models import write_tiny_llm, write_tiny_vision_tower
 from llava.serve.eval import format_table, normalize_answer
@@ -40,7 +42,7 @@ from llava.train.train import train
 SIZE = 32  # frame side (px): the tiny tower's input, so frames are never resized
 FRAMES = 4  # frames per clip, all sampled (--frames_upbound 4 --force_sample True)
 PATCH = 16  # the tower's patch: 2 x 2 features per frame, pooled to one token per frame (bilinear, stride 2)
-DOT = 12  # the dot's side (px)
+DOT = 12  # the dot's side and the bar's width (px)
 BACKGROUND = (235, 235, 235)
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 230)}
 QUESTIONS = {
@@ -128,7 +130,7 @@ def _train_argv(models: dict, data: dict, records: Path, out: Path, cfg: VideoDe
             "--use_cpu", "True", "--dataloader_num_workers", "0"]
 
 
-def _permutations(seed: int) -> list[tuple[int, ...]]:
+def _permutations() -> list[tuple[int, ...]]:
     """Every order of the frames but forward and backward: the set is closed under reversal, so order-based
     answers come out right and wrong equally often."""
     identity = tuple(range(FRAMES))
@@ -164,16 +166,14 @@ def evaluate_time_order(video_model: Path, single_model: Path, data: dict, seed:
     records = json.loads(Path(data["heldout"]).read_text())
     video, single = Predictor.load(video_model), Predictor.load(single_model)
     rng = random.Random(f"time-order-eval-{seed}")
-    perms = _permutations(seed)
-    prompts, real = [], []
+    perms = _permutations()
+    prompts, real = [], []  # both models share the tokenizer and the tower's processor: one prompt, one pixels
     for rec in records:
         ids, pixels = video.video_prompt(data["video_folder"], rec["video"], QUESTIONS[rec["question_type"]][0])
         prompts.append(ids)
         real.append(pixels)
     blank = video.video_prompt(data["video_folder"], records[0]["video"], "")[1].clone()
     white = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
-    from llava.data.video import frames_to_pixel_values
-
     blank[0] = frames_to_pixel_values([white] * FRAMES, video.processor.image_processor)
     conditions = {
         "video model, frames in order": (video, real),
@@ -199,15 +199,11 @@ def write_position_aware_tower(out_dir: Path, seed: int = 0, position_std: float
     """The tiny CLIP tower (``SIZE`` px input, ``PATCH`` px patches) with its position embeddings drawn at
     ``position_std``, the scale of a patch's own embedding: CLIP's init (std 0.02) leaves a random tower's features
     nearly blind to where a patch is, which a trained tower is not; "which side is the dot on" needs it."""
-    from transformers import CLIPVisionModel
-
     write_tiny_vision_tower(out_dir, image_size=SIZE, patch_size=PATCH, seed=seed)
     tower = CLIPVisionModel.from_pretrained(out_dir)
-    weight = tower.get_input_embeddings().weight  # the patch embedding (a Conv2d)
     positions = tower.base_model.embeddings.position_embedding.weight
     with torch.no_grad():
         positions.copy_(torch.randn(positions.shape, generator=torch.Generator().manual_seed(seed)) * position_std)
-    assert weight.shape[-1] == PATCH
     tower.save_pretrained(out_dir)
     return out_dir
 

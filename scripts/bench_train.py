@@ -21,7 +21,9 @@ before it: Linux ``VmHWM`` reset through ``/proc/self/clear_refs``). Peak RSS is
 one process: run one variant alone for its own figure). ``trl`` is TRL's ``SFTTrainer`` on the same model, data and
 settings (``scripts/bench_trl.py``; needs the ``bench`` extra). With
 ``--profile A,B`` one more step of each named variant (``--profile_rounds`` steps, interleaved, median per
-component) is profiled and split by component.
+component) is profiled and split by component. ``--video_mix N`` adds N tiny clips (made with PyAV) to the mix and
+trains every variant with the OneVision video recipe (``--frames_upbound --video_frames``, forced): packed vs padded
+for a video mix; ``video_frames`` counts the frames each variant's steps decoded.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ td.answer.wrong{background:#fdecea}td.answer.right{background:#e8f5e9}
 .thumbs{display:flex;flex-wrap:wrap;gap:4px;align-items:flex-start}.thumbs img{max-width:160px;max-height:160px;image-rendering:auto;
 border:1px solid #dde2ea;background:#fafafa}
 .video{flex-basis:100%;margin-top:2px}.frames{display:flex;flex-wrap:wrap;gap:3px}
-figure.frame{margin:0;text-align:center;font-size:11px;color:#5b6475}figure.frame img{max-width:96px;max-height:96px}
+figure.frame{margin:0;text-align:center;font-size:11px;color:#5b6475}figure.frame img{width:72px;height:auto;max-height:96px;object-fit:contain}
 .noimg{display:inline-block;max-width:220px;padding:6px;border:1px dashed #b3261e;color:#b3261e;font-size:12px}
 .filters{position:sticky;top:0;background:#fff;padding:8px 0;z-index:2;border-bottom:1px solid #dde2ea}
 .filters label{margin-right:16px}.count{color:#5b6475}

@@ -125,28 +125,47 @@ def make_anyres_processor(layout: AnyresLayout, tower_processor, tokenizer, visi
     )
 
 
-class OnevisionProcessorFiles:
-    """Stands in for ``LlavaOnevisionProcessor`` where transformers cannot build it (without torchvision: its video
-    processor needs it). Training reads ``tokenizer`` / ``image_processor``; ``save_pretrained`` writes the files
-    ``LlavaOnevisionProcessor.save_pretrained`` writes for images (tokenizer, chat template, processor_config.json
-    with the image processor and the counting settings), which ``AutoProcessor`` reads where torchvision exists."""
+class ProcessorFiles:
+    """Stands in for a native processor that transformers cannot build without torchvision (its video half needs it):
+    training reads ``tokenizer`` / ``image_processor``; ``save_pretrained`` writes the files the native class's
+    ``save_pretrained`` writes (tokenizer, chat template, ``processor_config.json`` with the image processor, the video
+    processor and the counting settings), which ``AutoProcessor`` reads where torchvision exists. A subclass names
+    the classes and gives its video processor's entry."""
+
+    processor_class = ""  # the native processor class written into processor_config.json
+    image_processor_type = ""
+    fixed_settings: dict = {}  # written after the counting settings (they win over them)
 
     def __init__(self, image_processor, tokenizer, chat_template: str | None, settings: dict):
         self.image_processor, self.tokenizer, self.chat_template, self.settings = (image_processor, tokenizer,
                                                                                    chat_template, settings)
 
+    def video_processor_dict(self, image_processor: dict) -> dict:
+        raise NotImplementedError
+
     def save_pretrained(self, save_directory, **kwargs) -> None:
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
-        image_processor = self.image_processor.to_dict()
-        image_processor["image_processor_type"] = "LlavaOnevisionImageProcessor"
-        config = {"image_processor": image_processor, "video_processor": onevision_video_processor_dict(image_processor),
-                  **self.settings, "video_token": "<video>", "processor_class": "LlavaOnevisionProcessor"}
+        image_processor = json.loads(json.dumps(self.image_processor.to_dict(), default=int))  # resample: an enum
+        image_processor["image_processor_type"] = self.image_processor_type
+        config = {"image_processor": image_processor, "video_processor": self.video_processor_dict(image_processor),
+                  **self.settings, **self.fixed_settings, "processor_class": self.processor_class}
         with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         if self.chat_template:
             with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
                 f.write(self.chat_template)
+
+
+class OnevisionProcessorFiles(ProcessorFiles):
+    """Stands in for ``LlavaOnevisionProcessor`` (see :class:`ProcessorFiles`)."""
+
+    processor_class = "LlavaOnevisionProcessor"
+    image_processor_type = "LlavaOnevisionImageProcessor"
+    fixed_settings = {"video_token": "<video>"}
+
+    def video_processor_dict(self, image_processor: dict) -> dict:
+        return onevision_video_processor_dict(image_processor)
 
 
 def onevision_video_processor_dict(image_processor: dict) -> dict:

@@ -44,9 +44,9 @@ def video_enabled(data_args) -> bool:
 def mixture_gives_video_folder(path) -> bool:
     """Whether a mixture YAML has an entry with its own ``video_folder``. Read leniently: a YAML that cannot be read
     is no video here, and ``read_mixture`` names its fault when the sources open."""
-    import yaml  # only for a mixture path
+    import yaml  # yaml and the sources module only when a mixture path is asked about
 
-    from llava.data.sources import is_mixture_path
+    from llava.data.sources import is_mixture_path  # (only for a mixture path, as yaml above)
 
     if not is_mixture_path(path):
         return False

@@ -27,7 +27,7 @@ from llava.data.anyres import AnyresLayout, build_anyres_image_processor
 from llava.data.video import VideoLayout, VideoSampling
 from llava.data.video_flags import check_video_flags, video_enabled
 from llava.errors import UsageValueError
-from llava.model.anyres_model import ProcessorFiles
+from llava.model.processor_files import ProcessorFiles
 
 VIDEO_MODEL_CLASSES = {"llava_next_video": LlavaNextVideoForConditionalGeneration}
 

@@ -21,8 +21,9 @@ import torch
 from transformers import LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 from llava.constants import IGNORE_INDEX
+from llava.data.records import parse_record
 from llava.data.video import VideoSampling
-from llava.serve.eval import evaluate
+from llava.serve.eval import batch_inputs, evaluate
 from llava.serve.predict import Predictor
 from llava.train.train import train
 from tests.data.video_clips import write_video_corpus
@@ -58,11 +59,13 @@ def expected_frames(record: dict, sampling: VideoSampling) -> list[int]:
     return indices
 
 
-def greedy_answers(trainer, out, native, sampling: VideoSampling, max_new_tokens: int = 8) -> dict[str, str]:
+def greedy_answers(trainer, out, native, sampling: VideoSampling, max_new_tokens: int = 8,
+                   add_time_instruction: bool = False, prompts: dict | None = None) -> dict[str, str]:
     """Record id -> the native model's greedy answer (no cache, one sample at a time) to the prompt and pixels the
-    training dataset builds with ``sampling``."""
+    training dataset builds with ``sampling`` (and ``--add_time_instruction``); ``prompts`` receives the prompt ids."""
     ds = trainer.train_dataset
-    saved, ds.video = ds.video, dataclasses.replace(ds.video, sampling=sampling)
+    saved, ds.video = ds.video, dataclasses.replace(ds.video, sampling=sampling,
+                                                    add_time_instruction=add_time_instruction)
     model = native.from_pretrained(out).eval()
     tokenizer = trainer.processing_class.tokenizer
     answers = {}
@@ -70,10 +73,14 @@ def greedy_answers(trainer, out, native, sampling: VideoSampling, max_new_tokens
         for i in range(len(ds)):
             item = ds[i]
             prompt_len = int((item["labels"] != IGNORE_INDEX).nonzero()[0])  # the answer's first token
+            while not tokenizer.decode(item["input_ids"][prompt_len - 1:prompt_len]).strip():
+                prompt_len -= 1  # a lone "▁" before an answer ("hi" -> "▁", "hi") is the prompt's space, not its end
             batch = trainer.data_collator([item])
             inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "image_sizes", "batch_num_images",
                                                                "pixel_values_videos")}
             ids = batch["input_ids"][:, :prompt_len]
+            if prompts is not None:
+                prompts[ds.record(i).id] = ids[0].tolist()
             new = []
             for _ in range(max_new_tokens):
                 with torch.no_grad():
@@ -90,15 +97,25 @@ def greedy_answers(trainer, out, native, sampling: VideoSampling, max_new_tokens
 
 
 def test_onevision_eval_of_videos_with_several_frame_counts_and_its_page(onevision, corpus, tmp_path, capsys):
-    """``llava eval --force_sample False --report``: every answer equals the native greedy answer; the JSON and the
-    page list each video's sampled frames (LLaVA-NeXT's formula), each shown as a thumbnail that decodes."""
+    """``llava eval --force_sample False --add_time_instruction True --report``: every answer equals the native greedy
+    answer to the training prompt with those flags; the JSON and the page list each video's sampled frames (LLaVA-NeXT's
+    formula), each shown as a thumbnail that decodes."""
     from tests.report.page_checks import eval_report_via_cli, screenshot
 
     out, trainer = onevision
-    expected = greedy_answers(trainer, out, LlavaOnevisionForConditionalGeneration, NOT_FORCED)
+    training_prompts = {}
+    expected = greedy_answers(trainer, out, LlavaOnevisionForConditionalGeneration, NOT_FORCED,
+                              add_time_instruction=True, prompts=training_prompts)
+    predictor = Predictor.load(out, video_overrides={"force_sample": False, "add_time_instruction": True})
+    for raw in corpus["records"]:  # the prompt eval writes (time sentence included) is the training prompt
+        record = parse_record(raw)
+        prompts, images, _, videos = batch_inputs(predictor, [record], str(corpus["image_folder"]),
+                                                  str(corpus["video_folder"]), False)
+        assert predictor.prompt_ids(prompts[0], images[0], videos[0]) == training_prompts[record.id], record.id
     report = tmp_path / "report"
     page = eval_report_via_cli(out, corpus["train"], corpus["image_folder"], report, capsys, extra=[
-        "--video_folder", str(corpus["video_folder"]), "--force_sample", "False", "--batch_size", "4"])
+        "--video_folder", str(corpus["video_folder"]), "--force_sample", "False", "--add_time_instruction", "True",
+        "--batch_size", "4"])
     saved = json.loads((report / "eval_results.json").read_text())
     real = saved["predictions"]["real images"]
     assert {p["id"]: p["answer"] for p in real} == expected

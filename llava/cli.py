@@ -8,6 +8,7 @@
                                                             # --report DIR: the same as an HTML page
     llava predict --model DIR --image X.png --prompt "..."
     llava eval --model DIR --data heldout.json --image_folder DIR [--blank_images] [--report DIR]
+                                                            # --data: JSON/JSONL/Parquet; --video_folder DIR: videos
     llava convert hf2mcore|mcore2hf|mcore2mcore ...         # optional Megatron path (pip install .[megatron])
     llava merge --adapter RUN_DIR --out DIR [--dtype bfloat16] [--max_shard_size 2GB]   # LoRA -> native Llava
     llava import-llava --src ORIGINAL_LLAVA_DIR --out DIR   # original LLaVA-1.5/1.6/OneVision -> native checkpoint
@@ -67,6 +68,24 @@ def _predict_parser(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--version", default=None, help="template override (for checkpoints without llava_args.json)")
     p.add_argument("--max_new_tokens", type=positive_int, default=64)
+    _video_sampling_arguments(p)
+
+
+def _true_false(text: str) -> bool:
+    """argparse type: True/False as the training flags write them (also 1/0, yes/no)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
+def _video_sampling_arguments(p) -> None:
+    """The run's frame sampling flags, read from the checkpoint's llava_args.json; given here, they replace it."""
+    g = p.add_argument_group("video frame sampling (default: the checkpoint's run)")
+    g.add_argument("--frames_upbound", type=int, default=None, help="at most this many frames (0: no cap)")
+    g.add_argument("--video_fps", type=float, default=None, help="frames per second sampled before the cap")
+    g.add_argument("--force_sample", type=_true_false, default=None, help="always --frames_upbound frames, evenly")
+    g.add_argument("--add_time_instruction", type=_true_false, default=None, help="state the frame times in the prompt")
 
 
 def _eval_parser(sub) -> None:
@@ -74,12 +93,15 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model", required=True, help="a Llava checkpoint directory written by `llava train`")
     p.add_argument("--data", required=True, help="LLaVA JSON/JSONL; the last gpt turn of each record is the gold")
     p.add_argument("--image_folder", default=None)
+    p.add_argument("--video_folder", default=None, help="the directory the records' video paths are relative to "
+                   "(LlavaOnevision / LlavaNextVideo checkpoints)")
     p.add_argument("--version", default=None)
     p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--blank_images", action="store_true", help="also score with every image blanked")
     p.add_argument("--json", action="store_true", help="also print the accuracies as JSON")
     p.add_argument("--report", default=None, metavar="DIR", help="also write an HTML page of every sample: images, "
                    "question, reference, answers (DIR/index.html, thumbnails beside it)")
+    _video_sampling_arguments(p)
 
 
 def _merge_parser(sub) -> None:

@@ -3,7 +3,9 @@
     check_video_flags(model_args, data_args, training_args)        # one-line UsageValueError naming the flag
     layout = video_layout_from_flags(model_args, data_args, vision_config)   # VideoLayout, or None without video
 
-Video is on when ``--video_folder`` is given. ``--mm_newline_position`` picks the native class:
+Video is on when ``--video_folder`` is given, or when an entry of a dataset-mixture YAML (``--data_path`` /
+``--eval_data_path``) gives its own ``video_folder``: the model class follows the data. ``--mm_newline_position``
+picks the native class:
 
 ============  ==========================  =============================================  ==========================
 newline       --mm_spatial_pool_mode      native class                                   images
@@ -23,6 +25,8 @@ the native class computes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from llava.data.anyres import parse_image_aspect_ratio
 from llava.data.video import VideoLayout, VideoSampling
 from llava.errors import UsageValueError
@@ -31,11 +35,31 @@ NATIVE_VIDEO = {"one_token": ("bilinear",), "no_token": ("average", "max")}
 
 
 def video_enabled(data_args) -> bool:
-    return bool(getattr(data_args, "video_folder", None))
+    """``--video_folder``, or a mixture entry's own ``video_folder`` (the class that trains and saves follows the data)."""
+    if getattr(data_args, "video_folder", None):
+        return True
+    return any(mixture_gives_video_folder(getattr(data_args, flag, None)) for flag in ("data_path", "eval_data_path"))
+
+
+def mixture_gives_video_folder(path) -> bool:
+    """Whether a mixture YAML has an entry with its own ``video_folder``. Read leniently: a YAML that cannot be read
+    is no video here, and ``read_mixture`` names its fault when the sources open."""
+    import yaml  # yaml and the sources module only when a mixture path is asked about
+
+    from llava.data.sources import is_mixture_path  # (only for a mixture path, as yaml above)
+
+    if not is_mixture_path(path):
+        return False
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    entries = data.get("datasets") if isinstance(data, dict) else None
+    return isinstance(entries, list) and any(isinstance(e, dict) and e.get("video_folder") for e in entries)
 
 
 def check_video_flags(model_args, data_args, training_args=None) -> None:
-    """The flag combinations a video run may use (nothing is checked without ``--video_folder``)."""
+    """The flag combinations a video run may use (nothing is checked without video: :func:`video_enabled`)."""
     if not video_enabled(data_args):
         return
     newline, mode = model_args.mm_newline_position, model_args.mm_spatial_pool_mode
@@ -75,7 +99,7 @@ def check_video_flags(model_args, data_args, training_args=None) -> None:
 
 
 def video_layout_from_flags(model_args, data_args, vision_config) -> VideoLayout | None:
-    """The run's :class:`VideoLayout` on this tower (None without ``--video_folder``)."""
+    """The run's :class:`VideoLayout` on this tower (None without video: :func:`video_enabled`)."""
     if not video_enabled(data_args):
         return None
     check_video_flags(model_args, data_args)

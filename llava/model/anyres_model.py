@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +44,7 @@ from llava.data.anyres import (
     parse_grid_pinpoints,
     parse_image_aspect_ratio,
 )
+from llava.model.processor_files import ProcessorFiles
 
 MODEL_CLASSES = {"llava_next": LlavaNextForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
 ANYRES_MODEL_TYPES = tuple(MODEL_CLASSES)
@@ -125,28 +125,15 @@ def make_anyres_processor(layout: AnyresLayout, tower_processor, tokenizer, visi
     )
 
 
-class OnevisionProcessorFiles:
-    """Stands in for ``LlavaOnevisionProcessor`` where transformers cannot build it (without torchvision: its video
-    processor needs it). Training reads ``tokenizer`` / ``image_processor``; ``save_pretrained`` writes the files
-    ``LlavaOnevisionProcessor.save_pretrained`` writes for images (tokenizer, chat template, processor_config.json
-    with the image processor and the counting settings), which ``AutoProcessor`` reads where torchvision exists."""
+class OnevisionProcessorFiles(ProcessorFiles):
+    """Stands in for ``LlavaOnevisionProcessor`` (see :class:`ProcessorFiles`)."""
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None, settings: dict):
-        self.image_processor, self.tokenizer, self.chat_template, self.settings = (image_processor, tokenizer,
-                                                                                   chat_template, settings)
+    processor_class = "LlavaOnevisionProcessor"
+    image_processor_type = "LlavaOnevisionImageProcessor"
+    fixed_settings = {"video_token": "<video>"}
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        os.makedirs(save_directory, exist_ok=True)
-        self.tokenizer.save_pretrained(save_directory)
-        image_processor = self.image_processor.to_dict()
-        image_processor["image_processor_type"] = "LlavaOnevisionImageProcessor"
-        config = {"image_processor": image_processor, "video_processor": onevision_video_processor_dict(image_processor),
-                  **self.settings, "video_token": "<video>", "processor_class": "LlavaOnevisionProcessor"}
-        with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        if self.chat_template:
-            with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
-                f.write(self.chat_template)
+    def video_processor_dict(self, image_processor: dict) -> dict:
+        return onevision_video_processor_dict(image_processor)
 
 
 def onevision_video_processor_dict(image_processor: dict) -> dict:

@@ -19,7 +19,6 @@ cannot run here: their files are written as ``save_pretrained`` writes them (``V
 from __future__ import annotations
 
 import json
-import os
 
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
@@ -28,6 +27,7 @@ from llava.data.anyres import AnyresLayout, build_anyres_image_processor
 from llava.data.video import VideoLayout, VideoSampling
 from llava.data.video_flags import check_video_flags, video_enabled
 from llava.errors import UsageValueError
+from llava.model.processor_files import ProcessorFiles
 
 VIDEO_MODEL_CLASSES = {"llava_next_video": LlavaNextVideoForConditionalGeneration}
 
@@ -70,30 +70,15 @@ def next_video_processor_dict(image_processor: dict) -> dict:
     return json.loads(json.dumps(video, default=int))  # resample is an enum
 
 
-class VideoProcessorFiles:
-    """Stands in for ``LlavaNextVideoProcessor`` (which transformers builds only with torchvision): training reads
-    ``tokenizer`` / ``image_processor``; ``save_pretrained`` writes the tokenizer, the chat template and
-    ``processor_config.json`` with the image processor, the video processor and the counting settings."""
+class VideoProcessorFiles(ProcessorFiles):
+    """Stands in for ``LlavaNextVideoProcessor`` (which transformers builds only with torchvision; see
+    ``ProcessorFiles``): its image half is LlavaNext's, its video half the frames."""
 
     processor_class = "LlavaNextVideoProcessor"
+    image_processor_type = "LlavaNextImageProcessor"
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None, settings: dict):
-        self.image_processor, self.tokenizer, self.chat_template, self.settings = (image_processor, tokenizer,
-                                                                                   chat_template, settings)
-
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        os.makedirs(save_directory, exist_ok=True)
-        self.tokenizer.save_pretrained(save_directory)
-        image_processor = json.loads(json.dumps(self.image_processor.to_dict(), default=int))
-        image_processor["image_processor_type"] = "LlavaNextImageProcessor"
-        config = {"image_processor": image_processor,
-                  "video_processor": next_video_processor_dict(image_processor),
-                  **self.settings, "processor_class": self.processor_class}
-        with open(os.path.join(save_directory, "processor_config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        if self.chat_template:
-            with open(os.path.join(save_directory, "chat_template.jinja"), "w") as f:
-                f.write(self.chat_template)
+    def video_processor_dict(self, image_processor: dict) -> dict:
+        return next_video_processor_dict(image_processor)
 
 
 def make_next_video_processor(layout: AnyresLayout, tower_processor, tokenizer, vision_config, strategy: str):

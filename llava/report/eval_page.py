@@ -4,8 +4,9 @@
     # -> eval_report/index.html (+ images/ thumbnails, eval_results.json with every prediction)
 
 The page holds the accuracy per question type (a row per run: real images, and blank images with
-``--blank_images``), then one row per sample: every image of the sample, the question (the last user turn), the
-reference answer, and each run's answer marked right or wrong as the accuracy counted it. Filters show only wrong
+``--blank_images``), then one row per sample: every image of the sample (embedded images too), a video's sampled
+frames with their times (the frames the model was given), the question (the last user turn), the reference answer,
+and each run's answer marked right or wrong as the accuracy counted it. Filters show only wrong
 answers of a run, or one question type. ``eval_results.json`` beside the page holds the same numbers and marks.
 """
 
@@ -47,14 +48,15 @@ def eval_report_main(args) -> int:
     out = prepare_report_dir("--report", args.report)  # before the model loads: a bad folder fails at once
     results = run_eval(args)
     print_results(results, as_json=args.json)
-    page = write_eval_report(out, results, image_folder=args.image_folder, model=args.model, data=args.data)
+    page = write_eval_report(out, results, image_folder=args.image_folder, model=args.model, data=args.data,
+                             video_folder=getattr(args, "video_folder", None))
     print(f"evaluation page: {page}")
     return 0
 
 
 def write_eval_report(out_dir: str | Path, results: dict[str, EvalResult], *, image_folder: str | None,
                       model: str | Path | None = None, data: str | Path | None = None,
-                      title: str = "Evaluation") -> Path:
+                      title: str = "Evaluation", video_folder: str | None = None) -> Path:
     """Write ``out_dir/index.html``, its thumbnails and ``eval_results.json``; returns the page's path.
 
     ``results``: run name -> :class:`EvalResult` of the same records in the same order (``evaluate`` of the real
@@ -66,17 +68,21 @@ def write_eval_report(out_dir: str | Path, results: dict[str, EvalResult], *, im
         if [p["id"] for p in results[name].predictions] != [p["id"] for p in samples]:
             raise ValueError(f"eval run {name!r} scored other records than {names[0]!r}; cannot share one page")
     thumbs = ThumbnailWriter(out)
-    keys = [[thumbs.submit(image_folder, rel) for rel in p.get("images", [])] for p in samples]
+    refs = results[names[0]].image_refs or [p.get("images", []) for p in samples]  # embedded images: their bytes
+    keys = [[thumbs.submit(image_folder, ref) for ref in sample_refs] for sample_refs in refs]
+    frame_keys = [thumbs.submit_frames(video_folder, p["video"], p["frames"]) if p.get("video") else []
+                  for p in samples]
     thumbs.wait()
     types = sorted({p["type"] for p in samples})
     meta = {"model": str(model) if model else None, "data": str(data) if data else None,
-            "image_folder": str(image_folder) if image_folder else None}
+            "image_folder": str(image_folder) if image_folder else None,
+            "video_folder": str(video_folder) if video_folder else None}
     body = [f"<h1>{esc(title)}: {esc(Path(str(model)).name if model else '')}</h1>",
             '<div class="meta">' + " · ".join(f"{k} <code>{esc(v)}</code>" for k, v in meta.items() if v)
             + f" · {len(samples)} samples · written {esc(time.strftime('%Y-%m-%d %H:%M'))}</div>",
             "<h2>Accuracy by question type</h2>", _accuracy_table(results, types),
             "<h2>Samples</h2>", _filters(names, types, len(samples)),
-            _sample_table(results, names, samples, keys, thumbs)]
+            _sample_table(results, names, samples, keys, frame_keys, thumbs)]
     page = write_page(out, PAGE, html_page(f"{title}: {meta['model'] or ''}", "\n".join(body), FILTER_JS))
     payload = {**meta, "accuracy": {n: r.accuracy() for n, r in results.items()},
                "counts": {n: {k: {"correct": r.correct[k], "total": r.total[k]} for k in sorted(r.total)}
@@ -111,7 +117,24 @@ def _filters(names: list[str], types: list[str], n: int) -> str:
             f"</span></div>")
 
 
-def _sample_table(results, names, samples, keys, thumbs: ThumbnailWriter) -> str:
+def _video_frames(sample: dict, keys: list, thumbs: ThumbnailWriter) -> str:
+    """A video's sampled frames in order, each captioned with its time (what ``--add_time_instruction`` states)."""
+    if not keys:
+        return ""
+    video = sample["video"]
+    figures = "".join(
+        f'<figure class="frame">{thumbs.img(key, alt=f"frame {i} of {video}", extra=_frame_attr(i))}'
+        f"<figcaption>{t:.2f} s</figcaption></figure>"
+        for key, i, t in zip(keys, sample["frames"], sample["frame_times"]))
+    return (f'<div class="video" data-video="{esc(sample["video"])}"><div class="count">video '
+            f'<code>{esc(sample["video"])}</code>: {len(keys)} frames</div><div class="frames">{figures}</div></div>')
+
+
+def _frame_attr(index: int) -> str:
+    return f' data-frame="{int(index)}"'
+
+
+def _sample_table(results, names, samples, keys, frame_keys, thumbs: ThumbnailWriter) -> str:
     head = "".join(f"<th>answer ({esc(name)})</th>" for name in names)
     lines = [f'<table class="grid" id="samples"><tr><th>#</th><th>images</th><th>type</th><th>question</th>'
              f"<th>reference</th>{head}</tr>"]
@@ -126,6 +149,7 @@ def _sample_table(results, names, samples, keys, thumbs: ThumbnailWriter) -> str
                          f'{sign} <span class="txt">{esc(p["answer"])}</span>'
                          f'{"" if p["answer"].strip() else EMPTY}</td>')
         images = "".join(thumbs.img(key, alt=f"image {k + 1} of {sample['id']}") for k, key in enumerate(keys[i]))
+        images += _video_frames(sample, frame_keys[i], thumbs)
         lines.append(f'<tr class="sample" data-id="{esc(sample["id"])}" data-type="{esc(sample["type"])}"'
                      f'{"".join(marks)}><td class="num">{i + 1}<br><span class="count">{esc(sample["id"])}</span></td>'
                      f'<td><div class="thumbs">{images or "<span class=count>text only</span>"}</div></td>'

@@ -4,12 +4,15 @@ written beside the page, histograms and bars as inline SVG.
     out = prepare_report_dir("--report", "eval_report")          # a one-line error if it cannot be written
     thumbs = ThumbnailWriter(out)
     key = thumbs.submit("images_root", "coco/0001.jpg")          # decoded and shrunk in a thread pool
-    thumbs.wait()                                                 # then thumbs.src(key) -> "images/3f2a….png"
+    keys = thumbs.submit_frames("videos", "clip.mp4", [0, 12, 24])   # a video's sampled frames, one decode
+    thumbs.wait()                                                 # then thumbs.img(key) -> '<img src="images/…">'
     body = svg_histogram([3, 5, 5, 9], title="token length")
     (out / "index.html").write_text(html_page("Title", body))
 
 Images are opened through ``llava.data.images.load_image_rgb`` (confined to the image folder, decompression-bomb
-guard), so a page never decodes what training would refuse; an image that cannot be shown is named with its reason.
+guard; embedded bytes through ``open_image_ref``), video frames through ``llava.data.video.decode_video_frames``
+(confined to the video folder), so a page never decodes what training would refuse; an image or frame that cannot
+be shown is named with its reason.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_rgb, resolve_image_path
+from llava.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_rgb, open_image_ref, resolve_image_path
+from llava.data.records import EmbeddedImage
 from llava.errors import UsagePathError
 
 THUMB_DIR = "images"
@@ -41,6 +45,8 @@ tr.wrong>td.answer{background:#fdecea}tr.right>td.answer{background:#e8f5e9}
 td.answer.wrong{background:#fdecea}td.answer.right{background:#e8f5e9}
 .thumbs{display:flex;flex-wrap:wrap;gap:4px;align-items:flex-start}.thumbs img{max-width:160px;max-height:160px;image-rendering:auto;
 border:1px solid #dde2ea;background:#fafafa}
+.video{flex-basis:100%;margin-top:2px}.frames{display:flex;flex-wrap:wrap;gap:3px}
+figure.frame{margin:0;text-align:center;font-size:11px;color:#5b6475}figure.frame img{width:72px;height:auto;max-height:96px;object-fit:contain}
 .noimg{display:inline-block;max-width:220px;padding:6px;border:1px dashed #b3261e;color:#b3261e;font-size:12px}
 .filters{position:sticky;top:0;background:#fff;padding:8px 0;z-index:2;border-bottom:1px solid #dde2ea}
 .filters label{margin-right:16px}.count{color:#5b6475}
@@ -102,12 +108,28 @@ def _open_for_thumbnail(image_folder: str, rel: str) -> Image.Image:
     return load_image_rgb(image_folder, rel)[0]
 
 
-def _make_thumbnail(image_folder: str, rel: str, dest_stem: Path) -> tuple[str, str]:
+def _make_thumbnail(image_folder: str, rel: str | EmbeddedImage, dest_stem: Path) -> tuple[str, str]:
     """``(file name, "")`` of the written thumbnail, or ``("", why)`` when the image cannot be shown."""
     try:
-        image = _open_for_thumbnail(image_folder, rel)
+        image = (open_image_ref(None, rel)[0] if isinstance(rel, EmbeddedImage)
+                 else _open_for_thumbnail(image_folder, rel))
     except ImageLoadError as err:
         return "", f"{err.kind}: {err.detail}"
+    return _save_thumbnail(image, dest_stem)
+
+
+def _make_frame_thumbnails(video_folder: str, rel: str, indices: list[int], stems: list[Path]) -> list[tuple[str, str]]:
+    """The thumbnails of a video's frames at ``indices`` (decoded in one pass, seeking), or each ``("", why)``."""
+    from llava.data.video import decode_video_frames  # PyAV loads with the first video, not with the page module
+
+    try:
+        frames = decode_video_frames(video_folder, rel, indices)
+    except ImageLoadError as err:  # a VideoLoadError
+        return [("", f"{err.kind}: {err.detail}")] * len(indices)
+    return [_save_thumbnail(frame, stem) for frame, stem in zip(frames, stems)]
+
+
+def _save_thumbnail(image: Image.Image, dest_stem: Path) -> tuple[str, str]:
     if max(image.size) <= THUMB_SIDE:  # small (synthetic) images stay exact: PNG, scaled up by the browser
         name = dest_stem.name + ".png"
         image.save(dest_stem.with_name(name), format="PNG")
@@ -127,29 +149,60 @@ class ThumbnailWriter:
         self.futures: dict[tuple[str, str], Future] = {}
         self.done: dict[tuple[str, str], tuple[str, str]] = {}
 
-    def submit(self, image_folder: str | os.PathLike | None, rel: str) -> tuple[str, str]:
+    def submit(self, image_folder: str | os.PathLike | None, rel: str | EmbeddedImage) -> tuple[str, str]:
+        if isinstance(rel, EmbeddedImage):  # bytes from a Parquet / datasets row: keyed by where they came from
+            key = ("embedded", rel.name)
+            if key not in self.futures:
+                self.futures[key] = self.pool.submit(_make_thumbnail, "", rel, self._stem(key))
+            return key
         key = (str(image_folder or ""), rel)
         if key not in self.futures:
             if not image_folder:
                 self.futures[key] = Future()
                 self.futures[key].set_result(("", "no --image_folder given"))
             else:
-                digest = hashlib.sha1("\0".join(key).encode()).hexdigest()[:20]
-                self.futures[key] = self.pool.submit(_make_thumbnail, key[0], rel,
-                                                     self.out_dir / THUMB_DIR / digest)
+                self.futures[key] = self.pool.submit(_make_thumbnail, key[0], rel, self._stem(key))
         return key
+
+    def submit_frames(self, video_folder: str | os.PathLike | None, rel: str, indices: list[int]) -> list[tuple]:
+        """One key per sampled frame of video ``rel`` (the frames decoded together, in the pool)."""
+        keys = [(f"video:{video_folder or ''}", f"{rel}#frame={i}") for i in indices]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.futures))
+        if not todo:
+            return keys
+        futures = {k: Future() for k in todo}
+        self.futures.update(futures)
+        if not video_folder:
+            for future in futures.values():
+                future.set_result(("", "no --video_folder given"))
+            return keys
+        frames = [int(k[1].rsplit("=", 1)[1]) for k in todo]
+
+        def job():
+            try:
+                results = _make_frame_thumbnails(str(video_folder), rel, frames, [self._stem(k) for k in todo])
+            except Exception as err:  # noqa: BLE001  (any failure becomes the frames' note, never a hung wait())
+                results = [("", f"{type(err).__name__}: {err}")] * len(todo)
+            for future, got in zip(futures.values(), results):
+                future.set_result(got)
+
+        self.pool.submit(job)
+        return keys
+
+    def _stem(self, key: tuple[str, str]) -> Path:
+        return self.out_dir / THUMB_DIR / hashlib.sha1("\0".join(key).encode()).hexdigest()[:20]
 
     def wait(self) -> None:
         self.done = {key: future.result() for key, future in self.futures.items()}
         self.pool.shutdown()
 
-    def img(self, key: tuple[str, str], alt: str = "") -> str:
-        """An ``<img>`` of the thumbnail, or a note saying why there is none."""
+    def img(self, key: tuple[str, str], alt: str = "", extra: str = "") -> str:
+        """An ``<img>`` of the thumbnail, or a note saying why there is none; ``extra``: more attributes."""
         name, why = self.done[key]
         if not name:
-            return f'<span class="noimg" data-image="{esc(key[1])}">{esc(key[1])}: {esc(why)}</span>'
+            return f'<span class="noimg" data-image="{esc(key[1])}"{extra}>{esc(key[1])}: {esc(why)}</span>'
         return (f'<img src="{THUMB_DIR}/{esc(name)}" loading="lazy" alt="{esc(alt or key[1])}" '
-                f'title="{esc(key[1])}" data-image="{esc(key[1])}">')
+                f'title="{esc(key[1])}" data-image="{esc(key[1])}"{extra}>')
 
 
 def svg_histogram(values, *, title: str, bins: int = 30, marker: float | None = None, marker_label: str = "",

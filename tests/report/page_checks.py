@@ -4,9 +4,10 @@
     page = check_eval_page(report_dir, expected_ids=[...])     # asserts; returns the parsed page
     screenshot(report_dir / "index.html", tmp_path / "shot.png")  # skips (with a message) without chromium
 
-The checks are written from the page's markup, not from the writer's code: every sample row is there, every image
-the page references exists and decodes, the accuracy shown equals the JSON's, and each answer is marked right or
-wrong exactly as the JSON marks it.
+The checks are written from the page's markup, not from the writer's code: every sample row is there with every
+image and every sampled video frame (``data-frame``: the frame indices the JSON lists), every image the page
+references exists and decodes, the accuracy shown equals the JSON's, and each answer is marked right or wrong exactly
+as the JSON marks it.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ class _PageParser(HTMLParser):
             self.page.images.append(a["src"])
             if self.row is not None:
                 self.row["images"].append(a["src"])
+                if "data-frame" in a:
+                    self.row["frames"].append(int(a["data-frame"]))
             if self.section is not None:
                 self.section["images"].append(a["src"])
         if tag == "span" and "noimg" in (a.get("class") or "") and self.section is not None:
             self.section["noimg"].append(a.get("data-image"))
         if tag == "tr" and a.get("class") == "sample":
-            self.row = {**a, "images": [], "answers": []}
+            self.row = {**a, "images": [], "frames": [], "answers": []}
         if tag == "td" and "data-correct" in a:
             self.cell = {**a, "text": ""}
         if tag == "div" and "data-histogram" in a:
@@ -125,7 +128,8 @@ def check_eval_page(report_dir: Path, *, accuracy_json: dict | None = None,
         assert [r["data-id"] for r in page.rows] == list(expected_ids)
     for row, p in zip(page.rows, first):
         assert row["data-type"] == p["type"]
-        assert len(row["images"]) == len(p["images"]), (row["data-id"], row["images"], p["images"])
+        assert len(row["images"]) == len(p["images"]) + len(p.get("frames", [])), (row["data-id"], row["images"], p)
+        assert row["frames"] == p.get("frames", []), (row["data-id"], row["frames"], p.get("frames"))
     check_images(page, report_dir)
     # right / wrong as the JSON marks it, per run, in the cell and in the row's filter attribute
     for j, run in enumerate(runs):
@@ -183,18 +187,20 @@ def visible_rows(dom: str) -> list[str]:
     return [re.search(r'data-id="([^"]*)"', r).group(1) for r in rows if "display: none" not in r]
 
 
-def eval_report_via_cli(model_dir: Path, data: Path, image_folder: Path, out: Path, capsys) -> ParsedPage:
+def eval_report_via_cli(model_dir: Path, data: Path, image_folder: Path, out: Path, capsys, *, extra=()) -> ParsedPage:
     """``llava eval ... --blank_images --json --report OUT`` on a checkpoint, then :func:`check_eval_page` against the
-    JSON line it printed and the record ids read from ``data``."""
+    JSON line it printed and the record ids read from ``data`` (``extra``: more flags, e.g. ``--video_folder``)."""
     from llava.cli import main
 
     assert main(["eval", "--model", str(model_dir), "--data", str(data), "--image_folder", str(image_folder),
-                 "--batch_size", "8", "--blank_images", "--json", "--report", str(out)]) == 0
+                 "--batch_size", "8", "--blank_images", "--json", "--report", str(out), *extra]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == f"evaluation page: {out / 'index.html'}"
     accuracy = json.loads(printed[-2])
     records = json.loads(Path(data).read_text())
     page = check_eval_page(out, accuracy_json=accuracy, expected_ids=[str(r["id"]) for r in records])
     for row, record in zip(page.rows, records):
-        assert len(row["images"]) == len(record.get("images") or ([record["image"]] if record.get("image") else []))
+        n_images = len(record.get("images") or ([record["image"]] if record.get("image") else []))
+        assert len(row["images"]) - len(row["frames"]) == n_images
+        assert bool(row["frames"]) == bool(record.get("video")), record["id"]  # a video record shows its frames
     return page

@@ -227,3 +227,40 @@ def test_eval_report_page_of_a_llava_checkpoint(stage2_dir, shapes_data, tmp_pat
                                capsys)
     assert len(page.rows) == 32
     screenshot(tmp_path / "report" / "index.html", tmp_path / "eval_llava.png")
+
+
+def test_eval_reads_parquet_with_embedded_images_as_json_with_files(stage2_dir, predictor, shapes_data, tmp_path,
+                                                                    capsys):
+    """``llava eval --data heldout.parquet`` (the images' bytes in the rows, no --image_folder) scores and shows what
+    the JSON + image folder gives: the same answers and marks; the page's thumbnails are those of the same images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llava.cli import main
+    from llava.report.eval_page import write_eval_report
+    from tests.report.page_checks import check_eval_page
+
+    records = json.loads(shapes_data["heldout_qa"].read_text())[:12]
+    twin = tmp_path / "heldout.json"
+    twin.write_text(json.dumps(records))
+    rows = [{**{k: v for k, v in r.items() if k != "image"},
+             "image": {"bytes": (shapes_data["image_folder"] / r["image"]).read_bytes(), "path": None}} for r in records]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "heldout.parquet")
+    capsys.readouterr()
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(stage2_dir), "--data", str(tmp_path / "heldout.parquet"), "--batch_size", "5",
+                 "--json", "--report", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-2])
+    page = check_eval_page(out, accuracy_json=printed, expected_ids=[r["id"] for r in records])
+    embedded = json.loads((out / "eval_results.json").read_text())["predictions"]["real images"]
+    assert [p["images"] for p in embedded] == [[f"heldout.parquet#row={i}/image[0]"] for i in range(len(records))]
+    files = evaluate(predictor, str(twin), str(shapes_data["image_folder"]), batch_size=5, show_progress=False)
+    assert [(p["id"], p["answer"], p["correct"]) for p in embedded] == [
+        (p["id"], p["answer"], p["correct"]) for p in files.predictions]
+    assert printed["real images"] == files.accuracy()
+    for row, record in zip(page.rows, records):  # each thumbnail shows the record's own image
+        (src,) = row["images"]
+        shown = np.asarray(Image.open(out / src).convert("RGB"))
+        assert (shown == np.asarray(Image.open(shapes_data["image_folder"] / record["image"]).convert("RGB"))).all()
+    write_eval_report(tmp_path / "from_files", {"real images": files}, image_folder=str(shapes_data["image_folder"]))
+    assert len(check_eval_page(tmp_path / "from_files").images) == len(records)

@@ -7,6 +7,8 @@ Every rank writes ``<output_dir>/probe_rank<R>.json``:
   ``seen``: the dataset indices this rank fetched, in order (micro-batch k is ``seen[k*b:(k+1)*b]``);
   under ZeRO-3, ``partitioned``: for large weights, the local ``numel()`` outside a gather and the full size;
   ``projector_equals_saved``: the gathered projector vs the ``mm_projector.safetensors`` written (stage 1).
+
+The tests of a model kind under ZeRO-3 share :func:`assert_zero3_two_ranks_match_one_process` (anyres, video).
 """
 
 from __future__ import annotations
@@ -65,6 +67,28 @@ def main() -> None:
     with open(os.path.join(args.output_dir, f"probe_rank{args.process_index}.json"), "w") as f:
         json.dump(probe, f)
     close_process_group()
+
+
+def assert_zero3_two_ranks_match_one_process(flags, out, single_out, native_cls, **launch) -> None:
+    """``flags(out_dir, batch)`` (training flags) under ZeRO-3 in 2 processes x batch 2 give the per-step losses of 1
+    process x batch 4 (1e-5); the saved checkpoint has no empty ZeRO-3 shard and loads as ``native_cls`` with a
+    trained ``image_newline``; a resumed run repeats the losses. ``launch``: the launcher's options (``timeout``)."""
+    from test_distributed import REPO, assert_no_zero_size_tensors, assert_resumes_exactly, deepspeed, step_losses
+
+    probe = str(REPO / "tests" / "train" / "distributed_probe.py")
+    zero3 = ["--deepspeed", str(REPO / "zero_configs" / "zero3.json")]
+    deepspeed([probe], [*zero3, *flags(out, 2)], **launch)
+    single = train([*flags(single_out, 4), "--use_cpu", "True"])
+    reference = {e["step"]: e["loss"] for e in single.state.log_history if "loss" in e}
+    losses = step_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in losses.items():
+        assert abs(loss - reference[step]) <= 1e-5, (step, loss, reference[step])
+    assert_no_zero_size_tensors(out)
+    model = native_cls.from_pretrained(out)
+    assert model.model.image_newline.abs().sum() > 0
+    assert_resumes_exactly(out, lambda: deepspeed([probe], [*zero3, *flags(out, 2), "--resume_from_checkpoint", "True"],
+                                                  **launch))
 
 
 if __name__ == "__main__":

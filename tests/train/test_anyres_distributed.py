@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_distributed import PROBE, REPO, assert_no_zero_size_tensors, assert_resumes_exactly, deepspeed, step_losses
+from distributed_probe import assert_zero3_two_ranks_match_one_process
 from transformers import LlavaNextForConditionalGeneration
-
-from llava.train.train import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -33,15 +31,4 @@ def test_zero3_anyres_two_ranks_match_one_process_and_resume(tiny_models, anyres
                 "--per_device_train_batch_size", str(batch), "--learning_rate", "1e-3", "--logging_steps", "1",
                 "--save_steps", "2", "--report_to", "none", "--model_max_length", "1024", "--seed", "0"]
 
-    zero3 = ["--deepspeed", str(REPO / "zero_configs" / "zero3.json")]
-    deepspeed([PROBE], [*zero3, *flags(out, 2)])
-    single = train([*flags(tmp_path / "single", 4), "--use_cpu", "True"])
-    reference = {e["step"]: e["loss"] for e in single.state.log_history if "loss" in e}
-    losses = step_losses(out)
-    assert sorted(losses) == [1, 2, 3, 4]
-    for step, loss in losses.items():
-        assert abs(loss - reference[step]) <= 1e-5, (step, loss, reference[step])
-    assert_no_zero_size_tensors(out)
-    model = LlavaNextForConditionalGeneration.from_pretrained(out)
-    assert model.model.image_newline.abs().sum() > 0
-    assert_resumes_exactly(out, lambda: deepspeed([PROBE], [*zero3, *flags(out, 2), "--resume_from_checkpoint", "True"]))
+    assert_zero3_two_ranks_match_one_process(flags, out, tmp_path / "single", LlavaNextForConditionalGeneration)

@@ -271,3 +271,28 @@ def test_mixture_entry_trains_its_videos_from_its_own_video_folder(tiny_models, 
     assert not torch.equal(own, decoyed)
     assert torch.equal(ds[ids["v0"]]["pixel_values_videos"], own)
     assert torch.equal(ds[ids["decoy"]]["pixel_values_videos"], decoyed)
+
+
+def test_a_mixture_entrys_video_folder_alone_turns_video_on(tiny_models, video_corpus, tmp_path):
+    """No ``--video_folder``: an entry's own ``video_folder`` turns video on and selects the video class (here
+    LlavaNextVideo), and that entry's videos train from its folder; the same flags on image data leave video off."""
+    from llava.data.video_flags import video_enabled
+    from llava.train.args import parse_args
+
+    images_only = tmp_path / "images.json"
+    images_only.write_text(json.dumps([r for r in video_corpus["records"] if not r.get("video")]))
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text(f"datasets:\n  - json_path: {video_corpus['train']}\n"
+                       f"    video_folder: {video_corpus['video_folder']}\n  - json_path: {images_only}\n")
+    argv = video_argv(tiny_models, video_corpus, tmp_path / "out", newline="no_token")
+    del argv[argv.index("--video_folder"):argv.index("--video_folder") + 2]
+    argv[argv.index("--data_path") + 1] = str(mixture)
+    argv[argv.index("--max_steps") + 1] = "1"
+    trainer = train(argv)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextVideoForConditionalGeneration"]
+    ds = trainer.train_dataset
+    v0 = next(i for i in range(len(ds)) if ds.record(i).id == "v0")
+    assert ds[v0]["pixel_values_videos"].shape[:2] == (1, FRAMES)
+    plain = parse_args([*argv[:argv.index("--data_path") + 1], str(images_only), *argv[argv.index("--data_path") + 2:]])
+    assert not video_enabled(plain[1]) and video_enabled(parse_args(argv)[1])  # the model class follows the data

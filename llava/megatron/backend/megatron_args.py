@@ -50,6 +50,8 @@ class MegatronArguments:
 
 def check_megatron_combinations(model_args, data_args, training_args, mg_args: MegatronArguments) -> None:
     """What the Megatron backend does not do, refused at start-up (the hf backend does all of these)."""
+    from llava.data.video_flags import video_enabled  # a mixture entry's video_folder turns video on too
+
     optim, scheduler = _value(training_args.optim), _value(training_args.lr_scheduler_type)
     refused = {
         "--lora_enable True (LoRA/QLoRA: use the hf backend)": training_args.lora_enable,
@@ -73,7 +75,7 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
             model_args.attn_implementation not in (None, "sdpa", "eager"),
         f"--image_aspect_ratio {data_args.image_aspect_ratio} (LlavaNext / LlavaOnevision: use the hf backend)":
             str(data_args.image_aspect_ratio).startswith("anyres"),
-        "--video_folder (video: LlavaOnevision / LlavaNextVideo: use the hf backend)": bool(data_args.video_folder),
+        "--video_folder (video: LlavaOnevision / LlavaNextVideo: use the hf backend)": video_enabled(data_args),
         "--training_stage dpo (preference tuning: use the hf backend)":
             getattr(training_args, "training_stage", "sft") == "dpo",
         "--tiled_mlp_shards (the LM runs megatron-core's MLP)": getattr(training_args, "tiled_mlp_shards", 0) > 1,

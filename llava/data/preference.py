@@ -29,11 +29,15 @@ once (``llava/model/preference_forward.py`` encodes them once and feeds both row
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -43,6 +47,16 @@ from llava.data.anyres import AnyresLayout, process_anyres_images, read_image_si
 from llava.data.collator import DataCollatorForSupervisedDataset, collate_images
 from llava.data.dataset import process_images
 from llava.data.images import ImageLoadError, expand2square, load_image_rgb
+from llava.data.index import (
+    IndexSettings,
+    _image_dirs_unchanged,
+    _mtime_ns,
+    cached_digest,
+    default_cache_dir,
+    index_key,
+    local_main_first,
+    open_records,
+)
 from llava.data.records import Message, Record, RecordError, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import SampleRejected, tokenize_conversation
@@ -126,45 +140,160 @@ def _count_images(raw: dict) -> int:
     return 0 if value is None else 1 if isinstance(value, str) else len(value) if isinstance(value, list) else 0
 
 
+PAIR_INDEX_FORMAT = 1
+
+
+@dataclass
+class PairIndex:
+    """Which raw records train (``keep``, ascending), both rows' token counts, modality, and what was refused."""
+
+    keep: np.ndarray
+    chosen_lengths: np.ndarray
+    rejected_lengths: np.ndarray
+    has_image: np.ndarray
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, message, record id): invalid records
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # valid pairs that cannot train
+    image_dirs: dict[str, int] = field(default_factory=dict)  # directory -> mtime_ns when indexed
+    from_cache: bool = False
+
+
+def tokenize_pair(record: PreferenceRecord, template, tokenizer, s: IndexSettings,
+                  sizes: list[tuple[int, int]] | None):
+    """The chosen and the rejected row of a pair, each tokenized as an SFT conversation (anyres: image token counts
+    from ``sizes``)."""
+    n_tokens: int | list[int] = s.num_image_tokens
+    if s.anyres is not None and record.images:
+        n_tokens = s.anyres.record_image_tokens(sizes)
+    return tuple(tokenize_conversation(record.conversation(answer), template, tokenizer,
+                                       image_token_id=s.image_token_id, num_image_tokens=n_tokens,
+                                       model_max_length=s.model_max_length, mm_use_im_start_end=s.mm_use_im_start_end)
+                 for answer in (record.chosen, record.rejected))
+
+
+def index_pairs(raws, data_path, tokenizer, template, s: IndexSettings, show_progress: bool = True) -> PairIndex:
+    """Parse and validate every record, check its images (``stat``; anyres reads the headers) and tokenize both of
+    its answers: the pairs that train and the exact token count of each row."""
+    keep, chosen_n, rejected_n, has_image, problems, dropped, dirs = [], [], [], [], [], [], set()
+    for i, raw in enumerate(tqdm(raws, desc="preference pairs", disable=not show_progress)):
+        try:
+            record = parse_preference_record(raw, i)
+        except RecordError as err:
+            problems.append((err.kind, f"{data_path}: {err}", err.record_id))
+            continue
+        image_problem = record_image_problem(record.as_record(), s.image_folder)
+        if image_problem:
+            problems.append((image_problem[0], f"{data_path}: {image_problem[1]}", record.id))
+            continue
+        if s.image_folder:
+            dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
+                        if isinstance(rel, str))
+        try:
+            sizes = read_image_sizes(s.image_folder, record.images) if s.anyres and record.images else None
+            chosen, rejected = tokenize_pair(record, template, tokenizer, s, sizes)
+        except SampleRejected as err:
+            dropped.append((err.kind, f"record {record.id!r}: {err}", record.id))
+            continue
+        except ImageLoadError as err:
+            problems.append(("image_unreadable", f"{data_path}: record {record.id!r}: {err}", record.id))
+            continue
+        keep.append(i)
+        chosen_n.append(len(chosen.input_ids))
+        rejected_n.append(len(rejected.input_ids))
+        has_image.append(bool(record.images))
+    return PairIndex(np.asarray(keep, np.int64), np.asarray(chosen_n, np.int32), np.asarray(rejected_n, np.int32),
+                     np.asarray(has_image, bool), problems, dropped, {d: _mtime_ns(d) for d in sorted(dirs)})
+
+
+class _Problems(list):
+    """``(kind, message, record id)`` entries, with ``ProblemLog``'s ``add`` (what ``load_raw_records`` calls)."""
+
+    def add(self, kind: str, message: str, record_id: str | None = None) -> None:
+        self.append((kind, message, record_id))
+
+
+def pair_index_key(data_path, digest: str, tokenizer, template, s: IndexSettings) -> str:
+    """The SFT index's key (data, tokenizer, template, settings, indexing code) + the path (named in the messages)
+    and this module's source."""
+    parts = {"pairs": PAIR_INDEX_FORMAT, "index": index_key(digest, tokenizer, template, s), "path": str(data_path),
+             "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def load_or_build_pair_index(data_path, tokenizer, template, s: IndexSettings, *, cache_dir,
+                             show_progress: bool = True):
+    """``(raw records, PairIndex)``. With ``cache_dir``: the records memory-mapped (``index.open_records``) and the
+    index read from ``<cache_dir>/pairs-<key>.npz`` when its key and image directories still match (a restart
+    stats the data file and reads that file: no record is parsed or tokenized), else built and written there."""
+    if not cache_dir or not Path(data_path).exists():  # (a missing path: load_raw_records' error)
+        bad_lines = _Problems()
+        raws = load_raw_records(data_path, bad_lines)
+        index = index_pairs(raws, data_path, tokenizer, template, s, show_progress)
+        index.problems[:0] = bad_lines
+        return raws, index
+    digest = cached_digest(data_path, cache_dir)
+    raws = open_records(data_path, cache_dir, digest)
+    key = pair_index_key(data_path, digest, tokenizer, template, s)
+    path = Path(cache_dir) / f"pairs-{key}.npz"
+    if path.is_file():
+        index = _read_pair_index(path, key)
+        if index is not None and _image_dirs_unchanged(index.image_dirs):
+            return raws, index
+    index = index_pairs(raws, data_path, tokenizer, template, s, show_progress)
+    index.problems[:0] = [("invalid_json", message, rid) for rid, message in getattr(raws, "bad_lines", [])]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"key": key, "problems": index.problems, "dropped": index.dropped, "image_dirs": index.image_dirs}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, keep=index.keep, chosen_lengths=index.chosen_lengths, rejected_lengths=index.rejected_lengths,
+                 has_image=index.has_image, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.warning("could not cache the preference index in %s: %s", path.parent, err)
+    return raws, index
+
+
+def _read_pair_index(path: Path, key: str) -> PairIndex | None:
+    try:
+        with np.load(path) as f:
+            meta = json.loads(f["meta"].tobytes().decode())
+            if meta.get("key") != key:
+                return None
+            return PairIndex(f["keep"], f["chosen_lengths"], f["rejected_lengths"], f["has_image"],
+                             [tuple(p) for p in meta["problems"]], [tuple(p) for p in meta["dropped"]],
+                             meta["image_dirs"], from_cache=True)
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("could not read the preference index %s (%s): rebuilding", path, err)
+        return None
+
+
 class PreferenceDataset(Dataset):
     """Preference pairs -> ``{chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels, pixel_values
-    [, image_sizes], index}``, images decoded on access. Records are parsed and both answers tokenized at
-    construction (lengths exact; a pair with nothing supervised left in either answer is dropped and counted);
+    [, image_sizes], index}``, images decoded on access. Records are parsed and both answers tokenized once
+    (lengths exact; a pair with nothing supervised left in either answer is dropped and counted), and with
+    ``index_cache_dir`` that index is cached (:func:`load_or_build_pair_index`: a restart tokenizes nothing);
     invalid records stop construction (``--on_bad_sample error``) or are dropped and counted (``skip``)."""
 
     def __init__(self, data_path: str | os.PathLike, tokenizer, *, template: ConversationTemplate, image_processor,
                  image_folder: str | os.PathLike | None, image_token_id: int, num_image_tokens: int,
                  model_max_length: int, image_aspect_ratio: str = "square", mm_use_im_start_end: bool = False,
-                 on_bad_sample: str = "error", anyres: AnyresLayout | None = None, show_progress: bool = True):
+                 on_bad_sample: str = "error", anyres: AnyresLayout | None = None, show_progress: bool = True,
+                 index_cache_dir: str | os.PathLike | None = None):
         self.tokenizer, self.template, self.image_processor = tokenizer, template, image_processor
-        self.image_folder, self.image_token_id, self.num_image_tokens = image_folder, image_token_id, num_image_tokens
-        self.model_max_length, self.image_aspect_ratio = model_max_length, image_aspect_ratio
-        self.mm_use_im_start_end, self.anyres = mm_use_im_start_end, anyres
+        self.image_folder, self.image_aspect_ratio, self.anyres = image_folder, image_aspect_ratio, anyres
+        self.settings = IndexSettings(image_folder=None if image_folder is None else str(image_folder),
+                                      image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                                      model_max_length=model_max_length, mm_use_im_start_end=mm_use_im_start_end,
+                                      anyres=anyres)
+        self.raw, index = load_or_build_pair_index(data_path, tokenizer, template, self.settings,
+                                                   cache_dir=index_cache_dir, show_progress=show_progress)
+        self.index_from_cache = index.from_cache
         self.problems, self.dropped = ProblemLog(), ProblemLog()
-        raws = load_raw_records(data_path, self.problems)
-        self.records: list[PreferenceRecord] = []
-        self._lengths: list[int] = []
-        for i, raw in enumerate(tqdm(raws, desc="preference pairs", disable=not show_progress)):
-            try:
-                record = parse_preference_record(raw, i)
-            except RecordError as err:
-                self.problems.add(err.kind, f"{data_path}: {err}", err.record_id)
-                continue
-            image_problem = record_image_problem(record.as_record(), image_folder)
-            if image_problem:
-                self.problems.add(image_problem[0], f"{data_path}: {image_problem[1]}", record.id)
-                continue
-            try:
-                sizes = read_image_sizes(image_folder, record.images) if anyres and record.images else None
-                chosen, rejected = self._tokenize(record, sizes)
-            except SampleRejected as err:
-                self.dropped.add(err.kind, f"record {record.id!r}: {err}", record.id)
-                continue
-            except ImageLoadError as err:
-                self.problems.add("image_unreadable", f"{data_path}: record {record.id!r}: {err}", record.id)
-                continue
-            self.records.append(record)
-            self._lengths.append(len(chosen.input_ids) + len(rejected.input_ids))
+        for kind, message, record_id in index.problems:
+            self.problems.add(kind, message, record_id)
+        for kind, message, record_id in index.dropped:
+            self.dropped.add(kind, message, record_id)
+        self._keep, self._has_image = index.keep, index.has_image
+        self.chosen_lengths, self.rejected_lengths = index.chosen_lengths, index.rejected_lengths
         if self.problems.counts:
             message = (f"{data_path}: {sum(self.problems.counts.values())} preference record(s) cannot be trained on"
                        f":\n{self.problems.report()}")
@@ -174,53 +303,59 @@ class PreferenceDataset(Dataset):
         if self.dropped.counts:
             logger.warning("dropping %d pair(s) that cannot train at --model_max_length %d:\n%s",
                            sum(self.dropped.counts.values()), model_max_length, self.dropped.report())
-        if not self.records:
+        if not len(self._keep):
             raise DataError(f"{data_path}: no trainable preference record left")
 
     @classmethod
     def from_args(cls, data_path, model_args, data_args, training_args, built, template) -> PreferenceDataset:
-        return cls(data_path, built.tokenizer, template=template, image_processor=built.image_processor,
-                   image_folder=data_args.image_folder, image_token_id=built.image_token_id,
-                   num_image_tokens=built.num_image_tokens, model_max_length=training_args.model_max_length,
-                   image_aspect_ratio=data_args.image_aspect_ratio, mm_use_im_start_end=model_args.mm_use_im_start_end,
-                   on_bad_sample=data_args.on_bad_sample, anyres=built.layout)
+        """Built by the local main process first (it computes and caches the index), then by the other ranks."""
+        cache = data_args.index_cache_dir
+        with local_main_first():
+            return cls(data_path, built.tokenizer, template=template, image_processor=built.image_processor,
+                       image_folder=data_args.image_folder, image_token_id=built.image_token_id,
+                       num_image_tokens=built.num_image_tokens, model_max_length=training_args.model_max_length,
+                       image_aspect_ratio=data_args.image_aspect_ratio,
+                       mm_use_im_start_end=model_args.mm_use_im_start_end, on_bad_sample=data_args.on_bad_sample,
+                       anyres=built.layout, index_cache_dir=(default_cache_dir() / "index" if cache is None else None
+                                                             if str(cache).lower() in ("none", "") else cache))
 
-    def _tokenize(self, record: PreferenceRecord, sizes: list[tuple[int, int]] | None):
-        n_tokens: int | list[int] = self.num_image_tokens
-        if self.anyres is not None and record.images:
-            n_tokens = self.anyres.record_image_tokens(sizes)
-        return tuple(tokenize_conversation(record.conversation(answer), self.template, self.tokenizer,
-                                           image_token_id=self.image_token_id, num_image_tokens=n_tokens,
-                                           model_max_length=self.model_max_length,
-                                           mm_use_im_start_end=self.mm_use_im_start_end)
-                     for answer in (record.chosen, record.rejected))
+    def record(self, i: int) -> PreferenceRecord:
+        """Pair ``i``, parsed from its raw record."""
+        return parse_preference_record(self.raw[int(self._keep[i])], int(self._keep[i]))
+
+    @property
+    def records(self) -> list[PreferenceRecord]:
+        """Every pair, parsed (all of them: for small sets)."""
+        return [self.record(i) for i in range(len(self))]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self._keep)
 
     @property
     def lengths(self) -> list[int]:
         """Tokens of both rows of each pair."""
-        return list(self._lengths)
+        return (self.chosen_lengths.astype(np.int64) + self.rejected_lengths).tolist()
 
     @property
     def modality_lengths(self) -> list[int]:
-        return [n if r.images else -n for n, r in zip(self._lengths, self.records)]
+        lengths = np.asarray(self.lengths)
+        return np.where(self._has_image, lengths, -lengths).tolist()
 
     def bad_samples_report(self) -> dict[str, Any]:
         return {"invalid_records": self.problems.as_dict(), "cannot_train": self.dropped.as_dict(),
                 "failed_during_training": ProblemLog().as_dict()}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
+        record = self.record(i)
         images = [load_image_rgb(self.image_folder, rel)[0] for rel in record.images]
         item: dict[str, Any] = {"pixel_values": None, "index": i}
         if self.anyres is not None:
-            chosen, rejected = self._tokenize(record, [(im.height, im.width) for im in images])
+            chosen, rejected = tokenize_pair(record, self.template, self.tokenizer, self.settings,
+                                             [(im.height, im.width) for im in images])
             if images:
                 item.update(process_anyres_images(self.image_processor, images))
         else:
-            chosen, rejected = self._tokenize(record, None)
+            chosen, rejected = tokenize_pair(record, self.template, self.tokenizer, self.settings, None)
             if images:
                 if self.image_aspect_ratio == "pad":
                     fill = tuple(int(x * 255) for x in self.image_processor.image_mean)

@@ -26,5 +26,5 @@ def test_dpo_moves_heldout_pairwise_accuracy_and_greedy_answers(tmp_path):
     sft, dpo = result["held_out"].values()
     assert 0.3 <= sft["pairwise accuracy"] <= 0.7, sft
     assert dpo["pairwise accuracy"] >= 0.9, dpo
-    assert dpo["mean margin (nats)"] > sft["mean margin (nats)"] + 1
+    assert dpo["mean margin (nats)"] > sft["mean margin (nats)"] + 0.5
     assert dpo["greedy follows instruction"] >= sft["greedy follows instruction"] + 0.3, (sft, dpo)

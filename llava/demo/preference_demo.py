@@ -1,25 +1,26 @@
-"""`llava demo --dpo True`: preference tuning where it matters, on the shapes data (a few minutes on a 2-core CPU).
+"""`llava demo --dpo True`: preference tuning where it matters, on the shapes data (~3 minutes on a busy 2-core CPU).
 
     llava demo --dpo True --workdir dpo_demo
 
-Each question about an image carries an instruction, "Answer with one word." or "Answer with a sentence.", and has
-two answers: the word ("red") and the sentence ("red is the colour of the shapes."); both start with the colour, so
-the form is decided by the next token (the end of the answer, or " is").
+Each question about an image carries an instruction, "Answer in lower case." or "Answer with a capital letter.",
+and has two answers, ``red`` and ``Red``: one token each (checked), so a pair differs in that token alone.
 
 1. the shapes dataset and the tiny models (as `llava demo`; the tokenizer is trained on the SFT texts);
-2. SFT on records whose answer form ignores the instruction: for each instruction, half of the answers are the word
-   and half the sentence. The SFT model cannot learn which form the instruction asks for, so whatever form it
-   leans to, it leans to it under both instructions: on held-out images asked with both instructions, the pairwise
-   accuracy (log p(the form asked for) > log p(the other)) is about 50%, and greedy answers use one form for both;
-3. DPO from that SFT checkpoint on pairs over the training images (chosen = the form the instruction asks for,
-   rejected = the other; beta 0.1, no SFT term);
-4. held-out table, SFT vs DPO: pairwise accuracy (all pairs, and per instruction), how often greedy answers
-   follow the instruction, a few greedy answers before / after, the DPO training curve, and the cost.
+2. SFT on records whose answer case ignores the instruction: under each instruction, half of the answers are lower
+   case and half capitalised. The SFT model cannot learn which case an instruction asks for, so whichever way it
+   leans, it leans so under both: on held-out images asked with both instructions, the pairwise accuracy
+   (log p(the case asked for) > log p(the other)) is 50% by construction;
+3. DPO from that SFT checkpoint on pairs over the training images (chosen = the case the instruction asks for,
+   rejected = the other): LLaVA-NeXT's objective with beta 0.1, gamma 0.2, and (``controls``) the same run with
+   DPO alone (gamma 0) and with the SFT term alone (dpo_alpha 0);
+4. held-out table: pairwise accuracy (all pairs and per instruction), the mean log-prob margin, how often greedy
+   answers follow the instruction, a few greedy answers, the DPO training curves, and the cost.
 
-The preference is about the answer's form, which the text shows; the colour in both answers is the image's (the
-tiny tower is not trained to read it here: no stage 1, so greedy colours are mostly wrong, in both models alike).
-An earlier version preferred the right colour over the next one: with a tower that could not tell the colours apart,
-the pairs were symmetric across colours and the DPO loss stayed at log 2 (docs/dpo.md).
+Measured (docs/dpo.md, 200 held-out pairs): SFT 50% pairwise, greedy following the instruction 29%; DPO 100% and
+100%; DPO alone also 100% pairwise but greedy collapses under "lower case" (likelihood displacement); the SFT term
+alone 100% with half DPO's margin. The colour in both answers is the image's; no stage 1 runs, and the colour
+is not what is measured. Earlier versions of this demo (right vs next colour; lower vs UPPER case) stalled for
+reasons docs/dpo.md gives.
 
 Every step runs the project's real path (``llava.train.train.train`` with command-line flags; the pairwise accuracy
 from ``llava/model/preference_forward.py``'s answer log-probs, greedy answers from ``llava/serve/predict.py``).

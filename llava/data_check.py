@@ -66,7 +66,6 @@ ADVICE = {
     "video_missing": "check --video_folder and the record's video path",
     "video_unreadable": "re-encode or drop the video (PyAV/FFmpeg cannot read it)",
     "video_too_large": "downscale the video (frames of at most 4096x4096 pixels)",
-    "video_unsupported": "llava dpo takes image and text pairs: drop video pairs or give their frames as images",
     "preference_identical": "give the pair two different answers (or drop it): it teaches no preference",
     "preference_empty": "give both answers of the pair some text",
     "preference_missing": "give 'prompt', 'chosen' and 'rejected' (or a last gpt turn with 'chosen' and 'rejected')",

@@ -42,9 +42,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images, read_image_sizes
-from llava.data.collator import DataCollatorForSupervisedDataset, collate_images
+from llava.data.collator import DataCollatorForSupervisedDataset, collate_images, collate_videos
 from llava.data.dataset import process_images
 from llava.data.images import ImageLoadError, expand2square, load_image_rgb
 from llava.data.index import (
@@ -61,6 +61,15 @@ from llava.data.records import Message, Record, RecordError, parse_record
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.data.validate import DataError, ProblemLog, load_raw_records, record_image_problem
+from llava.data.video import (
+    VideoInfo,
+    VideoLayout,
+    VideoLoadError,
+    load_record_video,
+    probe_video,
+    sample_frame_indices,
+    video_messages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +81,14 @@ class PreferenceRecord:
     context: list[Message]  # ends with a user turn
     chosen: str
     rejected: str
+    video: str | None = None  # relative to --video_folder, decoded as for SFT (llava/data/video.py)
 
     def conversation(self, answer: str) -> list[Message]:
         return [*self.context, Message("assistant", answer)]
 
     def as_record(self, which: str = "chosen") -> Record:
         """The SFT record of one answer (what ``llava data check`` and the image checks read)."""
-        return Record(self.id, self.images, self.conversation(getattr(self, which)))
+        return Record(self.id, self.images, self.conversation(getattr(self, which)), video=self.video)
 
 
 def is_preference_record(raw: Any) -> bool:
@@ -97,9 +107,6 @@ def parse_preference_record(raw: Any, index: int | None = None) -> PreferenceRec
         f"#{index}" if index is not None else "<no id>")
     if not isinstance(raw, dict):
         raise RecordError("bad_type", rid, "<record>", f"expected a JSON object, got {type(raw).__name__}")
-    if raw.get("video") is not None:  # the pair dataset decodes images only (video trains in SFT, llava/data/video.py)
-        raise RecordError("video_unsupported", rid, "video", "video preference pairs are not supported by llava dpo "
-                          "yet; drop the pair or give its frames as 'images' with one <image> each")
     if "conversations" in raw:
         convs = raw["conversations"]
         if not isinstance(convs, list) or not convs or not isinstance(convs[-1], dict):
@@ -113,9 +120,10 @@ def parse_preference_record(raw: Any, index: int | None = None) -> PreferenceRec
         if not isinstance(prompt, str) or not prompt.strip():
             raise RecordError("preference_missing", rid, "prompt", "a preference record needs a non-empty 'prompt' "
                               "(or a 'conversations' list whose last gpt turn has 'chosen' and 'rejected')")
-        n_images = _count_images(raw)
-        if n_images and prompt.count(DEFAULT_IMAGE_TOKEN) == 0:  # LLaVA-NeXT: "<image>\n" + prompt
-            prompt = (DEFAULT_IMAGE_TOKEN + "\n") * n_images + prompt.strip()
+        n_images, video = _count_images(raw), raw.get("video") is not None
+        if (n_images or video) and DEFAULT_IMAGE_TOKEN not in prompt and DEFAULT_VIDEO_TOKEN not in prompt:
+            # LLaVA-NeXT: "<image>\n" + prompt (a video record's <image> is its video: "<video>\n" here)
+            prompt = (DEFAULT_IMAGE_TOKEN + "\n") * n_images + (DEFAULT_VIDEO_TOKEN + "\n") * video + prompt.strip()
         turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": chosen}]
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         field_name = f"{where}.{name}" if where else name
@@ -128,11 +136,11 @@ def parse_preference_record(raw: Any, index: int | None = None) -> PreferenceRec
     if chosen.strip() == rejected.strip():
         raise RecordError("preference_identical", rid, f"{where}.rejected" if where else "rejected",
                           "'chosen' and 'rejected' are the same answer: the pair teaches no preference")
-    base = {k: v for k, v in raw.items() if k in ("id", "image", "images")}
+    base = {k: v for k, v in raw.items() if k in ("id", "image", "images", "video")}
     record = parse_record({**base, "conversations": turns}, index)
     if record.messages[-1].role != "assistant":
         raise RecordError("bad_role_order", rid, where or "conversations", "the chosen / rejected turn must be a gpt turn")
-    return PreferenceRecord(record.id, record.images, record.messages[:-1], chosen, rejected)
+    return PreferenceRecord(record.id, record.images, record.messages[:-1], chosen, rejected, record.video)
 
 
 def _count_images(raw: dict) -> int:
@@ -140,7 +148,7 @@ def _count_images(raw: dict) -> int:
     return 0 if value is None else 1 if isinstance(value, str) else len(value) if isinstance(value, list) else 0
 
 
-PAIR_INDEX_FORMAT = 1
+PAIR_INDEX_FORMAT = 2
 
 
 @dataclass
@@ -151,6 +159,7 @@ class PairIndex:
     chosen_lengths: np.ndarray
     rejected_lengths: np.ndarray
     has_image: np.ndarray
+    has_video: np.ndarray
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, message, record id): invalid records
     dropped: list[tuple[str, str, str]] = field(default_factory=list)  # valid pairs that cannot train
     image_dirs: dict[str, int] = field(default_factory=dict)  # directory -> mtime_ns when indexed
@@ -158,22 +167,37 @@ class PairIndex:
 
 
 def tokenize_pair(record: PreferenceRecord, template, tokenizer, s: IndexSettings,
-                  sizes: list[tuple[int, int]] | None):
+                  sizes: list[tuple[int, int]] | None, video: tuple[VideoInfo, list[int]] | None = None):
     """The chosen and the rejected row of a pair, each tokenized as an SFT conversation (anyres: image token counts
-    from ``sizes``)."""
+    from ``sizes``; a video: ``(info, sampled frame indices)``, its ``<video>`` expanded to the SFT dataset's count
+    and ``--add_time_instruction``'s sentence added as there)."""
     n_tokens: int | list[int] = s.num_image_tokens
     if s.anyres is not None and record.images:
         n_tokens = s.anyres.record_image_tokens(sizes)
-    return tuple(tokenize_conversation(record.conversation(answer), template, tokenizer,
+    video_kwargs = {}
+    if video is not None:
+        video_kwargs = dict(video_token_id=s.video_token_id, num_video_tokens=s.video.video_tokens(len(video[1])))
+    return tuple(tokenize_conversation(_video_text(record.conversation(answer), video, s.video), template, tokenizer,
                                        image_token_id=s.image_token_id, num_image_tokens=n_tokens,
-                                       model_max_length=s.model_max_length, mm_use_im_start_end=s.mm_use_im_start_end)
+                                       model_max_length=s.model_max_length, mm_use_im_start_end=s.mm_use_im_start_end,
+                                       **video_kwargs)
                  for answer in (record.chosen, record.rejected))
+
+
+def _video_text(messages: list[Message], video, layout: VideoLayout | None) -> list[Message]:
+    return messages if video is None else video_messages(messages, video[0], video[1], layout)
+
+
+def probe_pair_video(record: PreferenceRecord, s: IndexSettings) -> tuple[VideoInfo, list[int]]:
+    """The pair's video metadata and sampled frames (container metadata, no decoding), as the SFT index reads them."""
+    info = probe_video(s.video_folder, record.video)
+    return info, sample_frame_indices(info.frames, info.fps, s.video.sampling)
 
 
 def index_pairs(raws, data_path, tokenizer, template, s: IndexSettings, show_progress: bool = True) -> PairIndex:
     """Parse and validate every record, check its images (``stat``; anyres reads the headers) and tokenize both of
     its answers: the pairs that train and the exact token count of each row."""
-    keep, chosen_n, rejected_n, has_image, problems, dropped, dirs = [], [], [], [], [], [], set()
+    keep, chosen_n, rejected_n, has_image, has_video, problems, dropped, dirs = [], [], [], [], [], [], [], set()
     for i, raw in enumerate(tqdm(raws, desc="preference pairs", disable=not show_progress)):
         try:
             record = parse_preference_record(raw, i)
@@ -187,9 +211,20 @@ def index_pairs(raws, data_path, tokenizer, template, s: IndexSettings, show_pro
         if s.image_folder:
             dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
                         if isinstance(rel, str))
+        if record.video is not None and (s.video is None or s.video_folder is None):
+            problems.append(("video_not_enabled", f"{data_path}: record {record.id!r} has a video but --video_folder "
+                             f"is not set (video training needs it)", record.id))
+            continue
+        try:
+            video = probe_pair_video(record, s) if record.video is not None else None
+        except VideoLoadError as err:
+            problems.append((f"video_{err.kind}", f"{data_path}: record {record.id!r}: {err}", record.id))
+            continue
+        if video is not None:
+            dirs.add(os.path.dirname(os.path.join(s.video_folder, record.video.rstrip("/"))))
         try:
             sizes = read_image_sizes(s.image_folder, record.images) if s.anyres and record.images else None
-            chosen, rejected = tokenize_pair(record, template, tokenizer, s, sizes)
+            chosen, rejected = tokenize_pair(record, template, tokenizer, s, sizes, video)
         except SampleRejected as err:
             dropped.append((err.kind, f"record {record.id!r}: {err}", record.id))
             continue
@@ -200,8 +235,9 @@ def index_pairs(raws, data_path, tokenizer, template, s: IndexSettings, show_pro
         chosen_n.append(len(chosen.input_ids))
         rejected_n.append(len(rejected.input_ids))
         has_image.append(bool(record.images))
+        has_video.append(video is not None)
     return PairIndex(np.asarray(keep, np.int64), np.asarray(chosen_n, np.int32), np.asarray(rejected_n, np.int32),
-                     np.asarray(has_image, bool), problems, dropped, {d: _mtime_ns(d) for d in sorted(dirs)})
+                     np.asarray(has_image, bool), np.asarray(has_video, bool), problems, dropped, {d: _mtime_ns(d) for d in sorted(dirs)})
 
 
 class _Problems(list):
@@ -245,7 +281,7 @@ def load_or_build_pair_index(data_path, tokenizer, template, s: IndexSettings, *
         meta = {"key": key, "problems": index.problems, "dropped": index.dropped, "image_dirs": index.image_dirs}
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
         np.savez(tmp, keep=index.keep, chosen_lengths=index.chosen_lengths, rejected_lengths=index.rejected_lengths,
-                 has_image=index.has_image, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                 has_image=index.has_image, has_video=index.has_video, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         os.replace(tmp, path)
     except OSError as err:
         logger.warning("could not cache the preference index in %s: %s", path.parent, err)
@@ -258,7 +294,7 @@ def _read_pair_index(path: Path, key: str) -> PairIndex | None:
             meta = json.loads(f["meta"].tobytes().decode())
             if meta.get("key") != key:
                 return None
-            return PairIndex(f["keep"], f["chosen_lengths"], f["rejected_lengths"], f["has_image"],
+            return PairIndex(f["keep"], f["chosen_lengths"], f["rejected_lengths"], f["has_image"], f["has_video"],
                              [tuple(p) for p in meta["problems"]], [tuple(p) for p in meta["dropped"]],
                              meta["image_dirs"], from_cache=True)
     except (OSError, ValueError, KeyError) as err:
@@ -277,13 +313,17 @@ class PreferenceDataset(Dataset):
                  image_folder: str | os.PathLike | None, image_token_id: int, num_image_tokens: int,
                  model_max_length: int, image_aspect_ratio: str = "square", mm_use_im_start_end: bool = False,
                  on_bad_sample: str = "error", anyres: AnyresLayout | None = None, show_progress: bool = True,
-                 index_cache_dir: str | os.PathLike | None = None):
+                 index_cache_dir: str | os.PathLike | None = None, video: VideoLayout | None = None,
+                 video_folder: str | os.PathLike | None = None, video_token_id: int | None = None):
         self.tokenizer, self.template, self.image_processor = tokenizer, template, image_processor
         self.image_folder, self.image_aspect_ratio, self.anyres = image_folder, image_aspect_ratio, anyres
+        self.video = video  # --video_folder: a pair's video decoded and counted as the SFT dataset does it
         self.settings = IndexSettings(image_folder=None if image_folder is None else str(image_folder),
                                       image_token_id=image_token_id, num_image_tokens=num_image_tokens,
                                       model_max_length=model_max_length, mm_use_im_start_end=mm_use_im_start_end,
-                                      anyres=anyres)
+                                      anyres=anyres, video=video,
+                                      video_folder=None if video_folder is None else str(video_folder),
+                                      video_token_id=video_token_id if video is not None else None)
         self.raw, index = load_or_build_pair_index(data_path, tokenizer, template, self.settings,
                                                    cache_dir=index_cache_dir, show_progress=show_progress)
         self.index_from_cache = index.from_cache
@@ -292,7 +332,7 @@ class PreferenceDataset(Dataset):
             self.problems.add(kind, message, record_id)
         for kind, message, record_id in index.dropped:
             self.dropped.add(kind, message, record_id)
-        self._keep, self._has_image = index.keep, index.has_image
+        self._keep, self._has_image, self._has_video = index.keep, index.has_image, index.has_video
         self.chosen_lengths, self.rejected_lengths = index.chosen_lengths, index.rejected_lengths
         if self.problems.counts:
             message = (f"{data_path}: {sum(self.problems.counts.values())} preference record(s) cannot be trained on"
@@ -316,7 +356,9 @@ class PreferenceDataset(Dataset):
                        num_image_tokens=built.num_image_tokens, model_max_length=training_args.model_max_length,
                        image_aspect_ratio=data_args.image_aspect_ratio,
                        mm_use_im_start_end=model_args.mm_use_im_start_end, on_bad_sample=data_args.on_bad_sample,
-                       anyres=built.layout, index_cache_dir=(default_cache_dir() / "index" if cache is None else None
+                       anyres=built.layout, video=built.video, video_folder=data_args.video_folder,
+                       video_token_id=getattr(built.model.config, "video_token_id", None),
+                       index_cache_dir=(default_cache_dir() / "index" if cache is None else None
                                                              if str(cache).lower() in ("none", "") else cache))
 
     def record(self, i: int) -> PreferenceRecord:
@@ -339,7 +381,13 @@ class PreferenceDataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         lengths = np.asarray(self.lengths)
-        return np.where(self._has_image, lengths, -lengths).tolist()
+        return np.where(self._has_image | self._has_video, lengths, -lengths).tolist()
+
+    @property
+    def modalities(self) -> list[int] | None:
+        """With video on, the grouped sampler's modality per pair (0 text, 1 images, 2 a video, 3 both), as the SFT
+        dataset's; None otherwise."""
+        return None if self.video is None else (self._has_video * 2 + self._has_image).tolist()
 
     def bad_samples_report(self) -> dict[str, Any]:
         return {"invalid_records": self.problems.as_dict(), "cannot_train": self.dropped.as_dict(),
@@ -349,13 +397,18 @@ class PreferenceDataset(Dataset):
         record = self.record(i)
         images = [load_image_rgb(self.image_folder, rel)[0] for rel in record.images]
         item: dict[str, Any] = {"pixel_values": None, "index": i}
+        video = None
+        if record.video is not None:  # decoded by the SFT dataset's code, with the run's video flags
+            info, indices, item["pixel_values_videos"] = load_record_video(
+                self.settings.video_folder, record.video, self.video, self.image_processor, record.id)
+            video = (info, indices)
         if self.anyres is not None:
             chosen, rejected = tokenize_pair(record, self.template, self.tokenizer, self.settings,
-                                             [(im.height, im.width) for im in images])
+                                             [(im.height, im.width) for im in images], video)
             if images:
                 item.update(process_anyres_images(self.image_processor, images))
         else:
-            chosen, rejected = tokenize_pair(record, self.template, self.tokenizer, self.settings, None)
+            chosen, rejected = tokenize_pair(record, self.template, self.tokenizer, self.settings, None, video)
             if images:
                 if self.image_aspect_ratio == "pad":
                     fill = tuple(int(x * 255) for x in self.image_processor.image_mean)
@@ -369,16 +422,19 @@ class PreferenceDataset(Dataset):
 
 @dataclass
 class DataCollatorForPreference:
-    """``n`` pairs -> ``2n`` padded rows (chosen rows, then rejected rows), the ``n`` pairs' images once, and
-    ``pair_index`` (each pair's dataset index: the key of precomputed reference log-probs)."""
+    """``n`` pairs -> ``2n`` padded rows (chosen rows, then rejected rows), the ``n`` pairs' images and videos once
+    (``pixel_values_videos`` as the SFT collator makes it), and ``pair_index`` (each pair's dataset index: the key of
+    precomputed reference log-probs)."""
 
     pad_token_id: int
     batch_num_images: bool = False  # LlavaOnevision: images per pair
+    join_videos: bool = False  # LlavaNextVideo: every video's frames as one (llava/data/collator.py)
 
     def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         rows = [{"input_ids": p[f"{side}_input_ids"], "labels": p[f"{side}_labels"]}
                 for side in ("chosen", "rejected") for p in pairs]
         batch = DataCollatorForSupervisedDataset(self.pad_token_id)(rows)
         batch.update(collate_images(pairs, self.batch_num_images))
+        batch.update(collate_videos(pairs, self.join_videos))
         batch["pair_index"] = torch.tensor([p["index"] for p in pairs], dtype=torch.long)
         return batch

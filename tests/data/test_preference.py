@@ -27,6 +27,32 @@ def test_llava_next_form_puts_the_image_first():
     assert kept.context == [Message("user", "Here <image> what?")]  # placed by the template later, as for SFT
 
 
+def test_video_pairs_mark_their_video_as_sft_records_do():
+    record = parse_preference_record({"id": "v", "video": "a.mp4", "prompt": "Which way?", "chosen": "left",
+                                      "rejected": "right"})
+    assert (record.video, record.images) == ("a.mp4", [])
+    assert record.context == [Message("user", "<video>\nWhich way?")]  # LLaVA-NeXT's placeholder in front
+    assert record.as_record("rejected").video == "a.mp4"
+    written = parse_preference_record({"id": "w", "video": "a.mp4", "prompt": "<image>\nWhich way?", "chosen": "l",
+                                       "rejected": "r"})  # LLaVA-NeXT writes a video's placeholder as <image>
+    assert written.context == [Message("user", "<video>\nWhich way?")]
+    both = parse_preference_record({"id": "b", "image": "a.png", "video": "a.mp4", "prompt": "Same?", "chosen": "yes",
+                                    "rejected": "no"})
+    assert both.context == [Message("user", "<image>\n<video>\nSame?")] and both.images == ["a.png"]
+
+
+def test_collator_carries_each_pairs_video_once():
+    v1, v2 = torch.randn(1, 4, 3, 2, 2), torch.randn(1, 4, 3, 2, 2)
+    pairs = [{"chosen_input_ids": torch.tensor([1, 5]), "chosen_labels": torch.tensor([-100, 5]),
+              "rejected_input_ids": torch.tensor([1, 6]), "rejected_labels": torch.tensor([-100, 6]),
+              "pixel_values": None, "pixel_values_videos": v, "index": i} for i, v in enumerate((v1, v2))]
+    pairs.append({**pairs[0], "pixel_values_videos": None, "index": 2})  # a text pair between them adds nothing
+    pairs[1], pairs[2] = pairs[2], pairs[1]
+    assert torch.equal(DataCollatorForPreference(0)(pairs)["pixel_values_videos"], torch.cat([v1, v2]))
+    joined = DataCollatorForPreference(0, join_videos=True)(pairs)["pixel_values_videos"]  # LlavaNextVideo
+    assert torch.equal(joined, torch.cat([v1, v2], dim=1))
+
+
 def test_conversation_form_keeps_the_context():
     record = parse_preference_record({"id": "c", "images": ["a.png"], "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A circle."},
@@ -45,7 +71,9 @@ def test_conversation_form_keeps_the_context():
      "preference_identical", "conversations[1].rejected"),
     ({"id": "i", "images": ["a.png", "b.png"], "prompt": "one <image> only", "chosen": "a", "rejected": "b"},
      "image_token_mismatch", "conversations"),
-    ({"id": "v", "video": "v.mp4", "prompt": "q", "chosen": "a", "rejected": "b"}, "video_unsupported", "video"),
+    ({"id": "v", "video": ["v.mp4"], "prompt": "q", "chosen": "a", "rejected": "b"}, "bad_type", "video"),
+    ({"id": "w", "video": "v.mp4", "prompt": "<video> then <video>", "chosen": "a", "rejected": "b"},
+     "video_token_mismatch", "conversations"),
 ])
 def test_bad_pairs_are_named(raw, kind, field):
     with pytest.raises(RecordError) as err:

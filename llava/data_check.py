@@ -227,8 +227,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, spec=None, seed: int = 42) -> ProblemReport:
     """Every check and statistic of ``llava data check`` on one dataset; with ``spec`` (a mixture entry,
     ``llava/data/sources.py``), on the rows its sampling strategy takes with ``seed``."""
-    # llava.data.preference imports torch (its dataset): not at the top, so `llava data check --help` stays light
-    from llava.data.preference import is_preference_record, parse_preference_record
+    # the preference records (torch-free): not at the top, so `llava data check --help` stays light
+    from llava.data.preference_records import is_preference_record, parse_preference_record
 
     report = ProblemReport()
     raws = read_records(data_path, report)

@@ -1,23 +1,13 @@
-"""Preference records (DPO): parse and validate them, a dataset of tokenized pairs, and the pair collator.
-
-Two record forms are read:
-
-    {"id": "1", "image": "a.jpg", "prompt": "What is it?", "chosen": "A red circle.", "rejected": "A blue square."}
-    {"id": "2", "images": ["a.jpg"], "conversations": [
-        {"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A circle."},
-        {"from": "human", "value": "What colour?"}, {"from": "gpt", "chosen": "Red.", "rejected": "Blue."}]}
-
-The first is LLaVA-NeXT's DPO record (``llava/train/train_dpo.py``: ``id``, ``image`` or ``images``, ``prompt``,
-``chosen``, ``rejected``; the prompt's ``<image>`` is moved to the front, or added there when absent, as LLaVA-NeXT
-does); the second keeps multi-turn context, with ``chosen`` / ``rejected`` variants of the last assistant turn. Both
-become a :class:`PreferenceRecord`: the context (ending with a user turn) and the two answers. A record with an empty
-answer, identical answers, or anything ``parse_record`` refuses for an SFT record is a :class:`RecordError` naming the
-record and the field.
+"""Preference pairs (DPO): a dataset of tokenized pairs and the pair collator (the records:
+``preference_records.py``).
 
 Each sample is the context + chosen and the context + rejected, templated and tokenized like an SFT conversation
 (``tokenize.py``: one tokenization, the prompt's tokens unsupervised, the answer's supervised). The collator puts the
 ``n`` chosen rows first and the ``n`` rejected rows after them, padded to one width, and the images of the ``n`` pairs
-once (``llava/model/preference_forward.py`` encodes them once and feeds both rows):
+once (``llava/model/preference_forward.py`` encodes them once and feeds both rows). A pair's video (``--video_folder``)
+is decoded by the SFT dataset's code (``video.load_record_video``: the run's ``--frames_upbound`` / ``--video_fps`` /
+``--force_sample``), its ``<video>`` expanded to the SFT count, and the collator carries the ``n`` pairs' videos once
+as ``pixel_values_videos``, as the SFT collator does:
 
     collate = DataCollatorForPreference(pad_token_id=0)
     collate([{"chosen_input_ids": tensor([1, 5, 9]), "chosen_labels": tensor([-100, 5, 9]),
@@ -42,7 +32,6 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from llava.data.anyres import AnyresLayout, process_anyres_images, read_image_sizes
 from llava.data.collator import DataCollatorForSupervisedDataset, collate_images, collate_videos
 from llava.data.dataset import process_images
@@ -57,7 +46,12 @@ from llava.data.index import (
     local_main_first,
     open_records,
 )
-from llava.data.records import Message, Record, RecordError, parse_record
+from llava.data.preference_records import (  # noqa: F401  (is_preference_record: this module's public name too)
+    PreferenceRecord,
+    is_preference_record,
+    parse_preference_record,
+)
+from llava.data.records import Message, RecordError
 from llava.data.templates import ConversationTemplate
 from llava.data.tokenize import SampleRejected, tokenize_conversation
 from llava.data.validate import DataError, ProblemLog, load_raw_records, record_image_problem
@@ -72,80 +66,6 @@ from llava.data.video import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreferenceRecord:
-    id: str
-    images: list[str]
-    context: list[Message]  # ends with a user turn
-    chosen: str
-    rejected: str
-    video: str | None = None  # relative to --video_folder, decoded as for SFT (llava/data/video.py)
-
-    def conversation(self, answer: str) -> list[Message]:
-        return [*self.context, Message("assistant", answer)]
-
-    def as_record(self, which: str = "chosen") -> Record:
-        """The SFT record of one answer (what ``llava data check`` and the image checks read)."""
-        return Record(self.id, self.images, self.conversation(getattr(self, which)), video=self.video)
-
-
-def is_preference_record(raw: Any) -> bool:
-    """A raw record of either preference form (``chosen`` at the top or in the last turn)."""
-    if not isinstance(raw, dict):
-        return False
-    if "chosen" in raw or "rejected" in raw:
-        return True
-    convs = raw.get("conversations")
-    return isinstance(convs, list) and bool(convs) and isinstance(convs[-1], dict) and "chosen" in convs[-1]
-
-
-def parse_preference_record(raw: Any, index: int | None = None) -> PreferenceRecord:
-    """Validate one preference record of either form; ``RecordError`` names the record id and the field."""
-    rid = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else (
-        f"#{index}" if index is not None else "<no id>")
-    if not isinstance(raw, dict):
-        raise RecordError("bad_type", rid, "<record>", f"expected a JSON object, got {type(raw).__name__}")
-    if "conversations" in raw:
-        convs = raw["conversations"]
-        if not isinstance(convs, list) or not convs or not isinstance(convs[-1], dict):
-            raise RecordError("bad_type", rid, "conversations", "expected a non-empty list of turns")
-        last, where = convs[-1], f"conversations[{len(convs) - 1}]"
-        chosen, rejected = last.get("chosen"), last.get("rejected")
-        turns = [*convs[:-1], {"from": last.get("from", last.get("role")), "value": chosen}]
-    else:
-        where = ""
-        prompt, chosen, rejected = raw.get("prompt"), raw.get("chosen"), raw.get("rejected")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RecordError("preference_missing", rid, "prompt", "a preference record needs a non-empty 'prompt' "
-                              "(or a 'conversations' list whose last gpt turn has 'chosen' and 'rejected')")
-        n_images, video = _count_images(raw), raw.get("video") is not None
-        if (n_images or video) and DEFAULT_IMAGE_TOKEN not in prompt and DEFAULT_VIDEO_TOKEN not in prompt:
-            # LLaVA-NeXT: "<image>\n" + prompt (a video record's <image> is its video: "<video>\n" here)
-            prompt = (DEFAULT_IMAGE_TOKEN + "\n") * n_images + (DEFAULT_VIDEO_TOKEN + "\n") * video + prompt.strip()
-        turns = [{"from": "human", "value": prompt}, {"from": "gpt", "value": chosen}]
-    for name, value in (("chosen", chosen), ("rejected", rejected)):
-        field_name = f"{where}.{name}" if where else name
-        if value is None:
-            raise RecordError("preference_missing", rid, field_name, f"the record has no '{name}' answer")
-        if not isinstance(value, str):
-            raise RecordError("bad_type", rid, field_name, f"expected a string, got {type(value).__name__}")
-        if not value.strip():
-            raise RecordError("preference_empty", rid, field_name, f"the '{name}' answer is empty")
-    if chosen.strip() == rejected.strip():
-        raise RecordError("preference_identical", rid, f"{where}.rejected" if where else "rejected",
-                          "'chosen' and 'rejected' are the same answer: the pair teaches no preference")
-    base = {k: v for k, v in raw.items() if k in ("id", "image", "images", "video")}
-    record = parse_record({**base, "conversations": turns}, index)
-    if record.messages[-1].role != "assistant":
-        raise RecordError("bad_role_order", rid, where or "conversations", "the chosen / rejected turn must be a gpt turn")
-    return PreferenceRecord(record.id, record.images, record.messages[:-1], chosen, rejected, record.video)
-
-
-def _count_images(raw: dict) -> int:
-    value = raw.get("images", raw.get("image"))
-    return 0 if value is None else 1 if isinstance(value, str) else len(value) if isinstance(value, list) else 0
 
 
 PAIR_INDEX_FORMAT = 2
@@ -249,9 +169,10 @@ class _Problems(list):
 
 def pair_index_key(data_path, digest: str, tokenizer, template, s: IndexSettings) -> str:
     """The SFT index's key (data, tokenizer, template, settings, indexing code) + the path (named in the messages)
-    and this module's source."""
+    and the source of this module and preference_records.py."""
     parts = {"pairs": PAIR_INDEX_FORMAT, "index": index_key(digest, tokenizer, template, s), "path": str(data_path),
-             "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+             "code": hashlib.sha256(Path(__file__).read_bytes()
+                                    + Path(__file__).with_name("preference_records.py").read_bytes()).hexdigest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -173,10 +173,11 @@ def test_video_pairs_loss_and_gradients_equal_native_reference(tiny_models, vide
 
 
 def test_llava_dpo_on_video_pairs_saves_native_onevision(tiny_models, video_pairs, tmp_path):
-    out = tmp_path / "dpo"
+    out, data = tmp_path / "dpo", tmp_path / "video_pairs.jsonl"  # every step trains on video pairs
+    data.write_text("".join(json.dumps(r) + "\n" for r in json.loads(video_pairs["pairs"].read_text()) if "video" in r))
     trainer = train(dpo_argv([
         "--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
-        "--version", "vicuna_v1", "--data_path", str(video_pairs["pairs"]),
+        "--version", "vicuna_v1", "--data_path", str(data),
         "--image_folder", str(video_pairs["image_folder"]), "--video_folder", str(video_pairs["video_folder"]),
         "--frames_upbound", str(FRAMES), "--force_sample", "True", "--mm_newline_position", "one_token",
         "--mm_spatial_pool_mode", "bilinear", "--image_aspect_ratio", "anyres_max_2",
@@ -191,7 +192,8 @@ def test_llava_dpo_on_video_pairs_saves_native_onevision(tiny_models, video_pair
     assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
     native = LlavaOnevisionForConditionalGeneration.from_pretrained(out).eval()
     ds = trainer.train_dataset
-    batch = trainer.data_collator([ds[i] for i in range(len(ds)) if ds.record(i).video is not None][:2])
+    assert len(ds) == 5 and all(r.video for r in ds.records)
+    batch = trainer.data_collator([ds[i] for i in range(2)])
     videos = batch["pixel_values_videos"]  # the n pairs' videos; the stock forward takes one per row (2n rows)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "pixel_values_videos": torch.cat([videos, videos])}

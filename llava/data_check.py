@@ -66,7 +66,6 @@ ADVICE = {
     "video_missing": "check --video_folder and the record's video path",
     "video_unreadable": "re-encode or drop the video (PyAV/FFmpeg cannot read it)",
     "video_too_large": "downscale the video (frames of at most 4096x4096 pixels)",
-    "video_unsupported": "llava dpo takes image and text pairs: drop video pairs or give their frames as images",
     "preference_identical": "give the pair two different answers (or drop it): it teaches no preference",
     "preference_empty": "give both answers of the pair some text",
     "preference_missing": "give 'prompt', 'chosen' and 'rejected' (or a last gpt turn with 'chosen' and 'rejected')",
@@ -228,8 +227,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, spec=None, seed: int = 42) -> ProblemReport:
     """Every check and statistic of ``llava data check`` on one dataset; with ``spec`` (a mixture entry,
     ``llava/data/sources.py``), on the rows its sampling strategy takes with ``seed``."""
-    # llava.data.preference imports torch (its dataset): not at the top, so `llava data check --help` stays light
-    from llava.data.preference import is_preference_record, parse_preference_record
+    # the preference records (torch-free): not at the top, so `llava data check --help` stays light
+    from llava.data.preference_records import is_preference_record, parse_preference_record
 
     report = ProblemReport()
     raws = read_records(data_path, report)
@@ -245,8 +244,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     pending: list[tuple[str, str, Any]] = []
     for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
         try:
-            record = (parse_preference_record(raw, i).as_record() if is_preference_record(raw)  # DPO: its chosen
-                      else parse_record(raw, i))
+            pair = parse_preference_record(raw, i) if is_preference_record(raw) else None
+            record = pair.as_record() if pair is not None else parse_record(raw, i)
         except RecordError as err:
             report.add(err.kind, str(err), err.record_id)
             continue
@@ -262,15 +261,22 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
                 report.add(*video)
                 continue
             video_stats.append(video)
+        # a preference pair trains both rows: each answer is tokenized and checked (lengths: one per row)
+        rows = [("", record)] if pair is None else [(f" ({side} answer)", pair.as_record(side))
+                                                    for side in ("chosen", "rejected")]
+        row_lengths, which = [], ""
         try:
-            full = _tokenize(record, setup, 10**9, video)
-            lengths.append(len(full.input_ids))
-            if len(full.input_ids) > setup.model_max_length:
-                _tokenize(record, setup, setup.model_max_length, video)
-                truncated += 1
+            for label, row in rows:
+                which = label  # named in the report when this row is refused
+                full = _tokenize(row, setup, 10**9, video)
+                row_lengths.append(len(full.input_ids))
+                if len(full.input_ids) > setup.model_max_length:
+                    _tokenize(row, setup, setup.model_max_length, video)
+            lengths += row_lengths
+            truncated += any(n > setup.model_max_length for n in row_lengths)
         except SampleRejected as err:
             dropped += 1
-            report.add(err.kind, f"record {record.id!r}: {err}", record.id)
+            report.add(err.kind, f"record {record.id!r}{which}: {err}", record.id)
             continue
         except ImageLoadError:  # anyres counts need the image's size; the image check reports the problem
             continue

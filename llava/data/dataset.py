@@ -37,10 +37,7 @@ from llava.data.validate import DataError, ProblemLog, image_problem_kind
 from llava.data.video import (
     VideoLayout,
     VideoLoadError,
-    decode_video_frames,
-    frames_to_pixel_values,
-    probe_video,
-    sample_frame_indices,
+    load_record_video,
     video_messages,
 )
 
@@ -271,13 +268,8 @@ class LazySupervisedDataset(Dataset):
         video_folder = self.video_folder if video_folder is None else str(video_folder)
         if layout is None:
             raise VideoLoadError("missing", record.video, f"record {record.id!r} has a video but --video_folder is not set")
-        try:
-            info = probe_video(video_folder, record.video)
-            indices = sample_frame_indices(info.frames, info.fps, layout.sampling)
-            frames = decode_video_frames(video_folder, record.video, indices, size=layout.frame_size, info=info)
-        except VideoLoadError as err:
-            raise VideoLoadError(err.kind, err.path, f"{err.detail} (record {record.id!r})",
-                                 video_folder=video_folder) from err
+        info, indices, pixel_values_videos = load_record_video(video_folder, record.video, layout,
+                                                               self.image_processor, record.id)
         images = self._open_images(record, folder)
         n_tokens: int | list[int] = self.num_image_tokens
         if images and self.anyres is not None:
@@ -289,7 +281,7 @@ class LazySupervisedDataset(Dataset):
             num_video_tokens=layout.video_tokens(len(indices)))
         item = {"input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
                 "labels": torch.tensor(sample.labels, dtype=torch.long), "pixel_values": None,
-                "pixel_values_videos": frames_to_pixel_values(frames, self.image_processor)[None]}
+                "pixel_values_videos": pixel_values_videos}
         if images:
             item.update(process_anyres_images(self.image_processor, images))
         return item

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,9 @@ from PIL import Image
 from llava.constants import DEFAULT_VIDEO_TOKEN
 from llava.data.images import ImageLoadError
 from llava.data.records import Message
+
+if TYPE_CHECKING:
+    import torch
 
 VIDEO_ERROR_KINDS = (
     "missing",  # no such file or directory (or --video_folder does not exist)
@@ -324,3 +328,18 @@ def frames_to_pixel_values(frames: list[Image.Image], image_processor):
     scale = np.float32(getattr(image_processor, "rescale_factor", 1 / 255))
     arrays = [(np.asarray(f, np.float32).transpose(2, 0, 1) * scale - mean) / std for f in frames]
     return torch.from_numpy(np.stack(arrays))
+
+
+def load_record_video(video_folder: str | Path | None, rel: str, layout: VideoLayout, image_processor,
+                      record_id: str) -> tuple[VideoInfo, list[int], torch.Tensor]:
+    """A record's video as training feeds it (the SFT and the preference datasets): ``(info, sampled frame indices,
+    pixel_values_videos [1, frames, 3, S, S])``, the frames sampled by ``layout.sampling``, decoded and resized to the
+    tower's input; a failure is a :class:`VideoLoadError` naming the record."""
+    try:
+        info = probe_video(video_folder, rel)
+        indices = sample_frame_indices(info.frames, info.fps, layout.sampling)
+        frames = decode_video_frames(video_folder, rel, indices, size=layout.frame_size, info=info)
+    except VideoLoadError as err:
+        raise VideoLoadError(err.kind, err.path, f"{err.detail} (record {record_id!r})",
+                             video_folder=video_folder) from err
+    return info, indices, frames_to_pixel_values(frames, image_processor)[None]

@@ -13,6 +13,8 @@ pairs then their rejected answers, but the images of the ``n`` pairs only. Two i
   their features back twice (``pooler_output`` + itself: the chosen rows' image tokens come first in the batch, then
   the rejected rows', in pair order), so the model's own ``masked_scatter`` fills both rows of a pair from one
   encoding and the gradient of both rows flows into that one encoding;
+- a video model's ``get_video_features`` (LlavaOnevision, LlavaNextVideo: the native video path the SFT forward
+  runs) likewise encodes the ``n`` pairs' videos once (``pixel_values_videos``) and hands their features back twice;
 - ``lm_head``'s forward, while :func:`answer_logps` runs, gathers the hidden states of the positions whose shifted
   label is supervised and returns each row's summed log p(answer token) (:class:`LinearTokenLogProbs`: a chunk of rows
   at a time, logits recomputed in backward, never all of them at once) instead of full-vocabulary logits.
@@ -34,7 +36,8 @@ from llava.constants import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32): rows per chunk = CHUNK_ELEMENTS // vocab
 _ATTR = "_llava_preference_forward"
-BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "batch_num_images")
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "batch_num_images",
+              "pixel_values_videos")
 
 
 class LinearTokenLogProbs(torch.autograd.Function):
@@ -115,6 +118,7 @@ class _PairState:
         self.labels: torch.Tensor | None = None  # set while answer_logps runs
         self.stock_head = True
         self.stock_image_features = None
+        self.stock_video_features = None
 
 
 def _head_forward(state: _PairState, head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,13 @@ def _image_features_twice(state: _PairState, *args, **kwargs):
     if state.labels is not None:  # chosen rows' image tokens, then the rejected rows': the same features again
         features = list(out.pooler_output)
         out.pooler_output = features + features
+    return out
+
+
+def _video_features_twice(state: _PairState, *args, **kwargs):
+    out = state.stock_video_features(*args, **kwargs)
+    if state.labels is not None:  # [videos, tokens, d]: the chosen rows' videos, then the rejected rows' (the same)
+        out.pooler_output = torch.cat([out.pooler_output, out.pooler_output])
     return out
 
 
@@ -146,6 +157,8 @@ def use_preference_forward(model: nn.Module, enable: bool = True, *, chunk_rows:
         if not state.stock_head:
             del llava.lm_head.forward
         del llava.model.get_image_features
+        if state.stock_video_features is not None:
+            del llava.model.get_video_features
         delattr(llava, _ATTR)
     if not enable:
         return
@@ -155,6 +168,9 @@ def use_preference_forward(model: nn.Module, enable: bool = True, *, chunk_rows:
         state.stock_head = False
     state.stock_image_features = llava.model.get_image_features
     llava.model.get_image_features = partial(_image_features_twice, state)
+    if hasattr(llava.model, "get_video_features"):  # LlavaOnevision / LlavaNextVideo: the SFT forward's video path
+        state.stock_video_features = llava.model.get_video_features
+        llava.model.get_video_features = partial(_video_features_twice, state)
     setattr(llava, _ATTR, state)
 
 

@@ -30,7 +30,7 @@ from llava.data.chat_templates import set_chat_template
 from llava.data.collator import DataCollatorForSupervisedDataset, DataCollatorWithPacking
 from llava.data.dataset import LazySupervisedDataset
 from llava.data.preference import DataCollatorForPreference, PreferenceDataset
-from llava.data.templates import get_template
+from llava.data.templates import ConversationTemplate, get_template
 from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.causal_padding import use_causal_padding
@@ -94,13 +94,21 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     return trainer
 
 
-def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, BuiltModel]:
-    """Model (frozen as the stage says, LoRA-wrapped if asked), datasets, collator and trainer, ready to train.
-    ``scripts/bench_train.py`` drives the same trainer step by step."""
+def build_model_and_template(model_args, data_args, training_args) -> tuple[dict, torch.nn.Module, BuiltModel,
+                                                                             ConversationTemplate]:
+    """The opening shared by SFT and DPO: the run's resolved arguments, the model (``build_model``) and the
+    conversation template, set as the processor's chat template (saved with it: it renders these ids)."""
     run_args = resolved_args_dict(model_args, data_args, training_args)
     model, built = build_model(model_args, data_args, training_args)
     template = get_template(model_args.version, image_front=data_args.image_placement == "front")
-    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)  # saved with the processor: renders these ids
+    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)
+    return run_args, model, built, template
+
+
+def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, BuiltModel]:
+    """Model (frozen as the stage says, LoRA-wrapped if asked), datasets, collator and trainer, ready to train.
+    ``scripts/bench_train.py`` drives the same trainer step by step."""
+    run_args, model, built, template = build_model_and_template(model_args, data_args, training_args)
 
     # --- data: templated, tokenized, images expanded to the tower's feature count
     train_dataset = LazySupervisedDataset.from_args(
@@ -136,10 +144,7 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
 def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTrainer, BuiltModel]:
     """Preference tuning: the model as for stage 2, preference pairs, and the reference: the adapter-disabled base
     (LoRA), log-probs computed once before training (--precompute_ref_log_probs), or a frozen copy."""
-    run_args = resolved_args_dict(model_args, data_args, training_args)
-    model, built = build_model(model_args, data_args, training_args)
-    template = get_template(model_args.version, image_front=data_args.image_placement == "front")
-    set_chat_template(built.processor, template, model_args.mm_use_im_start_end)
+    run_args, model, built, template = build_model_and_template(model_args, data_args, training_args)
     ref_model, precompute = None, training_args.precompute_ref_log_probs
     if training_args.lora_enable and not precompute and split_trainables(model)[1]:
         precompute = True  # the projector / new embeddings train outside the adapters: disabling them is no reference
@@ -160,7 +165,8 @@ def build_dpo_trainer(model_args, data_args, training_args) -> tuple[LLaVADPOTra
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DataCollatorForPreference(built.tokenizer.pad_token_id, batch_num_images=per_sample),
+        data_collator=DataCollatorForPreference(built.tokenizer.pad_token_id, batch_num_images=per_sample,
+                                                join_videos=bool(built.video and not built.video.newline)),
         processing_class=built.processor,
         projector_only=model_args.tune_mm_mlp_adapter,
         run_args={**run_args, "num_image_tokens": built.num_image_tokens},

@@ -5,9 +5,10 @@
     torchrun --nproc_per_node 8 llava/train/train_dpo.py --deepspeed scripts/zero3.json ...   # LLaVA-NeXT's path
     llava dpo ...                                                                             # the same
 
-Records: ``{"id", "image" | "images", "prompt", "chosen", "rejected"}`` (LLaVA-NeXT's) or a conversation whose last
-gpt turn has ``chosen`` and ``rejected`` (``llava/data/preference.py``). The recipe is ``llava/train/train.py``'s
-(``build_dpo_trainer``); the reference model, the loss and the metrics are ``llava/train/dpo_trainer.py``'s.
+Records: ``{"id", "image" | "images" | "video", "prompt", "chosen", "rejected"}`` (LLaVA-NeXT's; a video with
+``--video_folder``) or a conversation whose last gpt turn has ``chosen`` and ``rejected``
+(``llava/data/preference_records.py``). The recipe is ``llava/train/train.py``'s (``build_dpo_trainer``); the
+reference model, the loss and the metrics are ``llava/train/dpo_trainer.py``'s.
 """
 
 from __future__ import annotations

@@ -27,6 +27,32 @@ def test_llava_next_form_puts_the_image_first():
     assert kept.context == [Message("user", "Here <image> what?")]  # placed by the template later, as for SFT
 
 
+def test_video_pairs_mark_their_video_as_sft_records_do():
+    record = parse_preference_record({"id": "v", "video": "a.mp4", "prompt": "Which way?", "chosen": "left",
+                                      "rejected": "right"})
+    assert (record.video, record.images) == ("a.mp4", [])
+    assert record.context == [Message("user", "<video>\nWhich way?")]  # LLaVA-NeXT's placeholder in front
+    assert record.as_record("rejected").video == "a.mp4"
+    written = parse_preference_record({"id": "w", "video": "a.mp4", "prompt": "<image>\nWhich way?", "chosen": "l",
+                                       "rejected": "r"})  # LLaVA-NeXT writes a video's placeholder as <image>
+    assert written.context == [Message("user", "<video>\nWhich way?")]
+    both = parse_preference_record({"id": "b", "image": "a.png", "video": "a.mp4", "prompt": "Same?", "chosen": "yes",
+                                    "rejected": "no"})
+    assert both.context == [Message("user", "<image>\n<video>\nSame?")] and both.images == ["a.png"]
+
+
+def test_collator_carries_each_pairs_video_once():
+    v1, v2 = torch.randn(1, 4, 3, 2, 2), torch.randn(1, 4, 3, 2, 2)
+    pairs = [{"chosen_input_ids": torch.tensor([1, 5]), "chosen_labels": torch.tensor([-100, 5]),
+              "rejected_input_ids": torch.tensor([1, 6]), "rejected_labels": torch.tensor([-100, 6]),
+              "pixel_values": None, "pixel_values_videos": v, "index": i} for i, v in enumerate((v1, v2))]
+    pairs.append({**pairs[0], "pixel_values_videos": None, "index": 2})  # a text pair between them adds nothing
+    pairs[1], pairs[2] = pairs[2], pairs[1]
+    assert torch.equal(DataCollatorForPreference(0)(pairs)["pixel_values_videos"], torch.cat([v1, v2]))
+    joined = DataCollatorForPreference(0, join_videos=True)(pairs)["pixel_values_videos"]  # LlavaNextVideo
+    assert torch.equal(joined, torch.cat([v1, v2], dim=1))
+
+
 def test_conversation_form_keeps_the_context():
     record = parse_preference_record({"id": "c", "images": ["a.png"], "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A circle."},
@@ -45,7 +71,9 @@ def test_conversation_form_keeps_the_context():
      "preference_identical", "conversations[1].rejected"),
     ({"id": "i", "images": ["a.png", "b.png"], "prompt": "one <image> only", "chosen": "a", "rejected": "b"},
      "image_token_mismatch", "conversations"),
-    ({"id": "v", "video": "v.mp4", "prompt": "q", "chosen": "a", "rejected": "b"}, "video_unsupported", "video"),
+    ({"id": "v", "video": ["v.mp4"], "prompt": "q", "chosen": "a", "rejected": "b"}, "bad_type", "video"),
+    ({"id": "w", "video": "v.mp4", "prompt": "<video> then <video>", "chosen": "a", "rejected": "b"},
+     "video_token_mismatch", "conversations"),
 ])
 def test_bad_pairs_are_named(raw, kind, field):
     with pytest.raises(RecordError) as err:
@@ -116,3 +144,73 @@ def test_data_check_names_bad_pairs(tiny_models, shapes_data, bad_pairs, capsys)
     assert code == 1
     got = {kind: info["record_ids"] for kind, info in report["problems"].items()}
     assert got == {"preference_identical": ["same"], "preference_empty": ["empty"], "image_missing": ["noimage"]}
+
+
+def test_data_check_tokenizes_both_answers(tiny_models, shapes_data, tmp_path, capsys):
+    """An over-long rejected answer is counted (truncated) and each pair gives two rows' lengths; the chosen alone
+    fits in --model_max_length."""
+    image = json.loads(shapes_data["stage2_qa"].read_text())[0]["image"]
+    long = " ".join(["the shapes are red"] * 40)
+    pairs = [{"id": "short", "image": image, "prompt": "What colour?", "chosen": "red", "rejected": "blue"},
+             {"id": "long_rejected", "image": image, "prompt": "What colour?", "chosen": "red", "rejected": long},
+             {"id": "long_chosen", "image": image, "prompt": "What colour?", "chosen": long, "rejected": "red"}]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    code = main(["data", "check", "--data_path", str(path), "--image_folder", str(shapes_data["image_folder"]),
+                 "--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+                 "--version", "vicuna_v1", "--model_max_length", "96", "--json"])
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert code == 0
+    assert stats["truncated"] == 2 and stats["over_max_length"] == 2 and stats["trainable"] == 3
+    assert stats["token_length"]["max"] > 96 and stats["token_length"]["min"] < 96
+
+
+def test_cached_pair_index_equals_the_uncached_one_and_a_restart_tokenizes_nothing(
+        tiny_models, shapes_data, tmp_path, monkeypatch):
+    """The index (kept pairs, both rows' lengths, problems) read back from the cache equals the one computed without
+    a cache; the second start calls no tokenization; a changed data file is indexed again."""
+    import llava.data.preference as preference
+    from llava.model.builder import build_llava_model
+    from llava.model.model_args import ModelArguments
+
+    built = build_llava_model(ModelArguments(model_name_or_path=str(tiny_models["llm"]),
+                                             vision_tower=str(tiny_models["vision_tower"])))
+    images = [r["image"] for r in json.loads(shapes_data["stage2_qa"].read_text()) if r.get("image")][:4]
+    lines = [json.dumps({"id": f"g{i}", "image": im, "prompt": "What colour?", "chosen": "red " * (i + 1),
+                         "rejected": "blue"}) for i, im in enumerate(images)]
+    lines += ['{"id": "broken", ', json.dumps({"id": "same", "prompt": "q", "chosen": "a", "rejected": "a"}),
+              json.dumps({"id": "long", "image": images[0], "prompt": "x " * 300, "chosen": "a", "rejected": "b"})]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    kwargs = dict(template=get_template("vicuna_v1"), image_processor=built.image_processor,
+                  image_folder=shapes_data["image_folder"], image_token_id=built.image_token_id,
+                  num_image_tokens=built.num_image_tokens, model_max_length=128, show_progress=False,
+                  on_bad_sample="skip")
+    plain = PreferenceDataset(path, built.tokenizer, **kwargs)
+    calls = []
+    real = preference.tokenize_conversation
+    monkeypatch.setattr(preference, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = PreferenceDataset(path, built.tokenizer, index_cache_dir=tmp_path / "cache", **kwargs)
+    tokenized = len(calls)
+    second = PreferenceDataset(path, built.tokenizer, index_cache_dir=tmp_path / "cache", **kwargs)
+    assert tokenized >= 2 * len(plain) and len(calls) == tokenized  # the restart tokenized nothing
+    assert (first.index_from_cache, second.index_from_cache, plain.index_from_cache) == (False, True, False)
+    rows = [plain[i] for i in range(len(plain))]
+    assert plain.chosen_lengths.tolist() == [len(r["chosen_input_ids"]) for r in rows]
+    assert plain.rejected_lengths.tolist() == [len(r["rejected_input_ids"]) for r in rows]
+    assert plain.lengths == [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows]
+    assert [r.id for r in plain.records] == ["g0", "g1", "g2", "g3"]
+    assert plain.bad_samples_report()["invalid_records"]["counts"] == {"invalid_json": 1, "preference_identical": 1}
+    assert plain.bad_samples_report()["cannot_train"]["counts"] == {"no_supervised_tokens": 1}
+    for cached in (first, second):
+        assert cached.chosen_lengths.tolist() == plain.chosen_lengths.tolist()
+        assert cached.rejected_lengths.tolist() == plain.rejected_lengths.tolist()
+        assert cached.modality_lengths == plain.modality_lengths
+        assert [r.id for r in cached.records] == [r.id for r in plain.records]
+        assert cached.bad_samples_report() == plain.bad_samples_report()
+        for i, row in enumerate(rows):
+            got = cached[i]
+            assert all(torch.equal(got[k], row[k]) for k in row if isinstance(row[k], torch.Tensor))
+    path.write_text("\n".join(lines[:2]) + "\n")
+    changed = PreferenceDataset(path, built.tokenizer, index_cache_dir=tmp_path / "cache", **kwargs)
+    assert not changed.index_from_cache and [r.id for r in changed.records] == ["g0", "g1"]

@@ -223,7 +223,7 @@ def run_command(argv: list[str]) -> int:
         return demo_main(args)
     if args.command == "plot":
         # imported when the command runs: `llava --help` and argument errors stay free of matplotlib
-        from llava.train.curves import plot_main
+        from llava.curves import plot_main
 
         return plot_main(args)
     if args.command == "predict":

@@ -143,7 +143,7 @@ PACKAGE_ORDER = [
     ("llava.safetensors_io",),                                        # streaming safetensors files, atomic writes
     ("llava.data", "llava.megatron.converter"),                       # records -> tensors; HF <-> Megatron shards
     ("llava.model",),                                                 # builds the model (uses data's anyres geometry)
-    ("llava.run_dir",),                                               # the run directory (rebuilds ModelArguments)
+    ("llava.run_dir", "llava.curves"),                                # the run directory; its curves (both backends)
     ("llava.export", "llava.serve", "llava.megatron.backend"),        # read and write runs; the Megatron backend
     ("llava.train", "llava.data_check"),                              # the recipe and the hf backend; data check
     ("llava.report",),                                                # HTML pages of eval and data check results

@@ -13,10 +13,14 @@ does not decode is named with its source file and row besides the record id.
 Random access in a Parquet file reads the row group holding the row (its columns, decompressed): a few row groups
 are kept per process, so consecutive reads in one group cost one read. Smaller row groups mean cheaper random reads.
 Both stores pickle as their path (DataLoader workers and index worker processes reopen the files).
+
+A ``DatasetDict.save_to_disk`` directory (``dataset_dict.json`` + one folder per split) gives its ``train`` split;
+another split is named by its folder, ``DIR/validation`` (each split folder is itself a ``save_to_disk`` dataset).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -26,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from llava.data.records import ORIGIN_KEY
+from llava.errors import UsageValueError
 
 ROW_GROUPS_KEPT = 4  # row groups held per process for random access
+DEFAULT_SPLIT = "train"  # the split a DatasetDict directory gives (another one: its folder, DIR/<split>)
 
 
 def parquet_files(path: str | os.PathLike) -> list[Path]:
@@ -136,7 +142,10 @@ class SavedDatasetRecords(Sequence):
 
         self.path = str(path)
         self.bad_lines: list[tuple[str, str]] = []
-        self._ds = datasets.load_from_disk(self.path).with_format("arrow")
+        split_dir = saved_split_dir(path)
+        self._ds = datasets.load_from_disk(str(split_dir)).with_format("arrow")
+        in_dict = (split_dir.parent / "dataset_dict.json").is_file()  # a DatasetDict's split: "dict/split#row=N"
+        self._origin = f"{split_dir.parent.name}/{split_dir.name}" if in_dict else split_dir.name
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -146,9 +155,8 @@ class SavedDatasetRecords(Sequence):
 
     def batch(self, start: int, stop: int) -> list[Any]:
         rows = self._ds[start:stop].to_pylist()
-        name = Path(self.path).name
         for n, row in enumerate(rows):
-            row[ORIGIN_KEY] = f"{name}#row={start + n}"
+            row[ORIGIN_KEY] = f"{self._origin}#row={start + n}"
         return rows
 
     def __getstate__(self):
@@ -157,3 +165,17 @@ class SavedDatasetRecords(Sequence):
     def __setstate__(self, state):
         self.__init__(state["path"])
 
+
+def saved_split_dir(path: str | os.PathLike) -> Path:
+    """The ``save_to_disk`` folder of one dataset: ``path`` itself, or a ``DatasetDict`` directory's ``train`` split;
+    a one-line error naming its ``dataset_dict.json`` and the splits it lists when it has no ``train``."""
+    path = Path(path)
+    listing = path / "dataset_dict.json"
+    if not listing.is_file():
+        return path
+    splits = [str(s) for s in json.loads(listing.read_text()).get("splits", [])]
+    if DEFAULT_SPLIT not in splits:
+        example = f"e.g. {path / splits[0]}" if splits else "it lists none"
+        raise UsageValueError(f"{listing}: a DatasetDict with no '{DEFAULT_SPLIT}' split (its splits: "
+                              f"{', '.join(splits) or 'none'}); give one split's folder as the path, {example}")
+    return path / DEFAULT_SPLIT

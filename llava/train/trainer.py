@@ -33,6 +33,7 @@ from transformers import (
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava.curves import LR_GROUP_PREFIX, CurvesWriter
 from llava.data.samplers import LengthGroupedSampler
 from llava.model.projector import load_projector_state, read_projector_file, save_projector_state
 from llava.run_dir import (
@@ -45,7 +46,6 @@ from llava.run_dir import (
     training_run_kind,
     write_run_args,
 )
-from llava.train.curves import LR_GROUP_PREFIX, MISSING_HINT, matplotlib_available, write_training_curves
 from llava.train.lora import save_lora_checkpoint
 from llava.train.param_groups import (
     deepspeed_optimizer_keeps_groups,
@@ -64,7 +64,7 @@ class LLaVATrainer(Trainer):
     def __init__(self, *args, projector_only: bool = False, run_args: dict[str, Any] | None = None, **kwargs):
         self.projector_only = projector_only
         self.run_args = run_args or {}
-        self._can_plot: bool | None = None  # matplotlib present? asked at the first save (curves.png)
+        self._curves = CurvesWriter(logger)  # curves.png at each save; without matplotlib, said once
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -119,17 +119,7 @@ class LLaVATrainer(Trainer):
                                      bits=getattr(self.args, "bits", 16))
             write_run_args(output_dir, self.run_args, {"projector_only": self.projector_only, "run_kind": kind.value})
             self._write_bad_samples(output_dir)
-            self._write_curves(output_dir)
-
-    def _write_curves(self, output_dir: str) -> None:
-        """``curves.png`` (loss, learning rate per group, grad norm) beside every save; without matplotlib, one
-        warning per run and nothing else."""
-        if self._can_plot is None:
-            self._can_plot = matplotlib_available()
-            if not self._can_plot:
-                logger.warning(MISSING_HINT)
-        if self._can_plot:
-            write_training_curves(output_dir, self.state.log_history)
+            self._curves(output_dir, self.state.log_history)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """With parameter groups at their own learning rates (projector, vision tower), each part's rate too: the

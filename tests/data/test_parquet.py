@@ -213,3 +213,65 @@ def test_parquet_trains_resumes_and_matches_json_losses(tiny_models, ov_data, tm
     report = json.loads((out / "bad_samples.json").read_text())
     assert report["invalid_records"]["counts"] == {"image_unreadable": 1}
     assert Path(out / "config.json").is_file()
+
+
+def test_datasetdict_dir_reads_train_or_the_split_named_by_its_folder(parts, ov_data, tiny_models, tmp_path, capsys):
+    """A ``DatasetDict.save_to_disk`` directory gives its ``train`` split, ``DIR/validation`` that split (samples
+    equal to the JSON + files twin's); with no ``train`` split a one-line error names dataset_dict.json and the splits."""
+    import datasets
+
+    from llava.cli import main as cli_main
+    from llava.data.records import ORIGIN_KEY
+    from llava.data.stores import open_table_store
+    from llava.errors import UsageValueError
+
+    saved = datasets.load_from_disk(str(ov_data["arrow"]))
+    n = len(saved)
+    datasets.DatasetDict({"validation": saved.select(range(n - 2, n)), "train": saved.select(range(n - 2))}
+                         ).save_to_disk(str(tmp_path / "dict"))
+    files = _dataset(parts, ov_data["json"], ov_data["folder"])
+    twin = {files.record(j).id: j for j in range(len(files))}
+    for path, ids in ((tmp_path / "dict", ov_data["good"][:-2]), (tmp_path / "dict" / "validation", ov_data["good"][-2:])):
+        embedded = _dataset(parts, path, cache=tmp_path / "cache")
+        assert [embedded.record(i).id for i in range(len(embedded))] == ids
+        for i, rid in enumerate(ids):
+            np.testing.assert_array_equal(embedded[i]["pixel_values"].numpy(), files[twin[rid]]["pixel_values"].numpy())
+    assert open_table_store(tmp_path / "dict")[1][ORIGIN_KEY] == "dict/train#row=1"
+    assert open_table_store(tmp_path / "dict" / "validation")[0][ORIGIN_KEY] == "dict/validation#row=0"
+
+    datasets.DatasetDict({"validation": saved, "test": saved}).save_to_disk(str(tmp_path / "no_train"))
+    listing = tmp_path / "no_train" / "dataset_dict.json"
+    with pytest.raises(UsageValueError, match="no 'train' split") as err:
+        _dataset(parts, tmp_path / "no_train")
+    assert str(listing) in str(err.value) and "validation, test" in str(err.value)
+    assert cli_main(["data", "check", "--data_path", str(tmp_path / "no_train"), "--model_name_or_path",
+                     str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
+                     "--model_max_length", "512"]) == 2
+    assert str(listing) in capsys.readouterr().err
+
+
+def test_parquet_packed_losses_equal_padded(tiny_models, ov_data, tmp_path):
+    """``--packing`` with ``--group_by_modality_length`` on the Parquet source (multi-image rows, a corrupt row
+    skipped, a truncated one replaced): each step's loss equals the padded run's, to the 1e-5 of
+    tests/train/test_packing.py (SGD, so that the steps do not amplify the rows' rounding)."""
+    from llava.data.collator import DataCollatorWithPacking
+    from llava.train.train import train
+
+    def run(out, *extra):
+        argv = _argv(tiny_models, ov_data["parquet"], out, "--group_by_modality_length", "True", "--optim", "sgd",
+                     "--lr_scheduler_type", "constant", "--max_grad_norm", "0", *extra)
+        argv[argv.index("--max_steps") + 1] = "3"
+        argv[argv.index("--learning_rate") + 1] = "0.1"
+        argv[argv.index("--save_steps"):argv.index("--save_steps") + 2] = ["--save_strategy", "no"]
+        return train(argv)
+
+    padded = run(tmp_path / "padded")
+    packed = run(tmp_path / "packed", "--packing", "True")
+    assert isinstance(packed.data_collator, DataCollatorWithPacking)
+    assert not isinstance(padded.data_collator, DataCollatorWithPacking)
+    a, b = _losses(padded), _losses(packed)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert len(set(a.values())) == 3  # the steps differ (batches of one modality each, and it trained)
+    print(f"padded {a} packed {b} max abs diff {max(abs(a[s] - b[s]) for s in a):.2e}")
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step

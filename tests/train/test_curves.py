@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from llava.cli import main as cli_main
-from llava.train.curves import matplotlib_available
+from llava.curves import matplotlib_available
 
 needs_matplotlib = pytest.mark.skipif(not matplotlib_available(), reason="the plot extra (pip install 'llava[plot]') "
                                       "draws the curves")
@@ -84,7 +84,7 @@ def test_curves_beside_the_run_and_each_checkpoint(run, where):
 
 @needs_matplotlib
 def test_llava_plot_overlays_runs(run, tmp_path, capsys):
-    from llava.train.curves import plot_runs, read_log_history
+    from llava.curves import plot_runs, read_log_history
 
     out = tmp_path / "two.png"
     assert cli_main(["plot", str(run), str(run / "checkpoint-2"), "--out", str(out)]) == 0
@@ -100,7 +100,7 @@ def test_llava_plot_overlays_runs(run, tmp_path, capsys):
 def test_plot_reads_a_megatron_run_and_the_latest_checkpoint(tmp_path):
     """``llava plot`` takes the log history of a ``--backend megatron`` run (``megatron_state.json``), and of a run
     whose final ``trainer_state.json`` is missing (its latest checkpoint's)."""
-    from llava.train.curves import read_log_history
+    from llava.curves import read_log_history
 
     history = [{"step": 1, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.5}, {"step": 2, "eval_loss": 1.9}]
     megatron = tmp_path / "megatron_run"
@@ -134,3 +134,23 @@ def test_training_without_matplotlib_says_so_once(tiny_models, shapes_data, tmp_
     assert not list(out.rglob("curves.*"))
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == [1, 2]
+
+
+PLOT_BLOCKED = """
+import sys
+sys.modules["matplotlib"] = None  # as if the plot extra were not installed
+from llava.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_llava_plot_without_matplotlib_says_what_to_install(tmp_path):
+    """``llava plot`` on a run (a Megatron run's history here) without matplotlib: exit 2, one line naming the extra."""
+    run = tmp_path / "megatron_run"
+    run.mkdir()
+    (run / "megatron_state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 2.0}]}))
+    done = subprocess.run([sys.executable, "-c", PLOT_BLOCKED, "plot", str(run), "--out", str(tmp_path / "c.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "llava plot needs matplotlib: pip install 'llava[plot]'" in done.stderr
+    assert not (tmp_path / "c.png").exists()

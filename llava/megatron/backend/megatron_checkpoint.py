@@ -11,6 +11,7 @@ Layout (``--save_steps`` N, under ``OUTPUT_DIR``)::
     checkpoint-N/mp_rank_XX_YYY/model_chunk_V.safetensors   the rank's weights (MCA local keys)
     checkpoint-N/mp_rank_XX_YYY/optimizer.pt   the rank's optimizer state (data-parallel rank 0 writes it)
     checkpoint-N/rng/rank_R.pt                 every rank's CPU RNG and model-parallel RNG tracker states
+    checkpoint-N/curves.png, curves.json       the training curves so far (``on_staged``; with matplotlib)
 
 The data position is the step: the sample order is a pure function of the seed and the epoch
 (``llava.megatron.backend.megatron_data``), so step N+1 reads the same batches resumed or not. Every file is written into
@@ -48,8 +49,10 @@ def _ranks():
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, history: list[dict], layout,
-                    padded: int, divisor: int, hf_dir: Path, save_total_limit: int | None = None) -> Path:
-    """Write ``run_dir/checkpoint-{step}`` (all ranks call this); see the module docstring."""
+                    padded: int, divisor: int, hf_dir: Path, save_total_limit: int | None = None,
+                    on_staged=None) -> Path:
+    """Write ``run_dir/checkpoint-{step}`` (all ranks call this); see the module docstring. ``on_staged(staging)``:
+    rank 0 adds its files (the curves) to the staged checkpoint before the rename."""
     # megatron-core (the [megatron] extra), imported only when the backend runs
     from megatron.core import tensor_parallel
 
@@ -73,6 +76,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         meta = {"step": step, "log_history": history, "scheduler": scheduler.state_dict(),
                 "parallel": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "dp": dp_size}}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if on_staged is not None:
+            on_staged(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)

@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from llava.curves import LR_GROUP_PREFIX
 from llava.megatron.backend.megatron_model import shift_labels, token_losses
 from llava.megatron.backend.packed_thd import packed_params
 
@@ -105,9 +106,10 @@ def evaluate_loss(model, eval_batches: list[dict]) -> float:
 
 def run_steps(model, optimizer, scheduler, steps, total_steps: int, training_args, start_step: int = 0,
               history: list[dict] | None = None, save=None, save_every: int = 0, evaluate=None, eval_every: int = 0,
-              log=None) -> list[dict]:
+              log=None, lr_parts: list[str | None] | None = None) -> list[dict]:
     """Train from ``start_step`` to ``total_steps``; ``save(step, history)`` every ``save_every`` steps,
-    ``evaluate() -> eval_loss`` every ``eval_every``, ``log(entry)`` for every history entry (wandb)."""
+    ``evaluate() -> eval_loss`` every ``eval_every``, ``log(entry)`` for every history entry (wandb).
+    ``lr_parts``: what each optimizer group trains (``optimizer_group_parts``), for the per-part learning rates."""
     history = list(history or [])
     out_dir = Path(training_args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,12 +121,13 @@ def run_steps(model, optimizer, scheduler, steps, total_steps: int, training_arg
         optimizer.zero_grad()
         losses = _schedule(model, micro, forward_only=False)
         lr = optimizer.param_groups[0]["lr"] if optimizer.param_groups else training_args.learning_rate
+        part_rates = part_learning_rates(optimizer.param_groups, lr_parts or [])  # the rates this step uses
         updated, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         num, den = reduce_sums([(float(x["loss_sum"]), float(x["tokens"])) for x in losses])
         entry = {"step": step + 1, "loss": num / max(den, 1.0), "grad_norm": grad_norm, "learning_rate": lr,
                  "seconds": time.perf_counter() - start, "updated": bool(updated),
-                 "micro_batches": len(micro), "micro_batch_shape": list(micro[0]["input_ids"].shape)}
+                 "micro_batches": len(micro), "micro_batch_shape": list(micro[0]["input_ids"].shape), **part_rates}
         history.append(entry)
         if torch.distributed.get_rank() == 0 and (step + 1) % max(1, int(training_args.logging_steps)) == 0:
             logger.info("step %d/%d loss %.6f grad_norm %s lr %.3g", step + 1, total_steps, entry["loss"],
@@ -138,6 +141,35 @@ def run_steps(model, optimizer, scheduler, steps, total_steps: int, training_arg
         if save is not None and save_every and (step + 1) % save_every == 0:
             save(step + 1, history)
     return history
+
+
+def optimizer_group_parts(model, optimizer) -> list[str | None]:
+    """What each optimizer group trains, by its parameters: "projector", "vision tower", "language model" (the hf
+    trainer's names, joined with " + " for a mixed group), "group i" for parameters not found in the model (a bf16
+    optimizer's fp32 copies), None for an empty group."""
+    owner = {}
+    for chunk in model:
+        for name, param in chunk.module.named_parameters():
+            owner[id(param)] = ("projector" if name.startswith("multi_modal_projector.") else
+                                "vision tower" if name.startswith("vision_model.") else "language model")
+    parts: list[str | None] = []
+    for i, group in enumerate(optimizer.param_groups):
+        found = {owner.get(id(p), "?") for p in group["params"]}
+        parts.append(None if not found else f"group {i}" if "?" in found else " + ".join(sorted(found)))
+    return parts
+
+
+def part_learning_rates(param_groups: list[dict], parts: list[str | None]) -> dict[str, float]:
+    """``{"learning_rate/<part>": rate}``, each part's highest group rate, when the groups' peak rates differ
+    (``--mm_projector_lr``), as the hf trainer logs them (``llava/train/trainer.py``); {} when they do not."""
+    if len({g.get("max_lr", g["lr"]) for g, part in zip(param_groups, parts) if part}) < 2:
+        return {}
+    rates: dict[str, float] = {}
+    for group, part in zip(param_groups, parts):
+        if part:
+            key = LR_GROUP_PREFIX + part
+            rates[key] = max(float(group["lr"]), rates.get(key, float(group["lr"])))
+    return rates
 
 
 def write_state(output_dir: str, history: list[dict], memory: list[dict] | None) -> None:

@@ -10,7 +10,8 @@ loaded per rank through the conversion templates -> freezing -> megatron-core ``
 ``get_megatron_optimizer``, ``OptimizerParamScheduler`` -> steps driven by ``get_forward_backward_func()`` ->
 export (``--save_hf``) as the hf backend writes it. The data pipeline (templates, tokenization, collation) and the
 sample order are the hf backend's, so both backends see the same batches. Per-step losses are logged to
-``megatron_state.json`` (``log_history``, as ``trainer_state.json``) and, with ``--report_to wandb``, to wandb.
+``megatron_state.json`` (``log_history``, as ``trainer_state.json``) and, with ``--report_to wandb``, to wandb;
+rank 0 draws them (``curves.png``, ``llava/curves.py``) at the end and in each checkpoint, as the hf backend does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_opti
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from transformers import LlavaConfig
 
+from llava.curves import CurvesWriter
 from llava.errors import UsageValueError
 from llava.megatron.backend.cpu_compat import install_cpu_shims
 from llava.megatron.backend.init_checkpoint import prepare_init_checkpoint
@@ -38,7 +40,7 @@ from llava.megatron.backend.megatron_checkpoint import load_checkpoint, resolve_
 from llava.megatron.backend.megatron_data import StepBatches, build_dataset, load_processor_bits
 from llava.megatron.backend.megatron_export import export_run
 from llava.megatron.backend.megatron_model import LlavaGPTModel, transformer_config
-from llava.megatron.backend.megatron_steps import evaluate_loss, run_steps, write_state
+from llava.megatron.backend.megatron_steps import evaluate_loss, optimizer_group_parts, run_steps, write_state
 from llava.megatron.backend.rank_memory import gather_memory
 from llava.megatron.backend.rank_weights import hf_mca_config, load_rank_state, read_rank_state
 from llava.megatron.converter.parallel_layout import ParallelLayout, padded_vocab_size
@@ -99,15 +101,22 @@ def train_megatron(model_args, data_args, training_args, mg_args) -> list[dict]:
     if resume:
         logger.info("resumed from %s at step %d", resume, start_step)
 
+    curves = CurvesWriter(logger)  # curves.png (rank 0) at each save; without matplotlib, said once
+
     def save(step: int, history: list[dict]) -> None:
+        final = Path(training_args.output_dir, f"checkpoint-{step}")
         save_checkpoint(training_args.output_dir, step, model, optimizer, scheduler, history, layout, padded,
-                        VOCAB_DIVISOR, hf_dir, training_args.save_total_limit)
+                        VOCAB_DIVISOR, hf_dir, training_args.save_total_limit,
+                        on_staged=lambda staging: curves(staging, history, title=str(final)))
 
     wandb_run = start_wandb(training_args, mg_args)
     history = run_steps(model, optimizer, scheduler, steps, total_steps, training_args, start_step, history,
                         save=save, save_every=_save_every(training_args, total_steps), evaluate=evaluate,
-                        eval_every=eval_every, log=wandb_run.log if wandb_run else None)
+                        eval_every=eval_every, log=wandb_run.log if wandb_run else None,
+                        lr_parts=optimizer_group_parts(model, optimizer))
     write_state(training_args.output_dir, history, gather_memory(model, optimizer))
+    if torch.distributed.get_rank() == 0:
+        curves(training_args.output_dir, history)
     if wandb_run:
         wandb_run.finish()
 

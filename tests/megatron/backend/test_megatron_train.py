@@ -13,8 +13,8 @@ checkpoint, or the stage-1 projector file) against the hf backend's (<= half an 
 that transformers loads the export and ``llava predict`` answers from it as from the hf backend's; the
 modality-grouped order (Qwen2 stage 2) and ``--mm_projector_lr`` (Llama stage 2); the freezing flags, stage 1's
 new-token embeddings and data parallelism, their weights at TIGHT_WEIGHT_ATOL (<= 1e-6, steps that do not amplify
-rounding: LINEAR_ADAM); wandb logging; exact resume from a Megatron checkpoint and a kill mid-save; unsupported
-combinations fail at start-up.
+rounding: LINEAR_ADAM); wandb logging; curves.png at the end and in each checkpoint; exact resume from a Megatron
+checkpoint and a kill mid-save; unsupported combinations fail at start-up.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
 
+from llava.curves import matplotlib_available  # noqa: E402
 from llava.run_dir import RunKind, run_kind  # noqa: E402
 from llava.train.train import train  # noqa: E402
 
@@ -380,6 +382,31 @@ def test_wandb_logs_the_step_losses(runs):
         time.sleep(0.2)
     assert [logged[s] for s in sorted(logged)] == pytest.approx(_megatron_losses(run_dir), abs=1e-6)
     assert any("eval/loss" in h for h in history)
+
+
+@pytest.mark.skipif(not matplotlib_available(), reason="the plot extra (pip install 'llava[plot]') draws the curves")
+def test_curves_at_the_end_and_in_each_checkpoint(runs):
+    """``curves.png`` + ``curves.json`` (llava/curves.py) beside megatron_state.json and in each checkpoint: one
+    point per logged step, the state's values; with --mm_projector_lr each part's rate on the linear schedule."""
+    full = runs["resume"]["full"]
+    for folder, state in ((full, "megatron_state.json"), (full / "checkpoint-2", "megatron_checkpoint.json"),
+                          (full / "checkpoint-4", "megatron_checkpoint.json"), (runs["resume"]["resumed"], "megatron_state.json")):
+        history = json.loads((folder / state).read_text())["log_history"]
+        drawn = json.loads((folder / "curves.json").read_text())
+        last = 2 if folder.name == "checkpoint-2" else 4
+        for panel, line, key in (("loss", "train loss", "loss"), ("grad norm", "grad norm", "grad_norm"),
+                                 ("learning rate", "learning rate", "learning_rate")):
+            assert drawn[panel][line]["steps"] == list(range(1, last + 1)), (folder, line)
+            assert drawn[panel][line]["values"] == pytest.approx([e[key] for e in history if key in e]), (folder, line)
+        with Image.open(folder / "curves.png") as image:
+            image.load()
+            assert image.size == (1300, 380)
+    run = runs["megatron"]["llama", 2, "tp2pp1"]  # eval at step 5, the projector at 3x the LM's peak rate
+    drawn = json.loads((run / "curves.json").read_text())
+    assert drawn["loss"]["eval loss"] == {"steps": [5], "values": pytest.approx(_megatron_losses(run, "eval_loss"))}
+    schedule = [LR[2] * (1 - k / 5) for k in range(5)]  # linear decay over 5 steps, no warm-up: each step's rate
+    assert drawn["learning rate"]["language model"]["values"] == pytest.approx(schedule)
+    assert drawn["learning rate"]["projector"]["values"] == pytest.approx([PROJECTOR_LR / LR[2] * r for r in schedule])
 
 
 def test_data_parallel_equals_accumulation(runs):

@@ -3,15 +3,18 @@
     write_training_curves(output_dir, trainer.state.log_history)   # curves.png + curves.json (the plotted points)
     llava plot out/padded out/packed --out padded_vs_packed.png    # several runs on one figure
 
-The trainer writes ``curves.png`` in the output directory at the end and beside each checkpoint; ``curves.json``
-holds the points the figure drew (read back from its lines). matplotlib is an optional extra (``pip install
-'llava[plot]'``, in ``scripts/install.sh``'s defaults): without it training writes no picture and says so once.
+Both backends write ``curves.png`` in the output directory at the end and beside each checkpoint, through one
+``CurvesWriter`` per run: the hf backend's trainer (``llava/train/trainer.py``) from ``trainer_state.json``'s log
+history, the Megatron backend (``llava/megatron/backend/megatron_train.py``) from ``megatron_state.json``'s.
+``curves.json`` holds the points the figure drew (read back from its lines). matplotlib is an optional extra (``pip
+install 'llava[plot]'``, in ``scripts/install.sh``'s defaults): without it training writes no picture and says so once.
 Plotting uses matplotlib's object API on the Agg canvas (no pyplot, no global backend switch).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -108,14 +111,31 @@ def plot_runs(runs: dict[str, list[dict]], path: str | os.PathLike, title: str =
     return drawn
 
 
-def write_training_curves(output_dir: str | os.PathLike, log_history: list[dict]) -> Path:
-    """``output_dir/curves.png`` of one run and ``curves.json`` with the points drawn; needs matplotlib."""
+def write_training_curves(output_dir: str | os.PathLike, log_history: list[dict], title: str | None = None) -> Path:
+    """``output_dir/curves.png`` of one run and ``curves.json`` with the points drawn; needs matplotlib. ``title``:
+    the figure's (default: ``output_dir``; a checkpoint staged under another name gives its final one)."""
     output_dir = Path(output_dir)
-    drawn = plot_runs({output_dir.name: log_history}, output_dir / CURVES_PNG, title=str(output_dir))
+    drawn = plot_runs({output_dir.name: log_history}, output_dir / CURVES_PNG, title=title or str(output_dir))
     tmp = output_dir / f".{CURVES_JSON}.tmp"
     tmp.write_text(json.dumps(drawn, indent=1))
     os.replace(tmp, output_dir / CURVES_JSON)
     return output_dir / CURVES_PNG
+
+
+class CurvesWriter:
+    """One run's curves at each save (``writer(output_dir, log_history)``); without matplotlib, one warning (at the
+    first save) and nothing else for the rest of the run."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+        self.can_plot: bool | None = None  # matplotlib present? asked at the first save
+
+    def __call__(self, output_dir: str | os.PathLike, log_history: list[dict], title: str | None = None) -> Path | None:
+        if self.can_plot is None:
+            self.can_plot = matplotlib_available()
+            if not self.can_plot:
+                self.logger.warning(MISSING_HINT)
+        return write_training_curves(output_dir, log_history, title) if self.can_plot else None
 
 
 def read_log_history(run_dir: str | os.PathLike) -> list[dict]:

@@ -122,6 +122,7 @@ def append_one_record(mixture: Path) -> None:
 def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache: Path) -> dict:
     import resource
 
+    load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "?"
     if mode == "first_start":
         shutil.rmtree(cache, ignore_errors=True)
     if mode == "edit_one":
@@ -134,6 +135,7 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
     if out.returncode != 0:
         raise RuntimeError(f"{mode}: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["loadavg_before_after"] = f"{load_before}/{Path('/proc/loadavg').read_text().split()[0]}"
     if train_step:
         if mode == "first_start":
             shutil.rmtree(cache, ignore_errors=True)
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=1, help="repeat the modes, interleaved; medians are reported")
     p.add_argument("--train_step", action="store_true", help="also time a whole 1-step training run per mode")
     p.add_argument("--sources", type=int, default=1, help="K > 1: a mixture YAML of K JSONL sources (n/K records each)")
+    p.add_argument("--train_step_modes", default=None,
+                   help="with --train_step, only these modes (comma-separated) run the 1-step training (e.g. restart)")
+    p.add_argument("--group_by_modality_length", action="store_true",
+                   help="train with --group_by_modality_length True (the OneVision recipe's sampler)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import ensure_workdir
@@ -179,12 +185,15 @@ def main(argv: list[str] | None = None) -> dict:
              str(workdir / "out-index"), "--model_max_length", "1024", "--use_cpu", "True", "--report_to", "none",
              "--on_bad_sample", "skip", "--index_cache_dir", str(cache), "--index_workers", str(args.workers),
              "--per_device_train_batch_size", "4", "--max_steps", "1", "--save_strategy", "no"]
+    if args.group_by_modality_length:
+        flags += ["--group_by_modality_length", "True"]
+    step_modes = set(args.train_step_modes.split(",")) if args.train_step_modes else set(modes)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_ in range(args.rounds):
         for mode in modes:
             code = Path(args.before_src) if mode == "before" else Path(__file__).parent.parent  # whose llava runs
             env = {**os.environ, "PYTHONPATH": str(code.resolve())}
-            result = run_mode(mode, flags + MODES[mode], env, args.train_step, cache)
+            result = run_mode(mode, flags + MODES[mode], env, args.train_step and mode in step_modes, cache)
             runs[mode].append(result)
             print(json.dumps({"mode": mode, "round": round_, "n": args.n, **result}), flush=True)
     results = {m: {k: round(statistics.median(r[k] for r in rs), 2)
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             line = (f"  {mode:11s} dataset {r['seconds']:7.2f} s wall, {r['cpu_seconds']:7.2f} s CPU "
                     f"({b['seconds'] / r['seconds']:.2f}x, CPU {b['cpu_seconds'] / r['cpu_seconds']:.2f}x); RSS growth "
                     f"{r['VmRSS_growth_mib']} MiB (anonymous {r['RssAnon_growth_mib']})")
-            if "one_step_run_s" in r:
+            if "one_step_run_s" in r and "one_step_run_s" in b:
                 line += (f"; 1-step run {r['one_step_run_s']} s wall ({b['one_step_run_s'] / r['one_step_run_s']:.2f}x),"
                          f" {r['one_step_run_cpu_s']} s CPU")
             print(line)

@@ -93,9 +93,16 @@ def make_records(workdir: Path, n: int) -> Path:
     return out
 
 
-def make_mixture(workdir: Path, n: int, sources: int) -> Path:
-    """``sources`` JSONL files of ``n // sources`` records each (the mix repeated, fresh ids) and a YAML listing them."""
+def make_mixture(workdir: Path, n: int, sources: int, repeat: int = 1) -> Path:
+    """``sources`` JSONL files of ``n // sources`` records each (the mix repeated, fresh ids) and a YAML listing them
+    (``repeat: R`` per entry when ``repeat`` > 1: ``n * R`` samples from ``n`` indexed records)."""
     out = workdir / f"mixture-{n}-{sources}.yaml"
+    if repeat > 1:
+        lines = make_mixture(workdir, n, sources).read_text().splitlines()
+        rep = workdir / f"mixture-{n}-{sources}-x{repeat}.yaml"
+        rep.write_text("\n".join(lines + [""]).replace("sampling_strategy: all\n",
+                                                         f"sampling_strategy: all\n    repeat: {repeat}\n"))
+        return rep
     if not out.is_file():
         base = [json.loads(x) for x in (workdir / "mix.jsonl").read_text().splitlines()]
         lines = ["datasets:"]
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=1, help="repeat the modes, interleaved; medians are reported")
     p.add_argument("--train_step", action="store_true", help="also time a whole 1-step training run per mode")
     p.add_argument("--sources", type=int, default=1, help="K > 1: a mixture YAML of K JSONL sources (n/K records each)")
+    p.add_argument("--repeat", type=int, default=1, help="with --sources: each entry `repeat: R` (n * R samples "
+                   "from the n records' index; the same cache directory as without it)")
     p.add_argument("--train_step_modes", default=None,
                    help="with --train_step, only these modes (comma-separated) run the 1-step training (e.g. restart)")
     p.add_argument("--group_by_modality_length", action="store_true",
@@ -175,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     workdir = Path(args.workdir).resolve()
     paths = ensure_workdir(workdir, args.size, 400)
-    data = make_records(workdir, args.n) if args.sources == 1 else make_mixture(workdir, args.n, args.sources)
+    data = make_records(workdir, args.n) if args.sources == 1 else make_mixture(workdir, args.n, args.sources,
+                                                                                args.repeat)
     cache = workdir / (f"index-cache-{args.n}" + ("" if args.sources == 1 else f"-{args.sources}"))
     modes = (args.modes or ("before," if args.before_src else "") + "per_start,first_start,restart").split(",")
     if "before" in modes and not args.before_src:

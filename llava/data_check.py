@@ -15,9 +15,11 @@ runs too (existence and confinement only, no decode) before step 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +41,8 @@ from llava.data.validate import (
     ProblemLog,
     check_one_image,
     image_problem_kind,
+    iter_jsonl,
+    jsonl_error,
     load_raw_records,
     require_saved_dataset,
 )
@@ -112,17 +116,47 @@ class ProblemReport(ProblemLog):
         return "\n".join(lines)
 
 
-def read_records(data_path: str | Path, report: ProblemReport) -> list[tuple[str, Any]]:
-    """``[(name, raw)]``: ``line N`` (JSONL) or ``#i``; unreadable lines and files are reported as ``invalid_json``."""
+CHECK_BATCH = 4096  # records read, checked and their image results collected at a time
+
+
+def iter_record_batches(data_path: str | Path, report: ProblemReport, take: np.ndarray | None = None,
+                        batch: int | None = None) -> Iterator[list[tuple[str, Any]]]:
+    """Lists of ``(name, raw)``, ``batch`` at a time: ``line N`` (JSONL, streamed line by line) or ``#i`` (a JSON
+    list, Parquet, a ``datasets`` directory: read one batch of rows at a time); unreadable lines and files are
+    reported as ``invalid_json``. ``take`` (a mixture entry's rows): only the records whose position is True."""
     path = Path(data_path)
-    lines: list[int] = []
+    if path.suffix == ".jsonl" and path.is_file():
+        named = _jsonl_named(path, report)
+    else:
+        try:
+            raw = load_raw_records(path, report)
+        except DataError as err:
+            report.add("invalid_json", str(err), str(path))
+            return
+        named = ((f"#{i}", raw[i]) for i in range(len(raw)))
+    if take is not None:
+        named = (item for item, taken in zip(named, take) if taken)
+    while chunk := list(itertools.islice(named, batch or CHECK_BATCH)):
+        yield chunk
+
+
+def _jsonl_named(path: Path, report: ProblemReport) -> Iterator[tuple[str, Any]]:
+    for line_no, record, err in iter_jsonl(path):
+        if err is None:
+            yield f"line {line_no}", record
+        else:
+            report.add("invalid_json", jsonl_error(path, line_no, err), f"line {line_no}")
+
+
+def count_records(data_path: str | Path) -> int:
+    """The records ``iter_record_batches`` reads from ``data_path`` (a mixture entry's ``available``)."""
+    path = Path(data_path)
+    if path.suffix == ".jsonl" and path.is_file():
+        return sum(1 for *_, err in iter_jsonl(path) if err is None)
     try:
-        raw = load_raw_records(path, report, lines)
-    except DataError as err:
-        report.add("invalid_json", str(err), str(path))
-        return []
-    names = [f"line {n}" for n in lines] if lines else [f"#{i}" for i in range(len(raw))]
-    return [(names[i], raw[i]) for i in range(len(raw))]
+        return len(load_raw_records(path, ProblemLog()))
+    except DataError:
+        return 0
 
 
 def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: str | None, *, decode: bool = True,
@@ -132,10 +166,12 @@ def submit_image_checks(pool: ThreadPoolExecutor, record: Record, image_folder: 
              pool.submit(check_one_image, image_folder, rel, decode, max_pixels)) for rel in record.images]
 
 
-def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemReport, *, progress: bool = True) -> set[str]:
-    """Report the results of :func:`submit_image_checks` in order; returns the ids of records with a bad image."""
-    bad: set[str] = set()
-    sizes: list[tuple[int, int]] = []
+def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemReport, *, progress: bool = True,
+                         bad: set[str] | None = None, sizes: list | None = None) -> set[str]:
+    """Report the results of :func:`submit_image_checks` in order; returns the ids of records with a bad image.
+    ``bad`` and ``sizes`` carry over from earlier batches (then the caller sets the size statistics)."""
+    bad = set() if bad is None else bad
+    batch_sizes: list[tuple[int, int]] = []
     for rid, rel, future in tqdm(pending, desc="images", disable=not progress):
         if future is None:
             if rid not in bad:
@@ -148,13 +184,16 @@ def collect_image_checks(pending: list[tuple[str, str, Any]], report: ProblemRep
             bad.add(rid)
             continue
         if size is not None:
-            sizes.append(size)
+            batch_sizes.append(size)
         for note in notes:
             kind = "image_animated" if note.startswith("animated") else "image_converted"
             report.add(kind, f"record {rid!r}, image {rel!r}: {note}", rid)
-    report.values["image_size"] = sizes
-    if sizes:
-        arr = np.array(sizes)
+    if sizes is not None:
+        sizes.append(np.asarray(batch_sizes, np.int32).reshape(-1, 2))
+        return bad
+    report.values["image_size"] = batch_sizes
+    if batch_sizes:
+        arr = np.array(batch_sizes)
         report.stats["image_width"], report.stats["image_height"] = _percentiles(arr[:, 0]), _percentiles(arr[:, 1])
     return bad
 
@@ -230,69 +269,97 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     # the preference records (torch-free): not at the top, so `llava data check --help` stays light
     from llava.data.preference_records import is_preference_record, parse_preference_record
 
-    report = ProblemReport()
-    raws = read_records(data_path, report)
+    report, image_log = ProblemReport(), ProblemReport()  # invalid lines / records first, then images (as reported)
+    records_log = ProblemReport()
+    take = None
     if spec is not None:
-        raws = [raws[i] for i in np.unique(select_rows(spec, len(raws), seed))]
-    records: list[Record] = []
-    seen: set[str] = set()
-    lengths, n_images = [], Counter()
+        available = count_records(data_path)
+        take = np.zeros(available, bool)
+        take[select_rows(spec, available, seed)] = True
+    seen: dict[str, int] = {}  # record id -> how many of its records are trainable (duplicates, trainable count)
+    n_images = Counter()
+    kept = with_image = image_only = with_video = 0
     truncated = dropped = 0
-    image_tokens: list[int] = []
+    lengths: list[np.ndarray] = []  # one small array per batch: no Python int per record
+    image_tokens: list[np.ndarray] = []
+    sizes: list[np.ndarray] = []
+    bad_images: set[str] = set()
     video_stats: list[dict] = []
     pool = ThreadPoolExecutor(max_workers=max(1, workers))  # images decode while the main thread tokenizes
-    pending: list[tuple[str, str, Any]] = []
-    for i, (name, raw) in enumerate(tqdm(raws, desc="records", disable=not progress)):
-        try:
-            pair = parse_preference_record(raw, i) if is_preference_record(raw) else None
-            record = pair.as_record() if pair is not None else parse_record(raw, i)
-        except RecordError as err:
-            report.add(err.kind, str(err), err.record_id)
-            continue
-        if record.id in seen:
-            report.add("duplicate_id", f"record id {record.id!r} ({name}) appears more than once", record.id)
-        seen.add(record.id)
-        n_images[len(record.images)] += 1
-        pending += submit_image_checks(pool, record, image_folder, decode=decode, max_pixels=max_pixels)
-        video = None
-        if record.video is not None:
-            video = check_video(record, setup, decode=decode)
-            if isinstance(video, tuple):
-                report.add(*video)
+    earlier: list[tuple[str, str, Any]] = []  # the previous batch's image checks, collected after this batch
+    i = 0
+    bar = tqdm(desc="records", disable=not progress, total=None if take is None else int(take.sum()))
+    for batch in iter_record_batches(data_path, report, take):
+        pending: list[tuple[str, str, Any]] = []
+        batch_lengths, batch_tokens = [], []
+        for name, raw in batch:
+            i += 1
+            try:
+                pair = parse_preference_record(raw, i - 1) if is_preference_record(raw) else None
+                record = pair.as_record() if pair is not None else parse_record(raw, i - 1)
+            except RecordError as err:
+                records_log.add(err.kind, str(err), err.record_id)
                 continue
-            video_stats.append(video)
-        # a preference pair trains both rows: each answer is tokenized and checked (lengths: one per row)
-        rows = [("", record)] if pair is None else [(f" ({side} answer)", pair.as_record(side))
-                                                    for side in ("chosen", "rejected")]
-        row_lengths, which = [], ""
-        try:
-            for label, row in rows:
-                which = label  # named in the report when this row is refused
-                full = _tokenize(row, setup, 10**9, video)
-                row_lengths.append(len(full.input_ids))
-                if len(full.input_ids) > setup.model_max_length:
-                    _tokenize(row, setup, setup.model_max_length, video)
-            lengths += row_lengths
-            truncated += any(n > setup.model_max_length for n in row_lengths)
-        except SampleRejected as err:
-            dropped += 1
-            report.add(err.kind, f"record {record.id!r}{which}: {err}", record.id)
-            continue
-        except ImageLoadError:  # anyres counts need the image's size; the image check reports the problem
-            continue
-        except ValueError as err:  # e.g. <image> not a special token: a setup error, reported per record
-            report.add("tokenize_error", f"record {record.id!r}: {err}", record.id)
-            continue
-        records.append(record)
-        if setup.layout is not None and record.images:
-            image_tokens += image_token_counts(record, setup)
+            if record.id in seen:
+                records_log.add("duplicate_id", f"record id {record.id!r} ({name}) appears more than once", record.id)
+            seen.setdefault(record.id, 0)
+            n_images[len(record.images)] += 1
+            pending += submit_image_checks(pool, record, image_folder, decode=decode, max_pixels=max_pixels)
+            video = None
+            if record.video is not None:
+                video = check_video(record, setup, decode=decode)
+                if isinstance(video, tuple):
+                    records_log.add(*video)
+                    continue
+                video_stats.append(video)
+            # a preference pair trains both rows: each answer is tokenized and checked (lengths: one per row)
+            rows = [("", record)] if pair is None else [(f" ({side} answer)", pair.as_record(side))
+                                                        for side in ("chosen", "rejected")]
+            row_lengths, which = [], ""
+            try:
+                for label, row in rows:
+                    which = label  # named in the report when this row is refused
+                    full = _tokenize(row, setup, 10**9, video)
+                    row_lengths.append(len(full.input_ids))
+                    if len(full.input_ids) > setup.model_max_length:
+                        _tokenize(row, setup, setup.model_max_length, video)
+                batch_lengths += row_lengths
+                truncated += any(n > setup.model_max_length for n in row_lengths)
+            except SampleRejected as err:
+                dropped += 1
+                records_log.add(err.kind, f"record {record.id!r}{which}: {err}", record.id)
+                continue
+            except ImageLoadError:  # anyres counts need the image's size; the image check reports the problem
+                continue
+            except ValueError as err:  # e.g. <image> not a special token: a setup error, reported per record
+                records_log.add("tokenize_error", f"record {record.id!r}: {err}", record.id)
+                continue
+            kept += 1
+            seen[record.id] += 1
+            with_image += bool(record.images)
+            image_only += bool(record.images) and record.video is None
+            with_video += record.video is not None
+            if setup.layout is not None and record.images:
+                batch_tokens += image_token_counts(record, setup)
+        lengths.append(np.asarray(batch_lengths, np.int64))
+        image_tokens.append(np.asarray(batch_tokens, np.int64))
+        collect_image_checks(earlier, image_log, progress=False, bad=bad_images, sizes=sizes)
+        earlier = pending
+        bar.update(len(batch))
+    bar.close()
     with pool:
-        bad_images = collect_image_checks(pending, report, progress=progress)
-    with_image = sum(1 for r in records if r.images)
-    report.values.update(token_length=lengths, image_tokens=image_tokens)
+        collect_image_checks(earlier, image_log, progress=False, bad=bad_images, sizes=sizes)
+    for log in (records_log, image_log):  # in the order the checks report them
+        _merge_into(report, log)
+    lengths, image_tokens = np.concatenate([np.zeros(0, np.int64), *lengths]), np.concatenate([np.zeros(0, np.int64), *image_tokens])
+    report.values.update(token_length=lengths, image_tokens=image_tokens,
+                         image_size=np.concatenate([np.zeros((0, 2), np.int32), *sizes]))
+    if len(report.values["image_size"]):
+        report.stats["image_width"] = _percentiles(report.values["image_size"][:, 0])
+        report.stats["image_height"] = _percentiles(report.values["image_size"][:, 1])
     report.stats.update({
-        "records": len(raws), "trainable": len([r for r in records if r.id not in bad_images]),
-        "modality": {"image": with_image, "text_only": len(records) - with_image},
+        "records": i, "trainable": kept - sum(seen.get(rid, 0) for rid in bad_images),
+        "modality": {"image": with_image, "text_only": kept - with_image},
         "images_per_sample": {str(k): v for k, v in sorted(n_images.items())},
         "token_length": _percentiles(lengths), "model_max_length": setup.model_max_length,
         "over_max_length": truncated + report.counts["image_tokens_exceed_max_length"]
@@ -300,10 +367,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         "dropped": dropped, "num_image_tokens": setup.num_image_tokens,
     })
     if setup.video is not None:
-        with_video = sum(1 for r in records if r.video is not None)  # (a record with images and a video: video)
-        image_only = sum(1 for r in records if r.images and r.video is None)
         report.stats["modality"] = {"image": image_only, "video": with_video,
-                                    "text_only": len(records) - image_only - with_video}
+                                    "text_only": kept - image_only - with_video}
         report.stats["video"] = {key: _percentiles([v[key] for v in video_stats])
                                  for key in ("frames", "sampled_frames", "tokens")}
         report.stats["video"]["duration_s"] = _percentiles([v["duration"] for v in video_stats])
@@ -313,6 +378,15 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
     report.stats.setdefault("image_width", {})
     report.stats.setdefault("image_height", {})
     return report
+
+
+def _merge_into(report: ProblemReport, log: ProblemReport) -> None:
+    """``log``'s problems added to ``report`` after its own, as if reported there in the same order."""
+    for kind, n in log.counts.items():
+        report.counts[kind] += n
+        room = report.max_examples - len(report.examples.get(kind, []))
+        report.examples.setdefault(kind, []).extend(log.examples[kind][:room])
+        report.ids.setdefault(kind, []).extend(log.ids[kind][:room])
 
 
 def image_token_counts(record: Record, setup: TokenSetup) -> list[int]:

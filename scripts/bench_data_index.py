@@ -93,9 +93,16 @@ def make_records(workdir: Path, n: int) -> Path:
     return out
 
 
-def make_mixture(workdir: Path, n: int, sources: int) -> Path:
-    """``sources`` JSONL files of ``n // sources`` records each (the mix repeated, fresh ids) and a YAML listing them."""
+def make_mixture(workdir: Path, n: int, sources: int, repeat: int = 1) -> Path:
+    """``sources`` JSONL files of ``n // sources`` records each (the mix repeated, fresh ids) and a YAML listing them
+    (``repeat: R`` per entry when ``repeat`` > 1: ``n * R`` samples from ``n`` indexed records)."""
     out = workdir / f"mixture-{n}-{sources}.yaml"
+    if repeat > 1:
+        lines = make_mixture(workdir, n, sources).read_text().splitlines()
+        rep = workdir / f"mixture-{n}-{sources}-x{repeat}.yaml"
+        rep.write_text("\n".join(lines + [""]).replace("sampling_strategy: all\n",
+                                                         f"sampling_strategy: all\n    repeat: {repeat}\n"))
+        return rep
     if not out.is_file():
         base = [json.loads(x) for x in (workdir / "mix.jsonl").read_text().splitlines()]
         lines = ["datasets:"]
@@ -122,6 +129,7 @@ def append_one_record(mixture: Path) -> None:
 def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache: Path) -> dict:
     import resource
 
+    load_before = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").is_file() else "?"
     if mode == "first_start":
         shutil.rmtree(cache, ignore_errors=True)
     if mode == "edit_one":
@@ -134,6 +142,7 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
     if out.returncode != 0:
         raise RuntimeError(f"{mode}: {out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["loadavg_before_after"] = f"{load_before}/{Path('/proc/loadavg').read_text().split()[0]}"
     if train_step:
         if mode == "first_start":
             shutil.rmtree(cache, ignore_errors=True)
@@ -163,13 +172,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=1, help="repeat the modes, interleaved; medians are reported")
     p.add_argument("--train_step", action="store_true", help="also time a whole 1-step training run per mode")
     p.add_argument("--sources", type=int, default=1, help="K > 1: a mixture YAML of K JSONL sources (n/K records each)")
+    p.add_argument("--repeat", type=int, default=1, help="with --sources: each entry `repeat: R` (n * R samples "
+                   "from the n records' index; the same cache directory as without it)")
+    p.add_argument("--train_step_modes", default=None,
+                   help="with --train_step, only these modes (comma-separated) run the 1-step training (e.g. restart)")
+    p.add_argument("--group_by_modality_length", action="store_true",
+                   help="train with --group_by_modality_length True (the OneVision recipe's sampler)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_train import ensure_workdir
 
     workdir = Path(args.workdir).resolve()
     paths = ensure_workdir(workdir, args.size, 400)
-    data = make_records(workdir, args.n) if args.sources == 1 else make_mixture(workdir, args.n, args.sources)
+    data = make_records(workdir, args.n) if args.sources == 1 else make_mixture(workdir, args.n, args.sources,
+                                                                                args.repeat)
     cache = workdir / (f"index-cache-{args.n}" + ("" if args.sources == 1 else f"-{args.sources}"))
     modes = (args.modes or ("before," if args.before_src else "") + "per_start,first_start,restart").split(",")
     if "before" in modes and not args.before_src:
@@ -179,12 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
              str(workdir / "out-index"), "--model_max_length", "1024", "--use_cpu", "True", "--report_to", "none",
              "--on_bad_sample", "skip", "--index_cache_dir", str(cache), "--index_workers", str(args.workers),
              "--per_device_train_batch_size", "4", "--max_steps", "1", "--save_strategy", "no"]
+    if args.group_by_modality_length:
+        flags += ["--group_by_modality_length", "True"]
+    step_modes = set(args.train_step_modes.split(",")) if args.train_step_modes else set(modes)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for round_ in range(args.rounds):
         for mode in modes:
             code = Path(args.before_src) if mode == "before" else Path(__file__).parent.parent  # whose llava runs
             env = {**os.environ, "PYTHONPATH": str(code.resolve())}
-            result = run_mode(mode, flags + MODES[mode], env, args.train_step, cache)
+            result = run_mode(mode, flags + MODES[mode], env, args.train_step and mode in step_modes, cache)
             runs[mode].append(result)
             print(json.dumps({"mode": mode, "round": round_, "n": args.n, **result}), flush=True)
     results = {m: {k: round(statistics.median(r[k] for r in rs), 2)
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
             line = (f"  {mode:11s} dataset {r['seconds']:7.2f} s wall, {r['cpu_seconds']:7.2f} s CPU "
                     f"({b['seconds'] / r['seconds']:.2f}x, CPU {b['cpu_seconds'] / r['cpu_seconds']:.2f}x); RSS growth "
                     f"{r['VmRSS_growth_mib']} MiB (anonymous {r['RssAnon_growth_mib']})")
-            if "one_step_run_s" in r:
+            if "one_step_run_s" in r and "one_step_run_s" in b:
                 line += (f"; 1-step run {r['one_step_run_s']} s wall ({b['one_step_run_s'] / r['one_step_run_s']:.2f}x),"
                          f" {r['one_step_run_cpu_s']} s CPU")
             print(line)

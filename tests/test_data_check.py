@@ -91,3 +91,24 @@ def test_image_placement_flag_reaches_the_checks_tokenization(tiny_models, bad_c
         ids = [tok.bos_token_id] + setup.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [i for t in ids for i in ([t] * setup.num_image_tokens if t == setup.image_token_id else [t])]
         assert _tokenize(record, setup, 4096).input_ids == ids, extra
+
+
+def test_records_stream_in_batches_and_batch_size_changes_nothing(tiny_models, bad_corpus, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A JSONL source is read a batch at a time (a bad line past the first batch is not read yet when the first
+    batch is handed out); checking in batches of 3 (duplicates, image results and problems across batches) gives the
+    report of one batch."""
+    from llava import data_check
+
+    path = tmp_path / "stream.jsonl"
+    path.write_text("".join(json.dumps({"id": f"r{i}"}) + "\n" for i in range(8)) + "{not json\n")
+    report = data_check.ProblemReport()
+    batches = data_check.iter_record_batches(path, report, batch=4)
+    assert [name for name, _ in next(batches)] == ["line 1", "line 2", "line 3", "line 4"]
+    assert report.counts["invalid_json"] == 0
+    assert [len(b) for b in batches] == [4] and report.counts["invalid_json"] == 1
+    monkeypatch.setattr(data_check, "CHECK_BATCH", 10**6)
+    _, whole = run_json(tiny_models, bad_corpus, capsys)
+    monkeypatch.setattr(data_check, "CHECK_BATCH", 3)
+    _, batched = run_json(tiny_models, bad_corpus, capsys)
+    assert batched == whole and whole["stats"]["records"] == 29

@@ -189,17 +189,28 @@ class LazySupervisedDataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         """Token counts, negative for text-only samples (the modality-grouped sampler's input)."""
+        return self.modality_length_array.tolist()
+
+    @property
+    def modality_length_array(self) -> np.ndarray:
+        """``modality_lengths`` as an int32 array (what the trainer's sampler takes: no Python int per sample)."""
         return np.where(self._has_image | (self._has_video if self._has_video is not None else False), self._lengths,
-                        -self._lengths).tolist()
+                        -self._lengths).astype(np.int32, copy=False)
 
     @property
     def modalities(self) -> list[int] | None:
         """With video on, the grouped sampler's modality per sample: 0 text-only, 1 images, 2 a video, 3 images and a
         video (each runs its own tower path: under ZeRO-3 every rank of a step must run the same one); None otherwise
         (the sign of ``modality_lengths`` says it)."""
+        array = self.modality_array
+        return None if array is None else array.tolist()
+
+    @property
+    def modality_array(self) -> np.ndarray | None:
+        """``modalities`` as an int8 array (None without video)."""
         if self.video is None or self._has_video is None:
             return None
-        return (self._has_video * 2 + self._has_image).tolist()
+        return self._has_video.astype(np.int8) * 2 + self._has_image.astype(np.int8)
 
     def record(self, i: int) -> Record:
         j = int(self._keep[i])

@@ -87,11 +87,32 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
         text, mask = supervised_text(segments[n_head:])
         placeholders = sum(seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments)
         pending.append((k, raw, record, heads[key], text, mask, placeholders, (n_tokens, headers_read)))
+    tails = special_tails(tokenizer, s.image_token_id)
+
+    def finish(p: tuple, length: int) -> None:
+        k, _, record, *_, (_, headers_read) = p
+        if record.images and not headers_read and not images.all_ok(record.images):
+            problem = record_image_problem(record, s.image_folder)
+            if problem is not None:
+                outcomes[k] = ("problem", (*problem, record.id))
+                return
+        outcomes[k] = ("keep", length, bool(record.images))
+
     for b in range(0, len(pending), TOKENIZE_BATCH):
         batch = pending[b : b + TOKENIZE_BATCH]
-        ids_batch, offsets_batch = _encode_batch(tokenizer, [p[4] for p in batch])
-        for p, ids, offsets in zip(batch, ids_batch, offsets_batch):
-            k, raw, record, head, _, mask, placeholders, (n_tokens, headers_read) = p
+        slow = []  # the records whose length needs the tokens' offsets
+        ids_batch = _encode_ids(tokenizer, [p[4] for p in batch]) if tails else None
+        for n, p in enumerate(batch):
+            length = None if ids_batch is None else _plain_length(ids_batch[n], p, tails, s)
+            if length is None:
+                slow.append(p)
+            else:
+                finish(p, length)
+        if not slow:
+            continue
+        ids_batch, offsets_batch = _encode_batch(tokenizer, [p[4] for p in slow])
+        for p, ids, offsets in zip(slow, ids_batch, offsets_batch):
+            k, raw, record, head, _, mask, placeholders, (n_tokens, _) = p
             length = _sample_length(ids, offsets, head, mask, placeholders, n_tokens, s)
             if length is None:  # rejected, or not a case the fast path measures: the reference decides and words it
                 try:
@@ -100,12 +121,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
                     rid = _rid(raw, start + k)
                     outcomes[k] = ("dropped", (err.kind, f"record {rid!r}: {err}", rid))
                     continue
-            if record.images and not headers_read and not images.all_ok(record.images):
-                problem = record_image_problem(record, s.image_folder)
-                if problem is not None:
-                    outcomes[k] = ("problem", (*problem, record.id))
-                    continue
-            outcomes[k] = ("keep", length, bool(record.images))
+            finish(p, length)
     keep, lengths, has_image, has_video, problems, dropped = [], [], [], [], [], []
     rows: dict[str, list[int]] = {"problem": [], "dropped": []}  # the record position of each problem / dropped entry
     for k, outcome in enumerate(outcomes):
@@ -121,6 +137,57 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             "has_image": np.asarray(has_image, bool), "has_video": np.asarray(has_video, bool), "problems": problems,
             "dropped": dropped, "image_dirs": dirs,
             "problem_rows": np.asarray(rows["problem"], np.int64), "dropped_rows": np.asarray(rows["dropped"], np.int64)}
+
+
+def special_tails(tokenizer, image_token_id: int) -> dict[str, int]:
+    """The tokenizer's special added tokens matched in the raw text (``special``, not ``normalized``) by content,
+    longest first, the image token left out; empty when the tokenizer has no Rust backend."""
+    if getattr(tokenizer, "_tokenizer", None) is None:
+        return {}
+    found = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+             if t.special and not t.normalized and t.content and i != image_token_id}
+    return dict(sorted(found.items(), key=lambda x: -len(x[0])))
+
+
+def _plain_length(ids: list[int], p: tuple, tails: dict[str, int], s) -> int | None:
+    """The length of a sample that ends in a supervised special token (``</s>``, ``<|eot_id|>``) and is not
+    truncated, from its ids alone (no offsets): the special token is split out of the raw text before anything
+    else, so when the text ends with it and the last id is its id, that token covers the text's last character,
+    which is supervised (``mask``): the sample has a supervised token, and no truncation can remove it. None when
+    that is not proven (then ``_sample_length`` decides with offsets)."""
+    _, _, _, head, text, mask, placeholders, (n_tokens, _) = p
+    if not mask or not mask[-1] or not ids:
+        return None
+    tid = ids[-1]
+    for content, tail_id in tails.items():
+        if tail_id == tid and text.endswith(content):
+            break
+    else:
+        return None
+    image_id = s.image_token_id
+    found = ids.count(image_id)
+    if found != placeholders or image_id in head:
+        return None
+    if isinstance(n_tokens, int):
+        if found and n_tokens < 1:
+            return None
+        extra = found * (n_tokens - 1)
+    else:
+        if len(n_tokens) != found or any(c < 1 for c in n_tokens):
+            return None
+        extra = sum(n_tokens) - found
+    total = len(head) + len(ids) + extra
+    return total if total <= s.model_max_length else None
+
+
+def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]] | None:
+    """Ids only (no offsets: ``encode_batch_fast``) through the Rust backend when it neither truncates nor pads;
+    None otherwise."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 def _sample_length(ids: list[int], offsets: list[tuple[int, int]], head: list[int], mask: bytearray, placeholders: int,

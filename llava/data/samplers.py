@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -64,37 +65,75 @@ def split_to_even_chunks(indices: Sequence[int], lengths: Sequence[int], batch_s
 
 
 def length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
-) -> list[int]:
+    lengths: Sequence[int] | np.ndarray, batch_size: int, world_size: int, generator: torch.Generator
+) -> np.ndarray:
     """A permutation of ``range(len(lengths))`` grouped so each megabatch holds similar lengths.
 
     A random permutation (from ``generator``) is cut into megabatches of ``batch_size * world_size``; each
-    megabatch is sorted by length, longest first, and split into ``world_size`` chunks of ``batch_size`` with
-    balanced total length (:func:`split_to_even_chunks`); the chunks are concatenated. The last megabatch may
-    be incomplete. ``lengths`` must be non-negative (use :func:`modality_length_grouped_indices` for signed ones).
+    megabatch is sorted by length, longest first (ties keep the permutation's order), and split into ``world_size``
+    chunks of ``batch_size`` with balanced total length (:func:`split_to_even_chunks`); the chunks are concatenated.
+    The last megabatch may be incomplete. ``lengths`` must be non-negative (use
+    :func:`modality_length_grouped_indices` for signed ones). Computed on arrays (millions of samples: no Python
+    object per sample); the greedy split runs one step per megabatch position, over all full megabatches at once.
     """
     _check_sizes(batch_size, world_size)
-    for i, length in enumerate(lengths):
-        if length < 0:
-            raise ValueError(
-                f"length_grouped_indices: lengths[{i}] = {length} is negative; signed (modality) lengths "
-                "need modality_length_grouped_indices / group_by_modality=True"
-            )
+    lengths = _as_int_array(lengths)
+    negative = np.flatnonzero(lengths < 0)
+    if negative.size:
+        i = int(negative[0])
+        raise ValueError(
+            f"length_grouped_indices: lengths[{i}] = {lengths[i]} is negative; signed (modality) lengths "
+            "need modality_length_grouped_indices / group_by_modality=True"
+        )
+    n = len(lengths)
     megabatch_size = batch_size * world_size
-    permutation = torch.randperm(len(lengths), generator=generator).tolist()
-    order: list[int] = []
-    for start in range(0, len(permutation), megabatch_size):
-        # Sort by length descending; ties keep the random order (sorted() is stable).
-        megabatch = sorted(permutation[start : start + megabatch_size], key=lambda i: lengths[i], reverse=True)
-        for chunk in split_to_even_chunks(megabatch, lengths, batch_size):
-            order.extend(chunk)
+    order = torch.randperm(n, generator=generator).numpy().astype(_index_dtype(n))
+    n_full = n // megabatch_size
+    full = order[: n_full * megabatch_size].reshape(n_full, megabatch_size)  # a view: sorted and split in place
+    step = max(1, (1 << 16) // megabatch_size)  # megabatches per block: the temporaries stay a few MiB
+    for r in range(0, n_full, step):
+        rows = full[r : r + step]
+        # each megabatch sorted by length, longest first; a stable sort: ties keep the permutation's order
+        rows[:] = np.take_along_axis(rows, np.argsort(-lengths[rows].astype(np.int64), axis=1, kind="stable"), 1)
+        if world_size > 1:
+            rows[:] = _split_full_megabatches(rows, lengths, batch_size, world_size)
+    rest = order[n_full * megabatch_size :]
+    rest = sorted(rest.tolist(), key=lambda i: lengths[i], reverse=True)
+    order[n_full * megabatch_size :] = [i for chunk in split_to_even_chunks(rest, lengths, batch_size) for i in chunk]
     return order
 
 
+def _as_int_array(values) -> np.ndarray:
+    """An integer array as given (no copy for one), else a new int64 array."""
+    array = np.asarray(values).reshape(-1)
+    return array if array.dtype.kind in "iu" else array.astype(np.int64)
+
+
+def _index_dtype(n: int):
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _split_full_megabatches(rows: np.ndarray, lengths: np.ndarray, batch_size: int, world_size: int) -> np.ndarray:
+    """:func:`split_to_even_chunks` of every row (a full megabatch, longest first) at once: position by position,
+    each row's index goes to its open chunk with the smallest running total (the lowest chunk on a tie)."""
+    n_rows = len(rows)
+    totals = np.zeros((n_rows, world_size), np.int64)
+    counts = np.zeros((n_rows, world_size), np.int64)
+    out = np.empty((n_rows, world_size, batch_size), rows.dtype)
+    row = np.arange(n_rows)
+    closed = np.iinfo(np.int64).max
+    for j in range(rows.shape[1]):
+        target = np.where(counts < batch_size, totals, closed).argmin(axis=1)  # argmin: the first (lowest) chunk
+        out[row, target, counts[row, target]] = rows[:, j]
+        totals[row, target] += lengths[rows[:, j]]
+        counts[row, target] += 1
+    return out.reshape(n_rows, world_size * batch_size)
+
+
 def modality_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator,
-    modalities: Sequence[int] | None = None,
-) -> list[int]:
+    lengths: Sequence[int] | np.ndarray, batch_size: int, world_size: int, generator: torch.Generator,
+    modalities: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
     """A permutation in which every full megabatch (one optimizer step) holds a single modality.
 
     ``lengths`` are signed: ``> 0`` a multimodal sample, ``< 0`` a text-only one (its length is the absolute
@@ -106,27 +145,39 @@ def modality_length_grouped_indices(
     highest id first in the tail.
     """
     _check_sizes(batch_size, world_size)
-    for i, length in enumerate(lengths):
-        if length == 0:
-            raise ValueError(
-                f"modality_length_grouped_indices: lengths[{i}] is 0; a modality length must be > 0 "
-                "(with image) or < 0 (text only)"
-            )
+    lengths = _as_int_array(lengths)
+    zero = np.flatnonzero(lengths == 0)
+    if zero.size:
+        raise ValueError(
+            f"modality_length_grouped_indices: lengths[{int(zero[0])}] is 0; a modality length must be > 0 "
+            "(with image) or < 0 (text only)"
+        )
+    n = len(lengths)
     megabatch_size = batch_size * world_size
-    full: list[list[int]] = []
-    tail: list[int] = []
-    keys = [1 if length > 0 else -1 for length in lengths] if modalities is None else list(modalities)
-    for key in (1, -1) if modalities is None else sorted(set(keys), reverse=True):
-        members = [i for i, k in enumerate(keys) if k == key]
-        if not members:
+    full: list[np.ndarray] = []
+    tail: list[np.ndarray] = []
+    if modalities is None:
+        keys, key_order = lengths > 0, [True, False]
+    else:
+        keys = np.asarray(modalities).reshape(-1)
+        key_order = np.unique(keys)[::-1].tolist()
+    for key in key_order:
+        members = np.flatnonzero(keys == key).astype(_index_dtype(n))
+        if not members.size:
             continue
-        member_lengths = [abs(lengths[i]) for i in members]
-        shuffled = [members[j] for j in length_grouped_indices(member_lengths, batch_size, world_size, generator)]
-        n_full = len(shuffled) // megabatch_size
-        full.extend(shuffled[k * megabatch_size : (k + 1) * megabatch_size] for k in range(n_full))
-        tail.extend(shuffled[n_full * megabatch_size :])
-    order = [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]]
-    return order + tail
+        members = members[length_grouped_indices(np.abs(lengths[members]), batch_size, world_size, generator)]
+        n_full = len(members) // megabatch_size
+        full.append(members[: n_full * megabatch_size].reshape(n_full, megabatch_size))
+        tail.append(members[n_full * megabatch_size :])
+    n_blocks = sum(len(f) for f in full)
+    picks = torch.randperm(n_blocks, generator=generator).numpy()
+    order = np.empty(n, _index_dtype(n))
+    first = np.cumsum([0] + [len(f) for f in full])  # block k of the concatenation: full[j][k - first[j]]
+    for j, blocks in enumerate(full):  # the shuffled position of every block, filled source by source
+        at = np.flatnonzero((picks >= first[j]) & (picks < first[j + 1]))
+        order[: n_blocks * megabatch_size].reshape(n_blocks, megabatch_size)[at] = blocks[picks[at] - first[j]]
+    order[n_blocks * megabatch_size :] = np.concatenate(tail) if tail else []
+    return order
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -158,18 +209,18 @@ class LengthGroupedSampler(Sampler[int]):
         _check_sizes(batch_size, world_size)
         self.batch_size = batch_size
         self.world_size = world_size
-        self.lengths = list(lengths)
+        self.lengths = _as_int_array(lengths)  # an array: no Python int per sample
         self.group_by_modality = group_by_modality
         self.seed = seed
-        self.modalities = None if modalities is None else list(modalities)  # e.g. 0 text, 1 image, 2 video
+        self.modalities = None if modalities is None else np.asarray(modalities).reshape(-1)  # 0 text, 1 image, ...
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order ``__iter__`` yields (called by Trainer/accelerate each epoch)."""
         self.epoch = epoch
 
-    def indices(self) -> list[int]:
-        """The full order for the current epoch."""
+    def indices(self) -> np.ndarray:
+        """The full order for the current epoch (an int64 array)."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.group_by_modality:
             return modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator,
@@ -177,7 +228,7 @@ class LengthGroupedSampler(Sampler[int]):
         return length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+        return map(int, self.indices())  # Python ints one at a time, never a list of all of them
 
     def __len__(self) -> int:
         return len(self.lengths)

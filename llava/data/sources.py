@@ -233,15 +233,16 @@ class MixtureRows:
 
 def take_rows(sources: list[Source], indexes: list, seed: int) -> MixtureRows:
     """Each source's sampled rows joined with its index (``index.DatasetIndex``): the samples that train, in source
-    order, and the problems of the rows taken (a mixture's messages name the entry)."""
-    parts, problems, dropped = [], [], []
-    for number, (src, index) in enumerate(zip(sources, indexes)):
+    order, and the problems of the rows taken (a mixture's messages name the entry). The per-sample arrays are
+    written once into arrays of the mixture's size (no per-source copies concatenated: millions of samples)."""
+    picks, problems, dropped = [], [], []
+    for src, index in zip(sources, indexes):
         spec = src.spec
         available = len(src.store)
         s = src.summary
         s.available = available
         if spec.strategy == "all" and spec.repeat == 1:  # every row once: the index as it is
-            rows, pos = index.keep, np.arange(len(index.keep))
+            rows, pos = index.keep, None
             taken = np.ones(available, bool)
             s.taken = available
         else:
@@ -251,6 +252,7 @@ def take_rows(sources: list[Source], indexes: list, seed: int) -> MixtureRows:
             where[index.keep] = np.arange(len(index.keep))
             pos = where[picked]
             rows, pos = picked[pos >= 0], pos[pos >= 0]
+            del where
             taken = np.zeros(available, bool)
             taken[picked] = True
         prefix = "" if spec.entry is None else f"{spec.label}: "
@@ -261,15 +263,27 @@ def take_rows(sources: list[Source], indexes: list, seed: int) -> MixtureRows:
                     out.append((kind, prefix + message, rid))
         s.problems = int(taken[index.problem_rows].sum()) if len(index.problem_rows) else 0
         s.dropped = int(taken[index.dropped_rows].sum()) if len(index.dropped_rows) else 0
-        lengths, has_image = index.lengths[pos], index.has_image[pos]
-        has_video = (np.zeros(len(pos), bool) if index.has_video is None else index.has_video[pos])
+        del taken
+        picks.append((rows, pos))
+    total = sum(len(rows) for rows, _ in picks)
+    any_video = any(index.has_video is not None for index in indexes)
+    mix = MixtureRows(np.empty(total, np.int32), np.empty(total, np.int64), np.empty(total, np.int32),
+                      np.empty(total, bool), problems, dropped, np.empty(total, bool) if any_video else None)
+    at = 0
+    for number, (src, index, (rows, pos)) in enumerate(zip(sources, indexes, picks)):
+        part = slice(at, at + len(rows))
+        lengths, has_image = (index.lengths, index.has_image) if pos is None else (index.lengths[pos],
+                                                                                  index.has_image[pos])
+        has_video = (np.zeros(len(rows), bool) if index.has_video is None
+                     else index.has_video if pos is None else index.has_video[pos])
+        mix.source[part], mix.rows[part], mix.lengths[part], mix.has_image[part] = number, rows, lengths, has_image
+        if mix.has_video is not None:
+            mix.has_video[part] = has_video
+        s = src.summary
         s.trainable, s.image, s.video = len(rows), int(has_image.sum()), int(has_video.sum())
         s.text, s.tokens = s.trainable - int((has_image | has_video).sum()), int(lengths.sum(dtype=np.int64))
-        parts.append((np.full(len(rows), number, np.int32), rows, lengths, has_image, has_video))
-    cat = [np.concatenate([p[k] for p in parts]) for k in range(5)]
-    any_video = any(index.has_video is not None for index in indexes)
-    return MixtureRows(cat[0], cat[1].astype(np.int64), cat[2], cat[3].astype(bool), problems, dropped,
-                       cat[4].astype(bool) if any_video else None)
+        at += len(rows)
+    return mix
 
 
 def mixture_table(sources: list[Source]) -> str:

@@ -80,6 +80,10 @@ def iter_jsonl(path: str | os.PathLike, with_lines: bool = False):
             yield (line_no, record, err, line) if with_lines else (line_no, record, err)
 
 
+def jsonl_error(path: str | os.PathLike, line_no: int, err: json.JSONDecodeError) -> str:
+    return f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
+
+
 def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None = None,
                      line_numbers: list[int] | None = None):
     """A JSON list, a JSONL file, Parquet file(s) or a ``datasets`` directory -> an indexable sequence of raw dicts.
@@ -100,7 +104,7 @@ def load_raw_records(data_path: str | os.PathLike, problems: ProblemLog | None =
                 if line_numbers is not None:
                     line_numbers.append(line_no)
                 continue
-            message = f"{path}, line {line_no}: invalid JSON ({err.msg} at column {err.colno})"
+            message = jsonl_error(path, line_no, err)
             if problems is None:
                 raise DataError(message) from err
             problems.add("invalid_json", message, f"line {line_no}")

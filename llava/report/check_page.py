@@ -135,8 +135,9 @@ def _charts(report: ProblemReport, stats: dict) -> str:
                             marker_label="--model_max_length"),
               svg_histogram([w for w, _ in sizes], title="image width (pixels)"),
               svg_histogram([h for _, h in sizes], title="image height (pixels)")]
-    tokens = values.get("image_tokens") or []
-    if not tokens and isinstance(stats.get("num_image_tokens"), int):  # fixed count (LLaVA-1.5): one per image
+    tokens = values.get("image_tokens")
+    tokens = [] if tokens is None else tokens
+    if len(tokens) == 0 and isinstance(stats.get("num_image_tokens"), int):  # fixed count (LLaVA-1.5): one per image
         tokens = [stats["num_image_tokens"]] * len(sizes)
     charts.append(svg_histogram(tokens, title="image tokens per image"))
     return "\n".join(charts)

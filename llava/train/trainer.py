@@ -75,10 +75,12 @@ class LLaVATrainer(Trainer):
         return LengthGroupedSampler(
             self.args.per_device_train_batch_size,
             self.args.world_size * self.args.gradient_accumulation_steps,
-            dataset.modality_lengths,
+            # arrays where the dataset has them (millions of samples: no Python list of every length)
+            dataset.modality_length_array if hasattr(dataset, "modality_length_array") else dataset.modality_lengths,
             group_by_modality=True,
             seed=self.args.seed,
-            modalities=getattr(dataset, "modalities", None),  # video runs: video a modality of its own
+            modalities=(dataset.modality_array if hasattr(dataset, "modality_array")  # video runs: video a modality
+                        else getattr(dataset, "modalities", None)),
         )
 
     def create_optimizer(self, model=None):

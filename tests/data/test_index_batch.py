@@ -96,6 +96,15 @@ def sp_tokenizer(sentencepiece_tokenizer_dir):
     return tok
 
 
+@pytest.fixture(scope="module")
+def byte_level_tokenizer(tiny_models):
+    """The tiny models' byte-level BPE tokenizer (GPT-2 style pre-tokenizer; its special tokens include ``</s>``,
+    ``<|eot_id|>``, ``<|im_end|>``)."""
+    tok = AutoTokenizer.from_pretrained(tiny_models["llm"])
+    add_multimodal_tokens(tok, False)
+    return tok
+
+
 def per_record_index(raws, tok, template, s: IndexSettings):
     """The index one record at a time: the checks ``LazySupervisedDataset`` applies, through the public functions."""
     keep, lengths, has_image, problems, dropped = [], [], [], [], []
@@ -210,3 +219,31 @@ def test_dataset_bad_sample_counts_match_the_per_record_path(mixed, sp_tokenizer
         with pytest.raises(DataError, match="image_outside_folder"):
             LazySupervisedDataset(mixed["data_path"], sp_tokenizer, on_bad_sample="error", index_cache_dir=cache,
                                   **kwargs)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama_2", "mistral", "llama3", "chatml", "plain"])
+@pytest.mark.parametrize("which", ["sentencepiece", "byte_level"])
+def test_ids_only_path_equals_per_record_path(mixed, sp_tokenizer, byte_level_tokenizer, template, which,
+                                              monkeypatch):
+    """Samples that end in a supervised special token and fit are measured from their ids alone (no offsets); the
+    rest go through the offsets path. Both tokenizers, every template, lengths from "everything truncates" to
+    "nothing does": the index equals the per-record path, and the ids-only path does decide most records where the
+    template ends replies with a special token of the tokenizer."""
+    from llava.data import index_batch
+
+    tok = sp_tokenizer if which == "sentencepiece" else byte_level_tokenizer
+    offsets_texts = []
+    encode = index_batch._encode_batch
+    monkeypatch.setattr(index_batch, "_encode_batch", lambda t, texts: offsets_texts.extend(texts) or encode(t, texts))
+    raws = _raws(mixed)
+    tpl = get_template(template)
+    for max_length in (40, 90, 4096):
+        offsets_texts.clear()
+        s = _settings(tok, mixed["image_folder"], max_length)
+        got = build_index(InMemoryRecords(raws, []), tok, tpl, s, workers=1, show_progress=False)
+        assert _as_tuple(got) == per_record_index(raws, tok, tpl, s), (template, max_length)
+    ends_special = {"vicuna_v1", "llama_2", "mistral"} | ({"llama3"} if which == "byte_level" else set())
+    if template in ends_special:  # at 4096 nothing truncates: only records without a reply end go the offsets way
+        assert len(offsets_texts) < len(got.keep) / 2, len(offsets_texts)
+    else:  # chatml ends in an unsupervised "\n", plain in the caption's "\n": every record needs offsets
+        assert len(offsets_texts) >= len(got.keep)

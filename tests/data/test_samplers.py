@@ -1,7 +1,8 @@
 """Properties of the length- and modality-grouped sample orders: `pytest tests/data/test_samplers.py`.
 
 Each property is recomputed directly from the output (a permutation, single-modality megabatches, balanced
-chunks), never by calling the code under test a second way.
+chunks), never by calling the code under test a second way; and the orders equal those of LLaVA's per-sample
+Python code (the project's implementation before it moved to arrays, written out below as the reference).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def test_same_seed_same_order_other_seed_other_order(function) -> None:
     lengths = _random_lengths(200, seed=1)
     if function is length_grouped_indices:
         lengths = [abs(x) for x in lengths]
-    first = function(lengths, 4, 2, _gen(7))
-    assert function(lengths, 4, 2, _gen(7)) == first
-    assert function(lengths, 4, 2, _gen(8)) != first
+    first = function(lengths, 4, 2, _gen(7)).tolist()
+    assert function(lengths, 4, 2, _gen(7)).tolist() == first
+    assert function(lengths, 4, 2, _gen(8)).tolist() != first
 
 
 def _megabatches(order: list[int], size: int) -> list[list[int]]:
@@ -156,11 +157,11 @@ def test_sampler_matches_pure_function_and_changes_per_epoch(group_by_modality: 
     sampler = LengthGroupedSampler(3, 4, lengths, group_by_modality=group_by_modality, seed=42)
     assert len(sampler) == 97
     epoch0 = list(sampler)
-    assert epoch0 == function(lengths, 3, 4, _gen(42))
+    assert epoch0 == function(lengths, 3, 4, _gen(42)).tolist()
     assert list(sampler) == epoch0  # iterating again without set_epoch repeats the order
     sampler.set_epoch(1)
     epoch1 = list(sampler)
-    assert epoch1 == function(lengths, 3, 4, _gen(43))
+    assert epoch1 == function(lengths, 3, 4, _gen(43)).tolist()
     assert epoch1 != epoch0 and sorted(epoch1) == list(range(97))
     other = LengthGroupedSampler(3, 4, lengths, group_by_modality=group_by_modality, seed=7)
     assert list(other) != epoch0
@@ -184,3 +185,82 @@ def test_invalid_sizes() -> None:
         length_grouped_indices([1, 2], 0, 1, _gen(0))
     with pytest.raises(ValueError, match="world_size"):
         LengthGroupedSampler(1, 0, [1], group_by_modality=False, seed=0)
+
+
+# ---------------------------------------------------------------- the per-sample reference (lists, one index at a time)
+
+def _ref_split(indices, lengths, batch_size):
+    n = len(indices)
+    num_chunks = -(-n // batch_size)
+    capacities = [batch_size] * num_chunks
+    if num_chunks:
+        capacities[-1] = n - batch_size * (num_chunks - 1)
+    chunks = [[] for _ in range(num_chunks)]
+    totals = [0] * num_chunks
+    open_chunks = list(range(num_chunks))
+    for index in indices:
+        target = min(open_chunks, key=lambda c: (totals[c], c))
+        chunks[target].append(index)
+        totals[target] += lengths[index]
+        if len(chunks[target]) == capacities[target]:
+            open_chunks.remove(target)
+    return chunks
+
+
+def _ref_length_grouped(lengths, batch_size, world_size, generator):
+    megabatch_size = batch_size * world_size
+    permutation = torch.randperm(len(lengths), generator=generator).tolist()
+    order = []
+    for start in range(0, len(permutation), megabatch_size):
+        megabatch = sorted(permutation[start : start + megabatch_size], key=lambda i: lengths[i], reverse=True)
+        for chunk in _ref_split(megabatch, lengths, batch_size):
+            order.extend(chunk)
+    return order
+
+
+def _ref_modality_grouped(lengths, batch_size, world_size, generator, modalities=None):
+    megabatch_size = batch_size * world_size
+    full, tail = [], []
+    keys = [1 if length > 0 else -1 for length in lengths] if modalities is None else list(modalities)
+    for key in (1, -1) if modalities is None else sorted(set(keys), reverse=True):
+        members = [i for i, k in enumerate(keys) if k == key]
+        if not members:
+            continue
+        member_lengths = [abs(lengths[i]) for i in members]
+        shuffled = [members[j] for j in _ref_length_grouped(member_lengths, batch_size, world_size, generator)]
+        n_full = len(shuffled) // megabatch_size
+        full.extend(shuffled[k * megabatch_size : (k + 1) * megabatch_size] for k in range(n_full))
+        tail.extend(shuffled[n_full * megabatch_size :])
+    return [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]] + tail
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [*SIZES, (1000, 4, 2), (997, 3, 16), (513, 16, 1), (2000, 1, 64)])
+def test_orders_equal_the_per_sample_reference(n: int, batch: int, world: int) -> None:
+    """Same generator state in, same order out: length-grouped, modality-grouped (signs), and with modality ids
+    (video runs); few distinct lengths (many ties) as well as many. The generator is left in the same state too."""
+    for seed in range(3):
+        signed = _random_lengths(n, seed=seed + n)
+        rng = random.Random(seed)
+        tied = [rng.choice([3, 3, 7, -3, -7]) for _ in range(n)]
+        for lengths in (signed, tied):
+            plain = [abs(x) for x in lengths]
+            g, ref_g = _gen(seed), _gen(seed)
+            assert length_grouped_indices(plain, batch, world, g).tolist() == _ref_length_grouped(plain, batch, world,
+                                                                                                   ref_g)
+            assert modality_length_grouped_indices(lengths, batch, world, g).tolist() == _ref_modality_grouped(
+                lengths, batch, world, ref_g)
+            ids = [rng.randrange(4) for _ in range(n)]
+            assert modality_length_grouped_indices(lengths, batch, world, g, ids).tolist() == _ref_modality_grouped(
+                lengths, batch, world, ref_g, ids)
+            assert torch.equal(g.get_state(), ref_g.get_state())
+
+
+def test_sampler_takes_arrays_and_yields_python_ints() -> None:
+    import numpy as np
+
+    lengths = _random_lengths(300, seed=9)
+    sampler = LengthGroupedSampler(2, 3, np.asarray(lengths, np.int32), group_by_modality=True, seed=1,
+                                   modalities=np.asarray([x > 0 for x in lengths], np.int8))
+    order = list(sampler)
+    assert all(type(i) is int for i in order)
+    assert order == _ref_modality_grouped(lengths, 2, 3, _gen(1), [int(x > 0) for x in lengths])

@@ -326,6 +326,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
                 batch_lengths += row_lengths
                 truncated += any(n > setup.model_max_length for n in row_lengths)
             except SampleRejected as err:
+                batch_lengths += row_lengths  # the lengths measured before the drop count, as for any record
                 dropped += 1
                 records_log.add(err.kind, f"record {record.id!r}{which}: {err}", record.id)
                 continue

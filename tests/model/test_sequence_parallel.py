@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from llava.errors import UsageValueError
 from llava.model.sequence_parallel import check_sequence_parallel, use_sequence_parallel
 from llava.model.supervised_head import use_supervised_head
 
-VOCAB, IMAGE_TOKEN, N_IMAGE = 128, 127, 16  # CLIP 32 px / patch 8: 16 tokens per image
+VOCAB, IMAGE_TOKEN, N_IMAGE = 128, 127, 16
+ZERO2, ZERO3 = (str(Path(__file__).resolve().parents[2] / "zero_configs" / f"zero{s}.json") for s in (2, 3))  # CLIP 32 px / patch 8: 16 tokens per image
 
 
 def build_model():
@@ -133,3 +135,24 @@ def test_refusals_name_the_flag():
     check_sequence_parallel(LlamaConfig(num_attention_heads=4, num_key_value_heads=2), 2, 4)
     with pytest.raises(UsageValueError, match="needs a multi-process launch"):
         use_sequence_parallel(build_model(), 2)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "does not support: no --deepspeed"),
+    (["--deepspeed", ZERO3, "--training_stage", "dpo"], "does not support: --training_stage dpo"),
+    (["--deepspeed", ZERO2, "--packing", "True", "--packing_attention", "mask"], "--packing_attention mask"),
+    (["--deepspeed", ZERO2, "--attn_implementation", "eager"], "--attn_implementation must be sdpa, got eager"),
+    (["--deepspeed", ZERO2, "--backend", "megatron"], r"--sequence_parallel_size \(Ulysses"),
+])
+def test_flag_refusals_are_one_line(extra, message):
+    from llava.train.args import parse_args
+
+    argv = ["--model_name_or_path", "m", "--vision_tower", "v", "--data_path", "d.json", "--output_dir", "o",
+            "--sequence_parallel_size", "2", *extra]
+    with pytest.raises(UsageValueError, match=message) as err:
+        model_args, data_args, training_args, backend_args = parse_args(argv, with_backend=True)
+        if backend_args.backend == "megatron":
+            from llava.megatron.backend.megatron_args import check_megatron_combinations
+
+            check_megatron_combinations(model_args, data_args, training_args, backend_args)
+    assert "\n" not in str(err.value)

@@ -107,14 +107,20 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def supervised_head_loss(hidden_states: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,
                          num_items_in_batch: torch.Tensor | int | None = None,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, shift_labels: torch.Tensor | None = None) -> torch.Tensor:
     """The stock causal-LM loss of ``lm_head(hidden_states)`` against ``labels``, computed on supervised rows only.
 
-    ``hidden_states`` ``[B, T, d]``, ``labels`` ``[B, T]`` (unshifted, ``-100`` ignored). Divided by
+    ``hidden_states`` ``[B, T, d]``, ``labels`` ``[B, T]`` (unshifted, ``-100`` ignored), or ``shift_labels``
+    ``[B, T]`` already shifted (position t is trained on it; sequence parallelism's slices). Divided by
     ``num_items_in_batch`` when given, else by the number of supervised tokens (the mean)."""
-    targets = labels[..., 1:].to(hidden_states.device)
-    supervised = targets != IGNORE_INDEX
-    rows = hidden_states[..., :-1, :][supervised]
+    if shift_labels is not None:
+        targets = shift_labels.to(hidden_states.device)
+        supervised = targets != IGNORE_INDEX
+        rows = hidden_states[supervised]
+    else:
+        targets = labels[..., 1:].to(hidden_states.device)
+        supervised = targets != IGNORE_INDEX
+        rows = hidden_states[..., :-1, :][supervised]
     vocab = lm_head.weight.shape[0]
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
     device_type = hidden_states.device.type
@@ -134,7 +140,7 @@ class _HeadState:
 
     def __init__(self, chunk_rows: int | None):
         self.chunk_rows = chunk_rows
-        self.pending: tuple[torch.Tensor, torch.Tensor | int | None] | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor | int | None, torch.Tensor | None] | None = None
         self.loss: torch.Tensor | None = None
         self.handle = None
         self.stock_loss_function = None
@@ -143,18 +149,18 @@ class _HeadState:
 
 def _note_labels(state: _HeadState, module, args, kwargs):
     labels = kwargs.get("labels")
-    exact = not kwargs.get("logits_to_keep") and kwargs.get("shift_labels") is None
-    state.pending = (labels, kwargs.get("num_items_in_batch")) if module.training and labels is not None and exact \
-        else None
+    exact = not kwargs.get("logits_to_keep")
+    state.pending = (labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")) \
+        if module.training and labels is not None and exact else None
     state.loss = None
 
 
 def _head_forward(state: _HeadState, head: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
     if state.pending is None:
         return F.linear(hidden_states, head.weight, head.bias)
-    labels, num_items = state.pending
+    labels, num_items, shift_labels = state.pending
     state.pending = None
-    state.loss = supervised_head_loss(hidden_states, head, labels, num_items, state.chunk_rows)
+    state.loss = supervised_head_loss(hidden_states, head, labels, num_items, state.chunk_rows, shift_labels)
     return state.loss
 
 

@@ -127,6 +127,10 @@ class TrainingArguments(transformers.TrainingArguments):
     supervised_head_chunk_rows: int = field(default=0, metadata={
         "help": "rows per chunk of the supervised head's tiled linear + cross-entropy (its logits tile); 0: "
                 "2^24 / vocabulary size"})
+    sequence_parallel_size: int = field(default=1, metadata={
+        "help": "long samples under --deepspeed: N ranks share each batch and split its merged sequence (Ulysses: "
+                "all-to-all of the attention heads); data-parallel size = processes / N. N must divide the processes "
+                "and the LM's attention and key/value heads. 1: off"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False (multimodal batches)"})
     cache_dir: str | None = field(default=None, metadata={"help": "accepted for LLaVA scripts"})
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (transformers' names), as in LLaVA"})
@@ -177,6 +181,21 @@ class TrainingArguments(transformers.TrainingArguments):
                              f"{self.tiled_mlp_shards} and {self.supervised_head_chunk_rows}")
         if self.supervised_head_chunk_rows and not self.supervised_head:
             raise ValueError("--supervised_head_chunk_rows needs --supervised_head True")
+        self._check_sequence_parallel_flags()
+
+    def _check_sequence_parallel_flags(self) -> None:
+        n = self.sequence_parallel_size
+        if n < 1:
+            raise ValueError(f"--sequence_parallel_size must be >= 1, got {n}")
+        if n == 1:
+            return
+        refused = {"--training_stage dpo (chosen and rejected rows are one padded batch)": self.training_stage == "dpo",
+                   "--packing_attention mask (packed rows are cut per sample)":
+                       self.packing and self.packing_attention == "mask",
+                   "no --deepspeed (ZeRO-1/2/3 only)": not self.deepspeed}
+        bad = [flag for flag, hit in refused.items() if hit]
+        if bad:
+            raise ValueError(f"--sequence_parallel_size {n} does not support: " + "; ".join(bad))
 
     def _check_preference_flags(self) -> None:
         if self.training_stage not in ("sft", "dpo"):
@@ -219,6 +238,9 @@ def check_combinations(model_args: ModelArguments, data_args: DataArguments, tra
             f"--packing keeps attention inside each sample through position ids, which only "
             f"--attn_implementation {', '.join(PACKING_ATTENTION)} read; got {model_args.attn_implementation}"
         )
+    if training_args.sequence_parallel_size > 1 and model_args.attn_implementation not in (None, "sdpa"):
+        raise ValueError(f"--sequence_parallel_size {training_args.sequence_parallel_size} runs SDPA over the gathered "
+                         f"sequence: --attn_implementation must be sdpa, got {model_args.attn_implementation}")
     check_anyres_flags(model_args, data_args)
     check_video_flags(model_args, data_args, training_args)
     tower_flags = [f"--{k} {getattr(training_args, k)}" for k in ("mm_vision_tower_lr", "mm_vision_tower_lr_decay")

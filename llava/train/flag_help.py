@@ -45,7 +45,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("video", ("video_folder", "frames_upbound", "video_fps", "force_sample", "add_time_instruction",
                "mm_newline_position", "mm_spatial_pool_mode", "mm_spatial_pool_stride")),
     ("packing, speed, memory and start-up", ("packing", "packing_attention", "supervised_head", "skip_padding_mask",
-                                             "tiled_mlp_shards", "supervised_head_chunk_rows",
+                                             "tiled_mlp_shards", "supervised_head_chunk_rows", "sequence_parallel_size",
                                              "index_cache_dir", "index_workers")),
     ("Megatron", ("backend", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                   "virtual_pipeline_model_parallel_size", "sequence_parallel", "save_hf")),

@@ -37,6 +37,7 @@ from llava.model.causal_padding import use_causal_padding
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.preference_forward import use_preference_forward
 from llava.model.quantization import quantization_config
+from llava.model.sequence_parallel import use_sequence_parallel
 from llava.model.supervised_head import use_supervised_head
 from llava.model.tiled_mlp import use_tiled_mlp
 from llava.model.tower_cut import use_tower_cut
@@ -89,6 +90,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
     use_tiled_mlp(built.model, 0)
     use_preference_forward(built.model, False)
     use_causal_padding(built.model, False)
+    use_sequence_parallel(built.model, 1)
     trainer.save_model(training_args.output_dir)
     _finish_wandb(training_args)
     return trainer
@@ -221,6 +223,9 @@ def build_model(model_args, data_args, training_args) -> tuple[torch.nn.Module, 
         use_tiled_mlp(built.model, training_args.tiled_mlp_shards)
     if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
         use_causal_padding(built.model)
+    if training_args.sequence_parallel_size > 1:  # long samples: each rank of a group runs a slice of the sequence
+        assert training_args.world_size  # the process group is up (DeepSpeed's) before the groups are made
+        use_sequence_parallel(built.model, training_args.sequence_parallel_size)
     if training_args.gradient_checkpointing:
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
     return model, built
@@ -228,7 +233,7 @@ def build_model(model_args, data_args, training_args) -> tuple[torch.nn.Module, 
 
 def uses_packed_sdpa(model_args, training_args) -> bool:
     return (training_args.packing and training_args.packing_attention == "per_sample"
-            and model_args.attn_implementation in (None, "sdpa"))
+            and model_args.attn_implementation in (None, "sdpa") and training_args.sequence_parallel_size <= 1)
 
 
 def _finish_wandb(training_args) -> None:

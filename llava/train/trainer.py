@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import transformers.trainer as hf_trainer
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DeepSpeedSchedulerWrapper
 from transformers import (
     LlavaForConditionalGeneration,
@@ -36,6 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from llava.curves import LR_GROUP_PREFIX, CurvesWriter
 from llava.data.samplers import LengthGroupedSampler
 from llava.model.projector import load_projector_state, read_projector_file, save_projector_state
+from llava.model.sequence_parallel import data_parallel_rank_and_size
 from llava.run_dir import (
     BAD_SAMPLES_FILE,
     NON_LORA_FILE,
@@ -74,7 +76,7 @@ class LLaVATrainer(Trainer):
             return super()._get_train_sampler(dataset)
         return LengthGroupedSampler(
             self.args.per_device_train_batch_size,
-            self.args.world_size * self.args.gradient_accumulation_steps,
+            self._data_parallel()[1] * self.args.gradient_accumulation_steps,
             # arrays where the dataset has them (millions of samples: no Python list of every length)
             dataset.modality_length_array if hasattr(dataset, "modality_length_array") else dataset.modality_lengths,
             group_by_modality=True,
@@ -82,6 +84,36 @@ class LLaVATrainer(Trainer):
             modalities=(dataset.modality_array if hasattr(dataset, "modality_array")  # video runs: video a modality
                         else getattr(dataset, "modalities", None)),
         )
+
+    def _data_parallel(self) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel size): the ranks of one --sequence_parallel_size group share a batch."""
+        n = getattr(self.args, "sequence_parallel_size", 1)
+        if n <= 1:
+            return self.args.process_index, self.args.world_size
+        return data_parallel_rank_and_size(n)
+
+    def get_train_dataloader(self):
+        """Under sequence parallelism the batches are dealt per data-parallel rank (every rank of a group gets the
+        same ones): accelerate's own sharding, told the data-parallel rank and size instead of the process's."""
+        if getattr(self.args, "sequence_parallel_size", 1) <= 1:
+            return super().get_train_dataloader()
+        self.accelerator.prepare = self._prepare_data_parallel_loader  # the stock loader calls prepare() once
+        try:
+            return super().get_train_dataloader()
+        finally:
+            del self.accelerator.prepare
+
+    def _prepare_data_parallel_loader(self, loader):
+        acc = self.accelerator
+        rank, size = self._data_parallel()
+        prepared = prepare_data_loader(
+            loader, acc.device, num_processes=size, process_index=rank, split_batches=acc.split_batches,
+            put_on_device=acc.device_placement, rng_types=acc.rng_types.copy(), dispatch_batches=acc.dispatch_batches,
+            even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
+            data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking,
+            use_stateful_dataloader=acc.use_stateful_dataloader)
+        acc._dataloaders.append(prepared)
+        return prepared
 
     def create_optimizer(self, model=None):
         """Projector / vision-tower learning rates and tower layer decay as parameter groups (param_groups.py)."""

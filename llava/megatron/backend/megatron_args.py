@@ -79,6 +79,8 @@ def check_megatron_combinations(model_args, data_args, training_args, mg_args: M
         "--training_stage dpo (preference tuning: use the hf backend)":
             getattr(training_args, "training_stage", "sft") == "dpo",
         "--tiled_mlp_shards (the LM runs megatron-core's MLP)": getattr(training_args, "tiled_mlp_shards", 0) > 1,
+        "--sequence_parallel_size (Ulysses sequence parallelism of the hf backend; megatron-core: "
+        "--context_parallel_size is not wired either)": getattr(training_args, "sequence_parallel_size", 1) > 1,
         "--mm_vision_tower_lr / --mm_vision_tower_lr_decay (parameter groups of the hf backend's optimizer)":
             getattr(training_args, "mm_vision_tower_lr", None) is not None
             or getattr(training_args, "mm_vision_tower_lr_decay", None) is not None,

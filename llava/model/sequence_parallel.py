@@ -25,7 +25,8 @@ batch) is divided by N for the same reason; without it the count is all-reduced 
 Right padding only (``DataCollatorForSupervisedDataset`` pads right): the padding mask is dropped and attention is
 causal over the whole row, exact for every real token (``causal_padding.py`` says why). The sequence is padded to a
 multiple of N (ids that are no image token, labels ``-100``, positions continuing the row). Eval, predict and
-generation are not split. Held by ``tests/train/test_sequence_parallel.py`` (2 processes vs 1, losses and weights).
+generation are not split. Held by ``tests/model/test_sequence_parallel.py`` and
+``tests/train/test_sequence_parallel_train.py`` (2 processes vs 1, losses and weights).
 """
 
 from __future__ import annotations

@@ -28,11 +28,13 @@ import torch
 LM_WIDTH, VISION_IMAGE, VISION_PATCH = 64, 64, 8
 
 
-def build_model(vocab: int, intermediate: int = 4 * LM_WIDTH):
+def build_model(vocab: int, intermediate: int = 4 * LM_WIDTH, layers: int = 2, width: int = LM_WIDTH, heads: int = 4,
+                max_positions: int = 8192):
+    """A tiny LLaVA (CLIP 64 px -> 64 image tokens) whose Llama has the given depth, width, heads and vocab."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    text = LlamaConfig(vocab_size=vocab, hidden_size=LM_WIDTH, intermediate_size=intermediate, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
                        tie_word_embeddings=False)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               image_size=VISION_IMAGE, patch_size=VISION_PATCH)

@@ -24,28 +24,15 @@ import subprocess
 import sys
 import time
 
+import bench_head_memory
 import torch
 import torch.distributed as dist
-from bench_head_memory import VISION_IMAGE, VISION_PATCH, _status_kib, build_batch
+from bench_head_memory import _status_kib, build_batch
 
 
 def build_model(vocab: int, intermediate: int, layers: int, width: int, heads: int):
     """``bench_head_memory.py``'s tiny LLaVA with the language model's depth, width and heads as given."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=32768,
-                       tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=VISION_IMAGE, patch_size=VISION_PATCH)
-    config = LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=vocab - 1,
-                         vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         image_seq_length=(VISION_IMAGE // VISION_PATCH) ** 2)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    model.config.use_cache = model.config.text_config.use_cache = False
-    return model
+    return bench_head_memory.build_model(vocab, intermediate, layers, width, heads, max_positions=32768)
 
 
 def step_peak(model, data: dict) -> tuple[float, float, float]:

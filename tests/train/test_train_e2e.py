@@ -308,6 +308,7 @@ def test_report_to_wandb_offline_logs_the_loss(tiny_models, shapes_data, tmp_pat
     monkeypatch.setenv("WANDB_SILENT", "true")
     argv = stage1_argv(tiny_models, shapes_data, tmp_path / "out", max_steps=2)
     argv[argv.index("--report_to") + 1] = "wandb"
+    wandb.teardown()  # wandb keeps the first WANDB_DIR of a process: an earlier test's would hold this run
     try:
         trainer = train(argv)
     finally:

@@ -35,6 +35,7 @@ def test_video_qlora_run_logs_to_wandb_and_merges_into_native_onevision(tiny_mod
     argv = video_argv(tiny_models, video_corpus, run_dir, extra=[
         "--lora_enable", "True", "--bits", "4", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3"])
     argv[argv.index("--report_to") + 1] = "wandb"
+    wandb.teardown()  # wandb keeps the first WANDB_DIR of a process: an earlier test's would hold this run
     try:
         trainer = train(argv)
     finally:

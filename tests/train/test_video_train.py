@@ -184,7 +184,7 @@ def test_grouped_sampler_keeps_video_a_modality_of_its_own(onevision_run):
     expected = [2 * bool(ds.record(i).video) + bool(ds.record(i).images) for i in range(len(ds))]
     assert ds.modalities == expected and set(expected) == {0, 1, 2, 3}  # 3: the image + video record
     sampler = trainer._get_train_sampler()
-    assert sampler.modalities == expected
+    assert list(sampler.modalities) == expected
     order = sampler.indices()
     batch = trainer.args.per_device_train_batch_size
     n_full = sum(expected.count(m) // batch for m in (0, 1, 2, 3))  # full megabatches hold one modality each

@@ -300,19 +300,26 @@ def _read_wandb_run(path: Path) -> tuple[list[dict], dict]:
     return history, summary
 
 
-def test_report_to_wandb_offline_logs_the_loss(tiny_models, shapes_data, tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+def train_with_wandb_offline(argv: list[str], wandb_dir: Path, monkeypatch):
+    """``train(argv)`` reporting to wandb offline into ``wandb_dir``; the run finished when it returns."""
+    import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    argv = stage1_argv(tiny_models, shapes_data, tmp_path / "out", max_steps=2)
+    argv = list(argv)
     argv[argv.index("--report_to") + 1] = "wandb"
     wandb.teardown()  # wandb keeps the first WANDB_DIR of a process: an earlier test's would hold this run
     try:
-        trainer = train(argv)
+        return train(argv)
     finally:
         wandb.finish()
+
+
+def test_report_to_wandb_offline_logs_the_loss(tiny_models, shapes_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    trainer = train_with_wandb_offline(stage1_argv(tiny_models, shapes_data, tmp_path / "out", max_steps=2), tmp_path,
+                                       monkeypatch)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     logged = step_losses(trainer)

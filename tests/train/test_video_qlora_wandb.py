@@ -16,30 +16,21 @@ import pytest
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from llava.train.train import train
-from tests.train.test_train_e2e import _read_wandb_run, step_losses
+from tests.train.test_train_e2e import _read_wandb_run, step_losses, train_with_wandb_offline
 from tests.train.test_video_train import _mixed_batch, video_argv, video_corpus  # noqa: F401  (the fixture)
 
 
 def test_video_qlora_run_logs_to_wandb_and_merges_into_native_onevision(tiny_models, video_corpus, tmp_path,  # noqa: F811
                                                                         monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("wandb")
     from llava.export.merge import merge_lora
     from llava.run_dir import RunKind, run_kind
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "qlora"
     argv = video_argv(tiny_models, video_corpus, run_dir, extra=[
         "--lora_enable", "True", "--bits", "4", "--lora_r", "8", "--lora_alpha", "16", "--learning_rate", "2e-3"])
-    argv[argv.index("--report_to") + 1] = "wandb"
-    wandb.teardown()  # wandb keeps the first WANDB_DIR of a process: an earlier test's would hold this run
-    try:
-        trainer = train(argv)
-    finally:
-        wandb.finish()
+    trainer = train_with_wandb_offline(argv, tmp_path, monkeypatch)
     assert run_kind(run_dir) is RunKind.QLORA
     # wandb: the steps' losses as the Trainer logged them (its offline log is written after finish() returns)
     logged = step_losses(trainer)

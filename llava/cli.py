@@ -172,7 +172,7 @@ def run_command(argv: list[str]) -> int:
             print(train_help(), end="")
             return 0
         # imported when the command runs: `llava --help` and argument errors stay free of torch
-        from llava.train.distributed import close_process_group
+        from llava.train.distributed import finish_distributed_process
         from llava.train.train import train
 
         if head == "dpo":
@@ -180,7 +180,7 @@ def run_command(argv: list[str]) -> int:
 
             rest = dpo_argv(rest)
         train(rest)
-        close_process_group()
+        finish_distributed_process()
         return 0
     if head == "data":
         if rest[:1] in (["-h"], ["--help"]):

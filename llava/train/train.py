@@ -43,7 +43,7 @@ from llava.model.tiled_mlp import use_tiled_mlp
 from llava.model.tower_cut import use_tower_cut
 from llava.run_dir import resolved_args_dict
 from llava.train.args import check_inputs, parse_args
-from llava.train.distributed import close_process_group
+from llava.train.distributed import finish_distributed_process
 from llava.train.dpo_trainer import LLaVADPOTrainer
 from llava.train.lora import setup_lora, split_trainables
 from llava.train.trainer import LLaVATrainer
@@ -256,7 +256,7 @@ def main() -> None:
 
     def run() -> int:
         train(sys.argv[1:])
-        close_process_group()
+        finish_distributed_process()
         return 0
 
     sys.exit(report_usage_errors("train", run))

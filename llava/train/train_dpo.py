@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from llava.errors import report_usage_errors
-from llava.train.distributed import close_process_group
+from llava.train.distributed import finish_distributed_process
 from llava.train.train import train
 
 
@@ -32,7 +32,7 @@ def dpo_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     def run() -> int:
         train(dpo_argv(sys.argv[1:]))
-        close_process_group()
+        finish_distributed_process()
         return 0
 
     sys.exit(report_usage_errors("dpo", run))

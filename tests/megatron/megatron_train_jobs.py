@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from llava.train.distributed import close_process_group
+from llava.train.distributed import finish_distributed_process
 from llava.train.train import train
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for argv in jobs:
         train(argv)
-    close_process_group()
+    finish_distributed_process()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from llava.data.dataset import LazySupervisedDataset
-from llava.train.distributed import close_process_group
+from llava.train.distributed import finish_distributed_process
 from llava.train.train import train
 from llava.train.zero3_gather import gather_named_parameters, is_zero3_partitioned
 
@@ -66,7 +66,7 @@ def main() -> None:
             probe["gathered_numel"] = {k: v.numel() for k, v in gathered.items()}
     with open(os.path.join(args.output_dir, f"probe_rank{args.process_index}.json"), "w") as f:
         json.dump(probe, f)
-    close_process_group()
+    finish_distributed_process()
 
 
 def assert_zero3_two_ranks_match_one_process(flags, out, single_out, native_cls, **launch) -> None:

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from llava.train.distributed import close_process_group
+from llava.train.distributed import finish_distributed_process
 from llava.train.train import train
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     if trainer.args.process_index == 0:
         with open(os.path.join(trainer.args.output_dir, "param_groups.json"), "w") as f:
             json.dump({"groups": groups, "optimizer": type(engine_optimizer.optimizer).__name__}, f)
-    close_process_group()
+    finish_distributed_process()
 
 
 if __name__ == "__main__":

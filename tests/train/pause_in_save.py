@@ -39,11 +39,11 @@ def main(argv: list[str]) -> None:
     at = argv.index("--pause_in_save")
     step, seconds = argv[at + 1].split(":")
     install_pause(int(step), float(seconds))
-    from llava.train.distributed import close_process_group
+    from llava.train.distributed import finish_distributed_process
     from llava.train.train import train
 
     train(argv[:at] + argv[at + 2:])
-    close_process_group()
+    finish_distributed_process()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python scripts/bench_sp_memory.py --seq 8192 --sp 2            # 1 process vs 2 ranks (gloo)
     PYTHONPATH=. python scripts/bench_sp_memory.py --seq 8192 --sp 2 --intermediate 1024 --tiled 8
+    PYTHONPATH=. python scripts/bench_sp_memory.py --fit_budget 1024 --tiled 8 --vocab 32000 --layers 8 --width 128 \
+        --intermediate 512                                    # longest sample within 1 GiB: stock vs tiled MLP + head
 
 The tiny LLaVA of ``scripts/bench_head_memory.py`` (Llama ``--layers`` layers of width ``--width``, ``--heads`` heads,
 vocab ``--vocab``; CLIP 64 px -> 64 image tokens), fp32, the supervised head on, one sample of ``--seq`` tokens with an image and answers on
@@ -12,6 +14,11 @@ step (``VmHWM``, reset through ``/proc/self/clear_refs`` just before) minus resi
 the batch and the process group are held before, so the difference is the step's activations, gradients and
 temporaries. ``--tiled K`` adds the tiled MLP (``--tiled_mlp_shards K``) to both sides. Prints one JSON line per
 variant (the largest rank's peak for spN), then the ratio.
+
+``--fit_budget MIB`` (one process each): the longest sample whose step peak stays within MIB, searched to
+``--fit_step`` tokens (doubling, then bisection; every probe a fresh process), for the stock model (full-vocabulary
+logits, stock MLP: ``--head stock --tiled 0``), for the supervised head (the tiled loss) alone, and for the tiled MLP
+(``--tiled K``) with the supervised head; prints the three lengths and their ratios to the stock one.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def run_rank(sp: int, args) -> dict:
     if sp > 1:
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=sp)
     model = build_model(args.vocab, args.intermediate, args.layers, args.width, args.heads).train()
-    assert use_supervised_head(model)
+    assert use_supervised_head(model, args.head == "supervised") == (args.head == "supervised")
     if args.tiled > 1:
         use_tiled_mlp(model, args.tiled)
     if sp > 1:
@@ -86,7 +93,7 @@ def launch(sp: int, args) -> dict:
                "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, __file__, "--rank-of", str(sp), "--seq", str(args.seq), "--vocab", str(args.vocab),
                "--intermediate", str(args.intermediate), "--tiled", str(args.tiled), "--layers", str(args.layers),
-               "--width", str(args.width), "--heads", str(args.heads)]
+               "--width", str(args.width), "--heads", str(args.heads), "--head", args.head]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     ranks = []
     for proc in procs:
@@ -96,10 +103,46 @@ def launch(sp: int, args) -> dict:
         ranks.append(json.loads(out.strip().splitlines()[-1]))
     worst = max(ranks, key=lambda r: r["step_peak_mib"])
     return {"variant": f"sp{sp}", "tokens": args.seq, "vocab": args.vocab, "layers": args.layers, "width": args.width,
-            "heads": args.heads, "intermediate": args.intermediate,
+            "heads": args.heads, "intermediate": args.intermediate, "head": args.head,
             "tiled_mlp_shards": args.tiled, "loss": ranks[0]["loss"] if sp == 1 else sum(r["loss"] for r in ranks) / sp,
             "step_peak_mib_per_rank": [r["step_peak_mib"] for r in ranks], "step_peak_mib": worst["step_peak_mib"],
             "step_seconds": max(r["step_seconds"] for r in ranks)}
+
+
+def longest_within(budget_mib: float, step: int, args) -> tuple[int, list[dict]]:
+    """The longest ``--seq`` (a multiple of ``step``) whose one-process step peak is <= ``budget_mib``; the probes."""
+    probes = []
+
+    def fits(seq: int) -> bool:
+        line = launch(1, argparse.Namespace(**{**vars(args), "seq": seq}))
+        probes.append(line)
+        print(json.dumps(line), flush=True)
+        return line["step_peak_mib"] <= budget_mib
+
+    low, high = 0, step
+    while fits(high):  # doubling: low fits, high does not
+        low, high = high, high * 2
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low, probes
+
+
+def fit_budget(args) -> dict:
+    longest = {}
+    for name, tiled, head in (("stock", 0, "stock"), ("supervised_head", 0, "supervised"),
+                              ("tiled_mlp_and_head", args.tiled, "supervised")):
+        variant = argparse.Namespace(**{**vars(args), "tiled": tiled, "head": head})
+        longest[name], _ = longest_within(args.fit_budget, args.fit_step, variant)
+    ratios = {name: round(n / max(longest["stock"], 1), 2) for name, n in longest.items()}
+    result = {"budget_mib": args.fit_budget, "fit_step": args.fit_step, "vocab": args.vocab, "layers": args.layers,
+              "width": args.width, "intermediate": args.intermediate, "tiled_mlp_shards": args.tiled,
+              "longest": longest, "vs_stock": ratios}
+    print(json.dumps(result), flush=True)
+    print(f"longest sample within {args.fit_budget} MiB: stock {longest['stock']} tokens, supervised head "
+          f"{longest['supervised_head']} ({ratios['supervised_head']}x), tiled MLP ({args.tiled} shards) + supervised "
+          f"head {longest['tiled_mlp_and_head']} ({ratios['tiled_mlp_and_head']}x)")
+    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -112,11 +155,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--heads", type=int, default=4, help="attention heads (= key/value heads)")
     p.add_argument("--intermediate", type=int, default=256, help="the MLP's intermediate size")
     p.add_argument("--tiled", type=int, default=0, help="tiled MLP shards on both sides (0: off)")
+    p.add_argument("--head", choices=("supervised", "stock"), default="supervised",
+                   help="the loss: the supervised head (tiled linear + cross-entropy) or the stock full logits")
+    p.add_argument("--fit_budget", type=float, default=0, help="MiB: find the longest sample within it (see above)")
+    p.add_argument("--fit_step", type=int, default=512, help="token granularity of --fit_budget's search")
     p.add_argument("--rank-of", type=int, default=0, help=argparse.SUPPRESS)  # internal: one rank, print JSON
     args = p.parse_args(argv)
     if args.rank_of:
         print(json.dumps(run_rank(args.rank_of, args)), flush=True)
         return []
+    if args.fit_budget:
+        if args.tiled <= 1:
+            p.error("--fit_budget compares against the tiled MLP: give --tiled K (K >= 2)")
+        return [fit_budget(args)]
     results = [launch(1, args), launch(args.sp, args)]
     for r in results:
         print(json.dumps(r), flush=True)

@@ -25,6 +25,8 @@ the native class computes.
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 from llava.data.anyres import parse_image_aspect_ratio
@@ -43,13 +45,23 @@ def video_enabled(data_args) -> bool:
 
 def mixture_gives_video_folder(path) -> bool:
     """Whether a mixture YAML has an entry with its own ``video_folder``. Read leniently: a YAML that cannot be read
-    is no video here, and ``read_mixture`` names its fault when the sources open."""
-    import yaml  # yaml and the sources module only when a mixture path is asked about
-
-    from llava.data.sources import is_mixture_path  # (only for a mixture path, as yaml above)
+    is no video here, and ``read_mixture`` names its fault when the sources open. Read once per version of the file
+    (keyed by its absolute path, mtime and size): start-up asks at several places."""
+    from llava.data.sources import is_mixture_path  # imported when asked, not when this module loads (as yaml)
 
     if not is_mixture_path(path):
         return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return _yaml_gives_video_folder(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _yaml_gives_video_folder(path: str, mtime_ns: int, size: int) -> bool:
+    import yaml  # only when a mixture YAML is read
+
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):

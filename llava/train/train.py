@@ -224,7 +224,7 @@ def build_model(model_args, data_args, training_args) -> tuple[torch.nn.Module, 
     if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
         use_causal_padding(built.model)
     if training_args.sequence_parallel_size > 1:  # long samples: each rank of a group runs a slice of the sequence
-        assert training_args.world_size  # the process group is up (DeepSpeed's) before the groups are made
+        _ = training_args.device  # the process group (DeepSpeed's) is up before the groups are made: sets it up
         use_sequence_parallel(built.model, training_args.sequence_parallel_size)
     if training_args.gradient_checkpointing:
         built.model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph

@@ -18,12 +18,14 @@ import json
 import logging
 import os
 import shutil
+from functools import partial
 from typing import Any
 
 import torch
 import transformers.trainer as hf_trainer
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DeepSpeedSchedulerWrapper
+from torch.utils.data import DataLoader
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
@@ -32,7 +34,7 @@ from transformers import (
     Trainer,
 )
 from transformers.trainer import SCHEDULER_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, seed_worker
 
 from llava.curves import LR_GROUP_PREFIX, CurvesWriter
 from llava.data.samplers import LengthGroupedSampler
@@ -94,17 +96,23 @@ class LLaVATrainer(Trainer):
 
     def get_train_dataloader(self):
         """Under sequence parallelism the batches are dealt per data-parallel rank (every rank of a group gets the
-        same ones): accelerate's own sharding, told the data-parallel rank and size instead of the process's."""
+        same ones): the stock loader's ``DataLoader`` (transformers' ``Trainer._get_dataloader``, training path),
+        sharded by accelerate's ``prepare_data_loader`` with the data-parallel rank and size instead of the
+        process's, and its other settings as ``Accelerator.prepare_data_loader`` passes them (seedable sampler,
+        RNG types), so resume skips batches as without sequence parallelism."""
         if getattr(self.args, "sequence_parallel_size", 1) <= 1:
             return super().get_train_dataloader()
-        self.accelerator.prepare = self._prepare_data_parallel_loader  # the stock loader calls prepare() once
-        try:
-            return super().get_train_dataloader()
-        finally:
-            del self.accelerator.prepare
-
-    def _prepare_data_parallel_loader(self, loader):
-        acc = self.accelerator
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        args, acc = self.args, self.accelerator
+        loader = DataLoader(  # the collator as is: --remove_unused_columns is refused (args.py)
+            self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor, in_order=args.dataloader_in_order,
+            sampler=self._get_train_sampler(self.train_dataset), drop_last=args.dataloader_drop_last,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index))
         rank, size = self._data_parallel()
         prepared = prepare_data_loader(
             loader, acc.device, num_processes=size, process_index=rank, split_batches=acc.split_batches,
@@ -112,7 +120,7 @@ class LLaVATrainer(Trainer):
             even_batches=acc.even_batches, use_seedable_sampler=acc.use_seedable_sampler,
             data_seed=acc.dataloader_config.data_seed, non_blocking=acc.non_blocking,
             use_stateful_dataloader=acc.use_stateful_dataloader)
-        acc._dataloaders.append(prepared)
+        acc._dataloaders.append(prepared)  # as Accelerator.prepare_data_loader records it
         return prepared
 
     def create_optimizer(self, model=None):

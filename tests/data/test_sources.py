@@ -199,6 +199,24 @@ def test_a_video_entry_without_video_on_is_reported_naming_it(parts, tmp_path):
     assert _ids(ds) == ["a0", "a1", "a2"] and dict(ds.problems.counts) == {"video_not_enabled": 1}
 
 
+def test_video_from_a_mixture_is_read_once_per_version_of_the_yaml(tmp_path):
+    """An entry's own video_folder turns video on; start-up asks at several places, and the YAML is read once per
+    version: asked again, the cached answer; after an edit, the edited file's."""
+    from types import SimpleNamespace
+
+    from llava.data.video_flags import _yaml_gives_video_folder, video_enabled
+
+    mix = _mixture(tmp_path / "mix.yaml", [{"json_path": "a.json"}])
+    args = SimpleNamespace(data_path=str(mix), eval_data_path=None, video_folder=None)
+    before = _yaml_gives_video_folder.cache_info()
+    assert not video_enabled(args) and not video_enabled(args)
+    after = _yaml_gives_video_folder.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    _mixture(mix, [{"json_path": "a.json"}, {"json_path": "v.json", "video_folder": "videos"}])
+    assert video_enabled(args)
+    assert not video_enabled(SimpleNamespace(data_path=str(tmp_path / "gone.yaml"), video_folder=None))
+
+
 def test_editing_one_source_reindexes_only_it_and_a_restart_reads_no_data_bytes(parts, tmp_path, monkeypatch):
     for name in ("a", "b"):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in _records(name, 20)) + "\n")

@@ -83,20 +83,20 @@ def _mixture_corpus(root):
         return {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
                 **media}
 
-    for folder, sizes in (("images", (40, 48, 56, 64)), ("images_b", (36, 72))):
-        (root / folder).mkdir()
+    for folder, prefix, sizes in (("images", "a", (40, 48, 56, 64)), ("images_b", "b", (36, 72))):
+        (root / folder).mkdir()  # names found in one folder only: an image read from the wrong folder is missing
         for i, w in enumerate(sizes):
-            Image.new("RGB", (w, 32), (30 * i, 120, 200)).save(root / folder / f"good{i}.png")
-        Image.new("L", (24, 24), 128).save(root / folder / "gray.png")
+            Image.new("RGB", (w, 32), (30 * i, 120, 200)).save(root / folder / f"{prefix}{i}.png")
+        Image.new("L", (24, 24), 128).save(root / folder / f"gray_{prefix}.png")
     for i in range(2):
         write_clip(root / "videos" / f"clip{i}.mp4", moving_dot_frames(8, 1 if i else -1), fps=4)
-    a = [rec(f"a{i}", "<image>\nWhat is it?", image=f"good{i}.png") for i in range(4)]
+    a = [rec(f"a{i}", "<image>\nWhat is it?", image=f"a{i}.png") for i in range(4)]
     a += [rec("a_text0"), rec("a_text1"), rec("a_missing", "<image>\nWhat?", image="nope.png"),
-          rec("a_gray", "<image>\nWhat?", image="gray.png"), rec("a_text2"), rec("a_not_taken")]
+          rec("a_gray", "<image>\nWhat?", image="gray_a.png"), rec("a_text2"), rec("a_not_taken")]
     (root / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a))
     b = [rec(f"b_clip{i}", "<image>\nWhich way?", "left", video=f"clip{i}.mp4") for i in range(2)]
-    b += [rec("b_pair", "<image>\n<image>\nSame?", "No.", images=["good0.png", "good1.png"]), rec("b_text"),
-          rec("b_gray", "<image>\nWhat?", image="gray.png"), rec("b_novideo", "<image>\nWhich way?", video="nope.mp4"),
+    b += [rec("b_pair", "<image>\n<image>\nSame?", "No.", images=["b0.png", "b1.png"]), rec("b_text"),
+          rec("b_gray", "<image>\nWhat?", image="gray_b.png"), rec("b_novideo", "<image>\nWhich way?", video="nope.mp4"),
           rec("b_empty", "hi", "  ")]
     (root / "b.json").write_text(json.dumps(b))
     mix = root / "mix.yaml"
@@ -160,7 +160,7 @@ def test_mixture_page_has_each_source_as_the_json_report_has_it(tiny_models, tmp
         bins = [b for b in page.bins if b["histogram"] == title]
         assert float(bins[0]["data-lo"]) == min(s["stats"][key]["min"] for s in sources)
         assert float(bins[-1]["data-hi"]) == max(s["stats"][key]["max"] for s in sources)
-    # images decoded: a's 4 good + gray, b's pair + gray (the missing image none), 24 (gray) to 72 (b's good1) wide
+    # images decoded: a's 4 good + gray, b's pair + gray (the missing image none), 24 (gray) to 72 (b1.png) wide
     widths = [b for b in page.bins if b["histogram"] == "image width (pixels)"]
     assert page.histograms["image width (pixels)"] == 8 == sum(int(b["data-count"]) for b in widths)
     assert float(widths[0]["data-lo"]) == 24 and float(widths[-1]["data-hi"]) == 72
@@ -174,6 +174,6 @@ def test_mixture_page_has_each_source_as_the_json_report_has_it(tiny_models, tmp
         assert int(section["data-count"]) == sum(s["problems"].get(kind, {}).get("count", 0) for s in sources)
         assert [(r["data-source"], r["data-rid"]) for r in section["rows"]] == listed, kind
     assert [r["data-rid"] for r in page.sections["image_converted"]["rows"]] == ["a_gray", "b_gray"]
-    assert len(page.sections["image_converted"]["images"]) == 2  # each gray.png from its entry's own folder
+    assert len(page.sections["image_converted"]["images"]) == 2  # each gray image from its entry's own folder
     assert page.sections["image_missing"]["noimg"] == ["nope.png"]
     screenshot(out / "index.html", tmp_path / "check_page_mixture.png", size="1280,2000")

@@ -105,9 +105,11 @@ class ProblemReport(ProblemLog):
                 lines.append(f"    fix: {info['advice']}")
         s = self.stats
         if s:
-            lines.append(f"records: {s['records']}, trainable: {s['trainable']}; modality mix: {s['modality']}")
+            taken = f" (taken of {s['available']} available)" if "available" in s else ""
+            lines.append(f"records: {s['records']}{taken}, trainable: {s['trainable']}; modality mix: {s['modality']}")
             lines.append(f"images per sample: {s['images_per_sample']}")
-            lines.append(f"token length percentiles (after templating and image expansion): {s['token_length']}")
+            lines.append(f"token length percentiles (after templating and image expansion): {s['token_length']}; "
+                         f"tokens in all: {s['tokens']:,}")
             lines.append(f"longer than --model_max_length {s['model_max_length']}: {s['over_max_length']} "
                          f"(truncated after their images: {s['truncated']}, dropped: {s['dropped']})")
             lines.append(f"image width/height percentiles: {s['image_width']} / {s['image_height']}")
@@ -362,7 +364,7 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         "records": i, "trainable": kept - sum(seen.get(rid, 0) for rid in bad_images),
         "modality": {"image": with_image, "text_only": kept - with_image},
         "images_per_sample": {str(k): v for k, v in sorted(n_images.items())},
-        "token_length": _percentiles(lengths), "model_max_length": setup.model_max_length,
+        "token_length": _percentiles(lengths), "tokens": int(lengths.sum()), "model_max_length": setup.model_max_length,
         "over_max_length": truncated + report.counts["image_tokens_exceed_max_length"]
         + report.counts["video_tokens_exceed_max_length"], "truncated": truncated,
         "dropped": dropped, "num_image_tokens": setup.num_image_tokens,
@@ -378,6 +380,8 @@ def check_dataset(data_path, image_folder, setup: TokenSetup, *, decode: bool = 
         report.stats["num_image_tokens"] = f"per image size ({setup.layout.vision_aspect_ratio})"
     report.stats.setdefault("image_width", {})
     report.stats.setdefault("image_height", {})
+    if spec is not None:  # the rows the entry's sampling drew from (``records`` are the rows it took)
+        report.stats["available"] = available
     return report
 
 
@@ -453,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--seed", type=int, default=42, help="a mixture's random:N sampling, as training's --seed")
     p.add_argument("--report", default=None, metavar="DIR", help="also write the report as an HTML page (DIR/index.html): "
-                   "histograms, modality mix, each problem with its records and images")
+                   "histograms, modality mix, each problem with its records and images; a mixture YAML: a row per "
+                   "entry too")
     return p
 
 
@@ -479,9 +484,6 @@ def run_check(argv: list[str]) -> tuple[argparse.Namespace, ProblemReport]:
         require_saved_dataset(args.data_path)
     if is_mixture_path(args.data_path):  # the entries' keys, strategies and paths, before anything loads
         source_specs(args.data_path, args.image_folder, args.video_folder)
-        if args.report:
-            raise UsageValueError(f"--report writes one dataset's page; --data_path {args.data_path} is a mixture: "
-                                  f"give one entry's json_path as --data_path")
     if args.image_folder:
         require_path("--image_folder", args.image_folder, kind="dir",
                      hint="give the directory the records' image paths are relative to")
@@ -518,6 +520,34 @@ class MixtureReport:
 
     def text(self) -> str:
         return "\n".join(f"== {spec.label}, sampling {spec.sampling}\n{report.text()}" for spec, report in self.reports)
+
+    def combined(self) -> ProblemReport:
+        """The whole mixture as one report (the page's histograms and problem lists): counts, record numbers and
+        modality mixes summed over the entries, percentiles and histograms over all entries' values together."""
+        reports = [r for _, r in self.reports]
+        whole = ProblemReport(max_examples=sum(r.max_examples for r in reports))
+        for r in reports:
+            _merge_into(whole, r)
+        whole.values = {key: np.concatenate([np.asarray(r.values[key]) for r in reports])
+                        for key in ("token_length", "image_tokens", "image_size")}
+        stats = [r.stats for r in reports]
+        modality: dict[str, int] = {}
+        per_sample: Counter = Counter()
+        for s in stats:
+            for key, n in s["modality"].items():
+                modality[key] = modality.get(key, 0) + n
+            per_sample.update(s["images_per_sample"])
+        sizes = whole.values["image_size"]
+        summed = ("available", "records", "trainable", "over_max_length", "truncated", "dropped", "tokens")
+        whole.stats = {key: sum(s[key] for s in stats) for key in summed}
+        whole.stats.update({
+            "modality": modality, "images_per_sample": {k: per_sample[k] for k in sorted(per_sample, key=int)},
+            "token_length": _percentiles(whole.values["token_length"]),
+            "model_max_length": stats[0]["model_max_length"], "num_image_tokens": stats[0]["num_image_tokens"],
+            "image_width": _percentiles(sizes[:, 0]), "image_height": _percentiles(sizes[:, 1])})
+        if "image_tokens_per_image" in stats[0]:
+            whole.stats["image_tokens_per_image"] = _percentiles(whole.values["image_tokens"])
+        return whole
 
 
 def check_mixture(args: argparse.Namespace, setup: TokenSetup) -> MixtureReport:

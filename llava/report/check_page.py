@@ -6,19 +6,25 @@
 The page holds the verdict (would training stop?), the statistics, histograms of token lengths (after templating and
 image expansion, with ``--model_max_length`` marked), image widths and heights and image tokens per image, the
 modality mix and images per sample, then each problem kind with its severity, count, advice, first records and
-messages, and the images of those records (or why an image cannot be shown). The exit code and the printed report
-are those of ``llava data check``.
+messages, and the images of those records (or why an image cannot be shown). The modality chart has one bar per
+category the check's ``stats.modality`` counts (image, text only, and video with video on). For a dataset-mixture
+YAML (``llava/data/sources.py``) the page first has one row per entry with the ``--json`` report's numbers (rows
+available and taken, trainable, modality mix, tokens, problems, verdict) and the mixture's total; the statistics,
+histograms and problems below are the whole mixture's (``MixtureReport.combined``), each problem record naming its
+entry and its images read from the entry's own image folder. The exit code and the printed report are those of
+``llava data check``.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from llava.data.records import RecordError, parse_record
 from llava.data.validate import DataError, ProblemLog, load_raw_records
-from llava.data_check import ProblemReport, run_check
+from llava.data_check import MixtureReport, ProblemReport, run_check
 from llava.errors import ArgumentParser
 from llava.report.html_page import (
     ThumbnailWriter,
@@ -48,38 +54,66 @@ def check_report_main(argv: list[str]) -> int:
     return report.exit_code
 
 
-def write_check_report(out_dir: str | Path, report: ProblemReport, *, data_path: str | Path,
+@dataclass(eq=False)  # hashed by identity: a key of the page's lookups
+class _Source:
+    """One dataset on the page: the whole ``--data_path``, or one mixture entry (``label`` names it)."""
+
+    label: str | None
+    data_path: str
+    image_folder: str | None
+    report: ProblemReport
+
+
+def write_check_report(out_dir: str | Path, report: ProblemReport | MixtureReport, *, data_path: str | Path,
                        image_folder: str | None) -> Path:
-    """Write ``out_dir/index.html`` (+ thumbnails, ``check_results.json`` = the ``--json`` report); returns its path."""
+    """Write ``out_dir/index.html`` (+ thumbnails, ``check_results.json`` = the ``--json`` report); returns its path.
+    A mixture's page has the per-entry table first; its histograms and problem lists are the whole mixture's
+    (:meth:`MixtureReport.combined`), each problem row naming its entry."""
     out = prepare_report_dir("--report", out_dir)
     info = report.as_dict()
+    mixture = isinstance(report, MixtureReport)
+    if mixture:
+        sources = [_Source(spec.label, spec.path, spec.image_folder, r) for spec, r in report.reports]
+        whole = report.combined()
+    else:
+        sources, whole = [_Source(None, str(data_path), image_folder, report)], report
     thumbs = ThumbnailWriter(out)
-    wanted = {rid for kind in info["problems"].values() for rid in kind["record_ids"]}
-    images_of = _record_images(data_path, wanted)
-    shown: dict[str, list[tuple[str, tuple[str, str]]]] = {}
-    for kind, problem in info["problems"].items():
-        pairs = [(rid, rel) for rid in dict.fromkeys(problem["record_ids"]) for rel in images_of.get(rid, [])]
-        shown[kind] = [(rid, thumbs.submit(image_folder, rel)) for rid, rel in pairs[:MAX_IMAGES_PER_KIND]]
+    examples: dict[str, list[tuple[_Source, str, str]]] = {}  # kind -> (source, record id, message)
+    for src in sources:
+        for kind, problem in src.report.as_dict()["problems"].items():
+            examples.setdefault(kind, []).extend((src, rid, m) for rid, m in zip(problem["record_ids"],
+                                                                                  problem["messages"]))
+    shown: dict[str, list[tuple[_Source, str, tuple[str, str]]]] = {}
+    images_of = {src: _record_images(src.data_path, {rid for kind in examples.values()
+                                                         for s, rid, _ in kind if s is src}) for src in sources}
+    for kind, rows in examples.items():
+        pairs = [(src, rid, rel) for src, rid in dict.fromkeys((src, rid) for src, rid, _ in rows)
+                 for rel in images_of[src].get(rid, [])]
+        shown[kind] = [(src, rid, thumbs.submit(src.image_folder, rel)) for src, rid, rel in
+                       pairs[:MAX_IMAGES_PER_KIND]]
     thumbs.wait()
-    stats = info["stats"]
+    whole_info = whole.as_dict()
+    problems, stats = whole_info["problems"], whole.stats
     verdict = ('<p class="ok" id="verdict" data-ok="1">OK: nothing would stop training</p>' if info["ok"] else
                '<p class="bad" id="verdict" data-ok="0">FAILED: training would stop on the errors below (fix them, '
                "or train with --on_bad_sample skip to drop those records)</p>")
+    folders = ("" if mixture else f" · image_folder <code>{esc(image_folder)}</code>")
     body = [f"<h1>Data check: {esc(Path(str(data_path)).name)}</h1>",
-            f'<div class="meta">data <code>{esc(data_path)}</code> · image_folder <code>{esc(image_folder)}</code>'
-            f" · written {esc(time.strftime('%Y-%m-%d %H:%M'))}</div>", verdict,
-            "<h2>Statistics</h2>", _stats_table(stats), "<h2>Distributions</h2>",
-            f'<div class="charts">{_charts(report, stats)}</div>',
-            f"<h2>Problems ({len(info['problems'])} kinds)</h2>"]
-    order = sorted(info["problems"], key=lambda k: (SEVERITY_ORDER.index(info["problems"][k]["severity"])
-                                                    if info["problems"][k]["severity"] in SEVERITY_ORDER else 0,
-                                                    -info["problems"][k]["count"]))
-    if not info["problems"]:
+            f'<div class="meta">{"mixture" if mixture else "data"} <code>{esc(data_path)}</code>{folders}'
+            f" · written {esc(time.strftime('%Y-%m-%d %H:%M'))}</div>", verdict]
+    if mixture:
+        body += [f"<h2>Sources ({len(sources)} entries)</h2>", _sources_table(info["sources"], stats)]
+    body += ["<h2>Statistics" + (" (whole mixture)" if mixture else "") + "</h2>", _stats_table(stats),
+             "<h2>Distributions" + (" (whole mixture)" if mixture else "") + "</h2>",
+             f'<div class="charts">{_charts(whole, stats)}</div>', f"<h2>Problems ({len(problems)} kinds)</h2>"]
+    order = sorted(problems, key=lambda k: (SEVERITY_ORDER.index(problems[k]["severity"])
+                                            if problems[k]["severity"] in SEVERITY_ORDER else 0, -problems[k]["count"]))
+    if not problems:
         body.append('<p class="count">none found</p>')
     else:
-        body.append(_problem_index(order, info["problems"]))
+        body.append(_problem_index(order, problems))
     for kind in order:
-        body.append(_problem_section(kind, info["problems"][kind], shown[kind], thumbs))
+        body.append(_problem_section(kind, problems[kind], examples[kind], shown[kind], thumbs, mixture))
     page = write_page(out, PAGE, html_page(f"Data check: {data_path}", "\n".join(body)))
     write_page(out, RESULTS_FILE, json.dumps(info, indent=1))
     return page
@@ -110,7 +144,8 @@ def _record_images(data_path, wanted: set[str]) -> dict[str, list[str]]:
 
 
 def _stats_table(stats: dict) -> str:
-    rows = [("records", stats.get("records")), ("trainable", stats.get("trainable")),
+    rows = [("records available", stats.get("available")), ("records", stats.get("records")),
+            ("trainable", stats.get("trainable")), ("tokens (all token lengths summed)", stats.get("tokens")),
             ("--model_max_length", stats.get("model_max_length")),
             ("longer than --model_max_length", stats.get("over_max_length")),
             ("… truncated after their images", stats.get("truncated")), ("… dropped", stats.get("dropped")),
@@ -127,8 +162,7 @@ def _stats_table(stats: dict) -> str:
 def _charts(report: ProblemReport, stats: dict) -> str:
     values = report.values
     sizes = values.get("image_size", [])
-    charts = [svg_bars({"image": stats.get("modality", {}).get("image", 0),
-                        "text only": stats.get("modality", {}).get("text_only", 0)}, title="modality mix"),
+    charts = [svg_bars({k.replace("_", " "): v for k, v in stats.get("modality", {}).items()}, title="modality mix"),
               svg_bars({f"{k} image(s)": v for k, v in stats.get("images_per_sample", {}).items()},
                        title="images per sample"),
               svg_histogram(values.get("token_length", []), title="token length", marker=stats.get("model_max_length"),
@@ -151,17 +185,51 @@ def _problem_index(order: list[str], problems: dict) -> str:
     return f'<table class="grid" id="problem-index">{head}{rows}</table>'
 
 
-def _problem_section(kind: str, problem: dict, shown, thumbs: ThumbnailWriter) -> str:
+def _sources_table(sources: list[dict], whole: dict) -> str:
+    """One row per mixture entry, its numbers as the ``--json`` report gives them, and the mixture's total."""
+    kinds = list(dict.fromkeys(k for src in sources for k in src["stats"]["modality"]))
+    head = ("entry", "file", "sampling", "available", "taken", "trainable", *(k.replace("_", " ") for k in kinds),
+            "tokens", "token length p50 / max", "problems", "verdict")
+    cols = ("available", "records", "trainable", *(f"modality.{k}" for k in kinds), "tokens")
+
+    def num(stats: dict, col: str):
+        return stats["modality"].get(col.split(".", 1)[1], 0) if col.startswith("modality.") else stats.get(col)
+
+    rows = []
+    for src in sources:
+        st, problems = src["stats"], sum(p["count"] for p in src["problems"].values())
+        cells = "".join(f'<td class="num" data-col="{esc(c)}">{num(st, c)}</td>' for c in cols)
+        rows.append(f'<tr class="source" data-entry="{src["entry"]}" data-ok="{int(src["ok"])}">'
+                    f'<td data-col="entry">{src["entry"]}</td><td data-col="file"><code>{esc(src["json_path"])}</code>'
+                    f'</td><td data-col="sampling">{esc(src["sampling"])}</td>{cells}'
+                    f'<td class="num" data-col="token_length">{_p50_max(st["token_length"])}</td>'
+                    f'<td class="num" data-col="problems">{problems}</td><td data-col="verdict" class='
+                    f'"{"ok" if src["ok"] else "bad"}">{"OK" if src["ok"] else "stops training"}</td></tr>')
+    total = "".join(f'<td class="num" data-col="{esc(c)}">{num(whole, c)}</td>' for c in cols)
+    rows.append(f'<tr class="source-total"><th colspan="3">whole mixture</th>{total}<td class="num">'
+                f'{_p50_max(whole["token_length"])}</td><td></td><td></td></tr>')
+    header = "".join(f"<th>{esc(h)}</th>" for h in head)
+    return f'<table class="grid" id="sources"><tr>{header}</tr>{"".join(rows)}</table>'
+
+
+def _p50_max(percentiles: dict) -> str:
+    return f'{percentiles.get("p50", "–")} / {percentiles.get("max", "–")}'  # "–": no record was tokenized
+
+
+def _problem_section(kind: str, problem: dict, examples, shown, thumbs: ThumbnailWriter, mixture: bool) -> str:
+    """A problem kind: its count (the whole mixture's), advice, first records (each naming its entry in a mixture)
+    and their images."""
     severity = problem["severity"]
-    examples = "".join(f"<li><code>{esc(rid)}</code>: {esc(message)}</li>"
-                       for rid, message in zip(problem["record_ids"], problem["messages"]))
+    rows = "".join(f'<li data-rid="{esc(rid)}"' + (f' data-source="{esc(src.label)}">' if mixture else ">")
+                   + (f'<span class="badge sev-note">{esc(src.label)}</span> ' if mixture else "")
+                   + f"<code>{esc(rid)}</code>: {esc(message)}</li>" for src, rid, message in examples)
     advice = f'<div class="advice">fix: {esc(problem["advice"])}</div>' if problem.get("advice") else ""
-    images = "".join(f'<figure style="margin:0">{thumbs.img(key)}<figcaption class="count">{esc(rid)}</figcaption>'
-                     f"</figure>" for rid, key in shown)
-    more = problem["count"] - len(problem["record_ids"])
+    images = "".join(f'<figure style="margin:0">{thumbs.img(key)}<figcaption class="count">{esc(rid)}'
+                     f'{f" · {esc(src.label)}" if mixture else ""}</figcaption></figure>' for src, rid, key in shown)
+    more = problem["count"] - len(examples)
     return (f'<section id="kind-{esc(kind)}" data-kind="{esc(kind)}" data-count="{problem["count"]}" '
             f'data-severity="{esc(severity)}">'
             f'<h3><span class="badge sev-{esc(severity)}">{esc(severity)}</span> {esc(kind)}: '
-            f'{problem["count"]} record(s)</h3>{advice}<ul>{examples}'
+            f'{problem["count"]} record(s)</h3>{advice}<ul>{rows}'
             f'{f"<li class=count>… and {more} more</li>" if more > 0 else ""}</ul>'
             f'{f"<div class=thumbs>{images}</div>" if images else ""}</section>')

@@ -32,7 +32,9 @@ class ParsedPage:
     accuracy: list[dict] = field(default_factory=list)  # <td data-run data-type data-correct data-total> + text
     bins: list[dict] = field(default_factory=list)  # <rect class="bin" data-lo data-hi data-count> per histogram
     histograms: dict[str, int] = field(default_factory=dict)  # data-histogram title -> data-n
-    sections: dict[str, dict] = field(default_factory=dict)  # <section data-kind>: attributes + images
+    sections: dict[str, dict] = field(default_factory=dict)  # <section data-kind>: attributes + images + <li> rows
+    sources: list[dict] = field(default_factory=list)  # <tr class="source">: attributes + {data-col: cell text}
+    bars: dict[str, dict[str, int]] = field(default_factory=dict)  # data-bars title -> {data-label: data-count}
     text: list[str] = field(default_factory=list)
 
 
@@ -44,6 +46,9 @@ class _PageParser(HTMLParser):
         self.cell: dict | None = None
         self.histogram: str | None = None
         self.section: dict | None = None
+        self.source: dict | None = None  # a mixture entry's row, and the column of the cell being read
+        self.column: str | None = None
+        self.bars: str | None = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -62,6 +67,18 @@ class _PageParser(HTMLParser):
                 self.section["images"].append(a["src"])
         if tag == "span" and "noimg" in (a.get("class") or "") and self.section is not None:
             self.section["noimg"].append(a.get("data-image"))
+        if tag == "tr" and a.get("class") == "source":
+            self.source = {**a, "cells": {}}
+        if tag == "td" and self.source is not None and "data-col" in a:
+            self.column = a["data-col"]
+            self.source["cells"][self.column] = ""
+        if tag == "div" and "data-bars" in a:
+            self.bars = a["data-bars"]
+            self.page.bars[self.bars] = {}
+        if tag == "rect" and "data-label" in a and self.bars is not None:
+            self.page.bars[self.bars][a["data-label"]] = int(a["data-count"])
+        if tag == "li" and self.section is not None and "data-rid" in a:
+            self.section["rows"].append(a)
         if tag == "tr" and a.get("class") == "sample":
             self.row = {**a, "images": [], "frames": [], "answers": []}
         if tag == "td" and "data-correct" in a:
@@ -72,7 +89,7 @@ class _PageParser(HTMLParser):
         if tag == "rect" and a.get("class") == "bin":
             self.page.bins.append({**a, "histogram": self.histogram})
         if tag == "section" and "data-kind" in a:
-            self.section = {**a, "images": [], "noimg": [], "text": ""}
+            self.section = {**a, "images": [], "noimg": [], "text": "", "rows": []}
             self.page.sections[a["data-kind"]] = self.section
 
     def handle_endtag(self, tag):
@@ -87,6 +104,11 @@ class _PageParser(HTMLParser):
             self.row = None
         if tag == "section":
             self.section = None
+        if tag == "td":
+            self.column = None
+        if tag == "tr" and self.source is not None:
+            self.page.sources.append(self.source)
+            self.source = None
 
     def handle_data(self, data):
         self.page.text.append(data)
@@ -94,6 +116,8 @@ class _PageParser(HTMLParser):
             self.cell["text"] += data
         if self.section is not None:
             self.section["text"] += data
+        if self.column is not None:
+            self.source["cells"][self.column] += data
 
 
 def parse_page(path: Path) -> ParsedPage:

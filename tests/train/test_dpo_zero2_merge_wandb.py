@@ -9,8 +9,9 @@
   ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``) and LLaVA-NeXT's ``losses/dpo`` /
   ``losses/sft`` under ``train/``, equal to ``trainer_state.json``'s log history. The values are checked too: step 1's
   policy is the reference (LoRA's B is zero), so its loss is log 2 and its rewards 0; the margin is chosen - rejected;
-  and ``logps/chosen - rewards/chosen / beta`` (the reference's mean log-prob of the step's chosen answers), averaged
-  over an epoch's two steps, equals the mean over all 8 pairs from a plain native forward of the SFT checkpoint.
+  the reference log-probs (precomputed: the projector trains outside the adapters) equal a plain native forward of
+  the SFT checkpoint per pair; and ``logps/chosen - rewards/chosen / beta`` (the reference's mean log-prob of the
+  step's chosen answers), averaged over an epoch's two steps, equals their mean over the 8 pairs (1e-5).
 - merge: the merged native ``LlavaForConditionalGeneration`` gives the adapter model's logits (peft, fp32).
 """
 
@@ -23,7 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_distributed import REPO, assert_no_zero_size_tensors, deepspeed
+
+from llava.run_dir import REF_LOGPS_FILE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -67,8 +71,9 @@ def wandb_history(wandb_dir: Path, steps: int) -> list[dict]:
         time.sleep(0.2)
 
 
-def native_reference_means(sft_checkpoint, dpo_pairs, anyres_data, out: Path) -> dict[str, float]:
-    """Mean summed log-prob of the 8 pairs' chosen / rejected answers under the SFT checkpoint (native forward)."""
+def native_reference_logps(sft_checkpoint, dpo_pairs, anyres_data, out: Path) -> dict[str, list[float]]:
+    """Summed log-prob of each pair's chosen / rejected answer under the SFT checkpoint (native forward, full logits),
+    in dataset order."""
     from test_dpo import native_row_logps
     from transformers import LlavaForConditionalGeneration
 
@@ -86,7 +91,7 @@ def native_reference_means(sft_checkpoint, dpo_pairs, anyres_data, out: Path) ->
         sums = {side: [float(native_row_logps(native, dataset[i], side, image_id)[0]) for i in range(len(dataset))]
                 for side in ("chosen", "rejected")}
     assert len(sums["chosen"]) == 8
-    return {side: sum(v) / len(v) for side, v in sums.items()}
+    return sums
 
 
 def test_zero2_dpo_lora_logs_trl_metrics_to_wandb(zero2_lora_run, sft_checkpoint, dpo_pairs, anyres_data, tmp_path):
@@ -107,14 +112,21 @@ def test_zero2_dpo_lora_logs_trl_metrics_to_wandb(zero2_lora_run, sft_checkpoint
     assert first["rewards/accuracies"] == 0  # chosen > rejected is false at a tie
     assert max(abs(logged[s]["rewards/margins"]) for s in (3, 4)) > 1e-3  # the policy moved
 
-    # the reference's mean log-probs, recovered from the logged metrics per epoch (2 steps x 4 pairs = the 8 pairs)
-    expected = native_reference_means(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "dataset")
+    # the reference: the projector trains outside the adapters, so its log-probs were precomputed by the two ranks
+    native = native_reference_logps(sft_checkpoint, dpo_pairs, anyres_data, tmp_path / "dataset")
+    table = load_file(out / REF_LOGPS_FILE)["ref_logps"]
+    assert table.shape == (8, 2)
+    table_gap = max((table[:, k] - torch.tensor(native[side])).abs().max().item() for k, side in enumerate(native))
+    print(f"precomputed vs native reference log-probs: max gap {table_gap:.2e}")
+    assert table_gap <= 1e-5  # measured 9.5e-7 (sums of ~10)
+    # and the reference's mean log-probs recovered from the logged metrics per epoch (2 steps x 4 pairs = the 8 pairs)
     for side in ("chosen", "rejected"):
+        expected = sum(native[side]) / len(native[side])
         for epoch_steps in ((1, 2), (3, 4)):
             recovered = [logged[s][f"logps/{side}"] - logged[s][f"rewards/{side}"] / BETA for s in epoch_steps]
-            gap = abs(sum(recovered) / 2 - expected[side])
-            print(f"reference mean logp/{side}, steps {epoch_steps}: gap {gap:.2e} (|value| {abs(expected[side]):.2f})")
-            assert gap <= 1e-5, (side, epoch_steps, recovered, expected[side])  # measured <= 3.6e-7
+            gap = abs(sum(recovered) / 2 - expected)
+            print(f"reference mean logp/{side}, steps {epoch_steps}: gap {gap:.2e} (|value| {abs(expected):.2f})")
+            assert gap <= 1e-5, (side, epoch_steps, recovered, expected)  # measured <= 3.6e-7
 
     # wandb's offline log: the same values at every logged step, under the Trainer's train/ prefix
     rows = wandb_history(zero2_lora_run["wandb_dir"], STEPS)

@@ -5,6 +5,8 @@
 2 processes x batch 2 give the same per-step losses as 1 process x batch 4 (1e-5) and a resumed run repeats the
 uninterrupted losses; the saved checkpoint is a whole LlavaOnevision. ``--group_by_modality_length`` keeps each
 optimizer step to one modality (video its own), so under ZeRO-3 every rank runs the same tower path in a step.
+``scripts/finetune_video.sh`` runs on the demo's clip corpus, with its defaults and with its LlavaNextVideo settings, and
+saves the native class those settings imply, with processor files that count the video tokens the native model fills.
 """
 
 from __future__ import annotations
@@ -46,3 +48,59 @@ def test_zero3_video_mix_two_ranks_match_one_process_and_resume(tiny_models, tmp
                 "--save_steps", "2", "--report_to", "none", "--model_max_length", "1024", "--seed", "0"]
 
     assert_zero3_two_ranks_match_one_process(flags, out, tmp_path / "single", LlavaOnevisionForConditionalGeneration, timeout=900)
+
+
+
+@pytest.mark.parametrize("layout", ["onevision", "next_video"])
+def test_finetune_video_script_runs_and_saves_the_native_class(tiny_models, shapes_data, tmp_path, layout):
+    """scripts/finetune_video.sh (2 processes, ZeRO-3, 4 frames) on the demo's clip corpus, with its defaults (bilinear
+    pooling, one newline per video: ``LlavaOnevisionForConditionalGeneration``) and with ``NEWLINE=no_token
+    POOL=average ASPECT=anyres`` (``LlavaNextVideoForConditionalGeneration``): the checkpoint loads as that class, and
+    its processor files count per video, by the processor's own formula, the tokens the native model's video features
+    fill (a forward with one token fewer raises)."""
+    import math
+
+    import torch
+    from test_distributed import assert_no_zero_size_tensors, script, step_losses
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    frames = 4  # the script's FRAMES
+    corpus = write_video_corpus(tmp_path / "dots", n_videos=12, n_images=4, text=False, mix=False)  # the demo's
+    env = {} if layout == "onevision" else {"NEWLINE": "no_token", "POOL": "average", "ASPECT": "anyres"}
+    script("finetune_video", tmp_path, tiny_models, shapes_data, MAX_STEPS=4, DATA=corpus["train"],
+           VIDEO_DIR=corpus["video_folder"], IMAGE_DIR=corpus["image_folder"], **env)
+    out = tmp_path / "finetune_video"
+    ta = json.loads((out / "llava_args.json").read_text())["training_args"]
+    assert ta["deepspeed"].endswith("zero3.json") and ta["group_by_modality_length"]
+    losses = step_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+    assert_no_zero_size_tensors(out)
+
+    config = json.loads((out / "config.json").read_text())
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["video_token"] == "<video>" and config["video_token_index"] != config["image_token_index"]
+    size = processor["video_processor"]["size"]
+    if layout == "onevision":
+        native = LlavaOnevisionForConditionalGeneration
+        assert (config["model_type"], config["vision_aspect_ratio"]) == ("llava_onevision", "anyres_max_9")
+        assert processor["processor_class"] == "LlavaOnevisionProcessor"
+        side = int(math.sqrt(processor["num_image_tokens"]))  # LlavaOnevisionProcessor: 2x pooled frames + a newline
+        per_video = frames * math.ceil(side / 2) ** 2 + 1
+    else:
+        native = LlavaNextVideoForConditionalGeneration
+        assert config["model_type"] == "llava_next_video"
+        assert (config["spatial_pool_mode"], config["spatial_pool_stride"]) == ("average", 2)
+        assert processor["processor_class"] == "LlavaNextVideoProcessor"
+        patch = processor["patch_size"]  # LlavaNextVideoProcessor: the frame's patches pooled 2x2, per frame
+        per_video = (size["height"] // patch) * (size["width"] // patch) // 4 * frames
+    assert config["architectures"] == [native.__name__]
+    model = native.from_pretrained(out).eval()
+    pixels = torch.rand(1, frames, 3, size["height"], size["width"])
+    with torch.no_grad():
+        for count in (per_video, per_video - 1):
+            ids = torch.tensor([[1] + [config["video_token_index"]] * count + [5, 9]])
+            if count == per_video:
+                assert torch.isfinite(model(input_ids=ids, pixel_values_videos=pixels).logits).all()
+            else:
+                with pytest.raises(ValueError, match="do not match"):
+                    model(input_ids=ids, pixel_values_videos=pixels)

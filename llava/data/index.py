@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 2
 _CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
-                 "index_batch", "video")
+                 "index_batch", "video", "word_cache")
 CHUNK = 2048  # records per worker task
 
 

@@ -54,7 +54,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
     s = settings
     images = _ImageChecker(s.image_folder)
     outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", length, image)
-    pending: list[tuple] = []  # (k, raw, record, head ids, text, supervised mask, placeholders, (n_tokens, headers))
+    pending: list[tuple] = []  # (k, raw, record, head ids, text, segments after the head, placeholders, (n_tokens, headers))
     heads: dict[tuple[str, ...], list[int]] = {}
     dirs: set[str] = set()
     for k, raw in enumerate(raws):
@@ -87,9 +87,10 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
         key = tuple(seg.text for seg in segments[:n_head])
         if key not in heads or any(seg.special for seg in segments[n_head:]):
             heads[key] = special_head(segments, tokenizer)[0]  # raises on a special segment after the head
-        text, mask = supervised_text(segments[n_head:])
+        body = segments[n_head:]
+        text = "".join([seg.text for seg in body])  # the mask (``supervised_text``) only where offsets are needed
         placeholders = sum(seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments)
-        pending.append((k, raw, record, heads[key], text, mask, placeholders, (n_tokens, headers_read)))
+        pending.append((k, raw, record, heads[key], text, body, placeholders, (n_tokens, headers_read)))
     tails = special_tails(tokenizer, s.image_token_id)
 
     def finish(p: tuple, length: int) -> None:
@@ -115,8 +116,8 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             continue
         ids_batch, offsets_batch = _encode_batch(tokenizer, [p[4] for p in slow])
         for p, ids, offsets in zip(slow, ids_batch, offsets_batch):
-            k, raw, record, head, _, mask, placeholders, (n_tokens, _) = p
-            length = _sample_length(ids, offsets, head, mask, placeholders, n_tokens, s)
+            k, raw, record, head, _, body, placeholders, (n_tokens, _) = p
+            length = _sample_length(ids, offsets, head, supervised_text(body)[1], placeholders, n_tokens, s)
             if length is None:  # rejected, or not a case the fast path measures: the reference decides and words it
                 try:
                     length = len(_reference_sample(record, n_tokens, tokenizer, template, s).input_ids)
@@ -156,10 +157,10 @@ def _plain_length(ids: list[int], p: tuple, tails: dict[str, int], s) -> int | N
     """The length of a sample that ends in a supervised special token (``</s>``, ``<|eot_id|>``) and is not
     truncated, from its ids alone (no offsets): the special token is split out of the raw text before anything
     else, so when the text ends with it and the last id is its id, that token covers the text's last character,
-    which is supervised (``mask``): the sample has a supervised token, and no truncation can remove it. None when
+    which is supervised (``_ends_supervised``): the sample has a supervised token, and no truncation can remove it. None when
     that is not proven (then ``_sample_length`` decides with offsets)."""
-    _, _, _, head, text, mask, placeholders, (n_tokens, _) = p
-    if not mask or not mask[-1] or not ids:
+    _, _, _, head, text, body, placeholders, (n_tokens, _) = p
+    if not ids or not _ends_supervised(body):
         return None
     tid = ids[-1]
     for content, tail_id in tails.items():
@@ -181,6 +182,15 @@ def _plain_length(ids: list[int], p: tuple, tails: dict[str, int], s) -> int | N
         extra = sum(n_tokens) - found
     total = len(head) + len(ids) + extra
     return total if total <= s.model_max_length else None
+
+
+def _ends_supervised(segments) -> bool:
+    """Whether the last character of the joined text is supervised (``supervised_text``'s mask ends in a 1): the last
+    segment with text is supervised and not all white space (its mask runs from its first non-space to its end)."""
+    for seg in reversed(segments):
+        if seg.text:
+            return seg.supervised and not seg.text.isspace()
+    return False
 
 
 def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]] | None:

@@ -2,7 +2,7 @@
 
     encoder = WordCacheEncoder.for_tokenizer(tokenizer)     # None unless the tokenizer is of the kind below
     encoder.ids(text)              # == backend.encode(text, add_special_tokens=False).ids, or None (not handled)
-    encoder.ids_offsets(text)      # (ids, offsets) as the backend gives them, or None
+    encoder.ids_offsets(text)      # (ids, an iterator of the offsets) as the backend gives them, or None
 
 What the Rust tokenizer does with a text, when its pipeline is: no normalizer, the ``ByteLevel`` pre-tokenizer with
 GPT-2's split pattern (``use_regex``, no prefix space), a deterministic model (BPE without dropout), no
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 
 # GPT-2's pre-tokenizer pattern (tokenizers' ByteLevel, use_regex=True), run by Oniguruma:
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -115,9 +116,6 @@ class WordCacheEncoder:
         if "".join(t.value for t in tokens) != mapped:  # an unknown token: not handled
             return None
         lens = tuple(len(t.value) for t in tokens)
-        if len(self.ids_of) >= MAX_WORDS:
-            self.ids_of.clear()
-            self.lens_of.clear()
         ids = tuple(t.id for t in tokens)
         self.ids_of[word] = ids
         self.lens_of[word] = lens
@@ -127,6 +125,9 @@ class WordCacheEncoder:
         """The ids ``backend.encode(text, add_special_tokens=False)`` gives, or None when the text is not handled."""
         if not text.isascii():
             return None
+        if len(self.ids_of) >= MAX_WORDS:
+            self.ids_of.clear()
+            self.lens_of.clear()
         out: list[int] = []
         get = self.ids_of.get
         for k, part in enumerate(self._pieces(text)):
@@ -142,24 +143,40 @@ class WordCacheEncoder:
                 out += ids
         return out
 
-    def ids_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
-        """The ids and character offsets the backend gives, or None when the text is not handled."""
+    def ids_offsets(self, text: str) -> tuple[list[int], Iterator[tuple[int, int]]] | None:
+        """The ids and character offsets the backend gives, or None when the text is not handled. The offsets come
+        as an iterator, made as they are read (the index reads them up to the first supervised token)."""
         if not text.isascii():
             return None
+        if len(self.ids_of) >= MAX_WORDS:
+            self.ids_of.clear()
+            self.lens_of.clear()
         ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
-        pos = 0
+        spans: list[tuple[int, ...] | int] = []  # per word the characters of each of its tokens; an added token: its length
+        get = self.ids_of.get
         for k, part in enumerate(self._pieces(text)):
             if k % 2:
                 ids.append(self.added[part])
-                offsets.append((pos, pos + len(part)))
-                pos += len(part)
+                spans.append(len(part))
                 continue
             for word in GPT2_ASCII.findall(part):
-                if word not in self.lens_of and self._word(word) is None:
-                    return None
-                ids += self.ids_of[word]
-                for n in self.lens_of[word]:
-                    offsets.append((pos, pos + n))
-                    pos += n
-        return ids, offsets
+                word_ids = get(word)
+                if word_ids is None:
+                    word_ids = self._word(word)
+                    if word_ids is None:
+                        return None
+                ids += word_ids
+                spans.append(self.lens_of[word])
+        return ids, _offsets(spans)
+
+
+def _offsets(spans: list[tuple[int, ...] | int]) -> Iterator[tuple[int, int]]:
+    pos = 0
+    for span in spans:
+        if isinstance(span, int):
+            yield pos, pos + span
+            pos += span
+            continue
+        for n in span:
+            yield pos, pos + n
+            pos += n

@@ -36,7 +36,8 @@ from collections.abc import Iterator
 # character) and so is the optional space (a match without it starts on a non-space, where those with it fail).
 _WS = r"\t\n\x0b\x0c\r "
 GPT2_ASCII = re.compile(rf"'(?:[stmd]|re|ve|ll)| ?(?:[A-Za-z]+|[0-9]+|[^{_WS}A-Za-z0-9]+)|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
-MAX_WORDS = 500_000  # cached words per process before the cache starts over (a few tens of MiB)
+WS_TO_SPACE = bytes.maketrans(b"\t\n\x0b\x0c\r", b"     ")  # "  " after this: a space next to white space
+MAX_WORDS = 500_000  # cached words and chunks per process before the cache starts over (tens of MiB)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -55,6 +56,19 @@ def bytes_to_unicode() -> dict[int, str]:
 BYTE_LEVEL = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items() if b < 128})
 
 
+def _splitter(contents: list[str]) -> re.Pattern | None:
+    """A pattern whose ``split`` cuts out ``contents`` leftmost-longest and keeps them (a capturing group): at each
+    position the contents are tried longest first; grouped by first character (one test per position)."""
+    if not contents:
+        return None
+    contents = sorted(contents, key=len, reverse=True)
+    groups = {}
+    for c in contents:
+        groups.setdefault(c[0], []).append(re.escape(c[1:]))
+    return re.compile("(" + "|".join(re.escape(first) + "(?:" + "|".join(rest) + ")" for first, rest in groups.items())
+                      + ")")
+
+
 class WordCacheEncoder:
     """See the module docstring. Built by :meth:`for_tokenizer`, which checks the pipeline."""
 
@@ -62,12 +76,13 @@ class WordCacheEncoder:
         self.model = backend.model
         self.ids_of: dict[str, tuple[int, ...]] = {}
         self.lens_of: dict[str, tuple[int, ...]] = {}  # the characters each of a word's tokens covers
+        self.first_of: dict[str, tuple[int, ...]] = {}  # a piece's first space-delimited chunk -> its ids
+        self.spaced_of: dict[str, tuple[int, ...]] = {}  # a later chunk (key without its leading space) -> its ids
         self.added = {content: tid for content, (tid, _) in added.items()}
-        raw = sorted((c for c, (_, normalized) in added.items() if not normalized), key=len, reverse=True)
-        norm = sorted((c for c, (_, normalized) in added.items() if normalized), key=len, reverse=True)
-        # leftmost-longest: at each position the alternatives are tried longest first
-        self.split_raw = re.compile("(" + "|".join(map(re.escape, raw)) + ")") if raw else None
-        self.split_norm = re.compile("(" + "|".join(map(re.escape, norm)) + ")") if norm else None
+        raw = [c for c, (_, normalized) in added.items() if not normalized]
+        norm = [c for c, (_, normalized) in added.items() if normalized]
+        self.split_raw = _splitter(raw)
+        self.split_norm = _splitter(norm)
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> WordCacheEncoder | None:
@@ -121,19 +136,59 @@ class WordCacheEncoder:
         self.lens_of[word] = lens
         return ids
 
+    def _chunk(self, chunk: str, cache: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...] | None:
+        """The ids of a space-delimited chunk (its words', in order), cached under ``key``."""
+        out: list[int] = []
+        for word in GPT2_ASCII.findall(chunk):
+            ids = self.ids_of.get(word)
+            if ids is None:
+                ids = self._word(word)
+                if ids is None:
+                    return None
+            out += ids
+        cache[key] = ids = tuple(out)
+        return ids
+
+    def _clear_if_full(self) -> None:
+        if len(self.ids_of) + len(self.first_of) + len(self.spaced_of) >= MAX_WORDS:
+            for d in (self.ids_of, self.lens_of, self.first_of, self.spaced_of):
+                d.clear()
+
     def ids(self, text: str) -> list[int] | None:
-        """The ids ``backend.encode(text, add_special_tokens=False)`` gives, or None when the text is not handled."""
+        """The ids ``backend.encode(text, add_special_tokens=False)`` gives, or None when the text is not handled.
+
+        A piece without a space next to another white-space character is cut at its spaces: no word of the pattern
+        crosses the point before such a space (a word holds a space only as its first character) and none reads past
+        it (the word before ends in a non-space), so ``" " + chunk`` has the words it has in context; chunks are
+        cached like words. Other pieces are split into words."""
         if not text.isascii():
             return None
-        if len(self.ids_of) >= MAX_WORDS:
-            self.ids_of.clear()
-            self.lens_of.clear()
+        self._clear_if_full()
         out: list[int] = []
-        get = self.ids_of.get
+        first_get, spaced_get = self.first_of.get, self.spaced_of.get
         for k, part in enumerate(self._pieces(text)):
             if k % 2:
                 out.append(self.added[part])
                 continue
+            if not part:
+                continue
+            if b"  " not in part.encode("ascii").translate(WS_TO_SPACE):
+                chunks = part.split(" ")
+                ids = first_get(chunks[0])
+                if ids is None:
+                    ids = self._chunk(chunks[0], self.first_of, chunks[0])
+                    if ids is None:
+                        return None
+                out += ids
+                for chunk in chunks[1:]:
+                    ids = spaced_get(chunk)
+                    if ids is None:
+                        ids = self._chunk(" " + chunk, self.spaced_of, chunk)
+                        if ids is None:
+                            return None
+                    out += ids
+                continue
+            get = self.ids_of.get
             for word in GPT2_ASCII.findall(part):
                 ids = get(word)
                 if ids is None:
@@ -148,9 +203,7 @@ class WordCacheEncoder:
         as an iterator, made as they are read (the index reads them up to the first supervised token)."""
         if not text.isascii():
             return None
-        if len(self.ids_of) >= MAX_WORDS:
-            self.ids_of.clear()
-            self.lens_of.clear()
+        self._clear_if_full()
         ids: list[int] = []
         spans: list[tuple[int, ...] | int] = []  # per word the characters of each of its tokens; an added token: its length
         get = self.ids_of.get

@@ -95,6 +95,33 @@ def test_random_texts_equal_the_tokenizer(mix):
     assert 1000 < handled < len(texts)  # both kinds present: ASCII texts compared, the others handed back
 
 
+@pytest.fixture(scope="module")
+def whitespace_bpe():
+    """A byte-level BPE trained on the random texts themselves: it has merges for runs of spaces and newlines
+    ("ĠĠ", "ĊĠ", ...), indented lines and contractions, which the benchmark tokenizer lacks, so a wrong cut at a
+    space changes its ids."""
+    from tokenizers import AddedToken, decoders, models, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(_random_texts(4000, seed=7), trainer=trainer)
+    backend.add_special_tokens([AddedToken(t, normalized=False) for t in ("</s>", "<s>", "[INST]", "<|eot_id|>")])
+    backend.add_tokens([AddedToken("<image>", normalized=False, special=True)])
+    vocab = backend.get_vocab()
+    assert {"ĠĠ", "ĊĊ"} <= set(vocab), "the trained merges join white space"
+    return backend
+
+
+def test_whitespace_merging_tokenizer_equals_the_tokenizer(whitespace_bpe):
+    encoder = WordCacheEncoder.for_tokenizer(whitespace_bpe)
+    assert encoder is not None
+    texts = _random_texts(6000, seed=2) + ["a  b", "a \nb", "a\n b", "a   b c", "x \t y", " lead", "trail ", "  "]
+    assert _check(encoder, whitespace_bpe, texts) > 1000
+
+
 def test_normalized_added_tokens_are_cut_after_the_raw_ones(mix):
     """Added tokens with ``normalized=True`` are matched in what the raw ones leave (tokenizers' two passes)."""
     backend = Tokenizer.from_str(mix["tok"]._tokenizer.to_str())

@@ -107,18 +107,23 @@ def whitespace_bpe():
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    backend.train_from_iterator(_random_texts(4000, seed=7), trainer=trainer)
+    rng = random.Random(8)
+    spaces = ["".join(rng.choice(" \t\n\x0b\x0c\rab") for _ in range(rng.randint(1, 30))) for _ in range(4000)]
+    backend.train_from_iterator(_random_texts(4000, seed=7) + spaces, trainer=trainer)
     backend.add_special_tokens([AddedToken(t, normalized=False) for t in ("</s>", "<s>", "[INST]", "<|eot_id|>")])
     backend.add_tokens([AddedToken("<image>", normalized=False, special=True)])
     vocab = backend.get_vocab()
-    assert {"ĠĠ", "ĊĊ"} <= set(vocab), "the trained merges join white space"
+    assert {"ĠĠ", "ĊĊ", "ċĠ", "Ġċ", "ĊĠ"} <= set(vocab), "the trained merges join white space"
     return backend
 
 
 def test_whitespace_merging_tokenizer_equals_the_tokenizer(whitespace_bpe):
     encoder = WordCacheEncoder.for_tokenizer(whitespace_bpe)
     assert encoder is not None
-    texts = _random_texts(6000, seed=2) + ["a  b", "a \nb", "a\n b", "a   b c", "x \t y", " lead", "trail ", "  "]
+    rng = random.Random(3)
+    spaces = ["".join(rng.choice([" ", "\t", "\n", "\x0b", "\x0c", "\r", "ab", "'s", "1", ".", "<image>"])
+                      for _ in range(rng.randint(1, 20))) for _ in range(4000)]
+    texts = _random_texts(6000, seed=2) + spaces + ["a  b", "a \nb", "a\n b", "a   b c", "x \t y", " lead", "trail "]
     assert _check(encoder, whitespace_bpe, texts) > 1000
 
 

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 _WS = r"\t\n\x0b\x0c\r "
 GPT2_ASCII = re.compile(rf"'(?:[stmd]|re|ve|ll)| ?(?:[A-Za-z]+|[0-9]+|[^{_WS}A-Za-z0-9]+)|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 WS_TO_SPACE = bytes.maketrans(b"\t\n\x0b\x0c\r", b"     ")  # "  " after this: a space next to white space
-MAX_WORDS = 500_000  # cached words and chunks per process before the cache starts over (tens of MiB)
+MAX_WORDS = 100_000  # cached words and chunks per process before the cache starts over (~350 bytes each)
 
 
 def bytes_to_unicode() -> dict[int, str]:

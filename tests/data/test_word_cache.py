@@ -175,3 +175,30 @@ def test_index_with_and_without_the_word_cache(mix, monkeypatch):
         assert fast.problems == plain.problems and fast.dropped == plain.dropped
         if max_length == 96:
             assert (fast.lengths == 96).sum() > 50, "the short limit truncates many samples"
+
+
+def test_route_measures_both_ways_then_takes_the_cheaper_and_probes_the_other():
+    route = index_batch.Route()
+    assert route.pick() == "cache"
+    route.measured("cache", 2.0, 1000)  # 2 ms a character: a source of unique words
+    assert route.pick() == "rust"
+    route.measured("rust", 1.0, 1000)
+    picks = [route.pick() for _ in range(3, 3 + 2 * route.PROBE)]
+    assert picks.count("cache") == 2 and set(picks) == {"cache", "rust"}  # the cheaper way, the other every PROBE-th
+    for _ in range(3):  # the cache warms up: its measures fall under the Rust call's, and it is taken again
+        route.measured("cache", 0.1, 1000)
+    assert route.cost["cache"] < route.cost["rust"] and route.pick() == "cache"
+
+
+def test_unique_words_go_to_the_rust_call_and_give_the_same_ids(mix):
+    """A stream of texts whose words are all new: the index's ids are the Rust call's whichever way it takes."""
+    tok = mix["tok"]
+    rng = random.Random(5)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    texts = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(4, 12))) for _ in range(60)) + "</s>"
+             for _ in range(40 * 64)]
+    index_batch._ENCODER[:] = [None, None, None]
+    got = [ids for b in range(0, len(texts), 64) for ids in index_batch._encode_ids(tok, texts[b : b + 64])]
+    assert got == [e.ids for e in tok._tokenizer.encode_batch(texts, add_special_tokens=False)]
+    route = index_batch.word_encoder(tok._tokenizer).routes["ids"]
+    assert route.cost["cache"] is not None and route.cost["rust"] is not None  # both ways were measured

@@ -41,7 +41,10 @@ about 2; the next three took 120 s each as other jobs started. 463 CPU s is unde
 cores give, and 64 s x 4 + 25 s ~ 280 s, but the 5-minute wall bar was not measured on free cores.
 The fixture repeats 400 records, so after the first few hundred records every word and space-delimited chunk is
 found in the word cache; the cost with every word a miss (nothing cached) is 498 CPU us per text against 235 us for
-``encode_batch_fast`` and 39 us warm (2,000 rendered texts, load 2).
+``encode_batch_fast`` and 39 us warm (2,000 rendered texts, load 2). Each batch goes the cheaper way at its last
+measure (``index_batch.Route``): 10,240 texts of unique words cost 374 us each routed vs 329 us through the Rust call
+alone; the benchmark's texts 52 vs 260 us (load 3). The 3.2M figures above predate the routing (it adds a Rust
+batch every 64th to the benchmark's work).
 Restart, whole 1-step run (``--train_step --train_step_modes restart``, process start to exit): 37.9 s wall /
 25.9 s CPU at 3.2M records (load 5.3), 32.2 s / 17.6 s at 400 records (load 6.9); peak RSS 2024.8 vs 1257.6 MiB.
 With ``--group_by_modality_length``: 35.5 s / 19.6 s, peak 1518.1 MiB at 3.2M; 29.1 s / 23.4 s, peak 1942.3 MiB at

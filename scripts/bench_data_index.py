@@ -34,6 +34,8 @@ of ``llava/data/word_cache.py`` and the sources' Arrow conversions side by side)
 | 200,000 | 36.2 s / 33.1 s (166 us); again 46.1 s / 32.2 s | 3.3/3.5; 3.2/4.0 | 0.04 s | 12.0 MiB |
 | 800,000 | 158.9 s / 125.6 s (157 us) | 4.1/3.6 | 0.05 s | 30.8 MiB |
 | 3,200,000 | 457.5 s / 463.3 s (145 us) | 2.1/5.3 | 0.51 s / 0.36 s CPU | 134.4 MiB (anonymous 113.8) |
+| 200,000 (with ``Route``) | 32.5 s / 32.4 s (162 us) | 3.0/3.6 | 0.04 s | 13.5 MiB |
+| 800,000 (with ``Route``) | 125.5 s / 126.5 s (158 us) | 3.5/3.9 | 0.06 s | 31.2 MiB |
 
 Before (same fixture, previous session): 122.7 CPU s per 200,000 records (~600 us each). In the 3.2M run the 4
 conversions took 25 s (2 at a time) and the first 800,000-record source was indexed in 64 s while the load was
@@ -43,8 +45,8 @@ The fixture repeats 400 records, so after the first few hundred records every wo
 found in the word cache; the cost with every word a miss (nothing cached) is 498 CPU us per text against 235 us for
 ``encode_batch_fast`` and 39 us warm (2,000 rendered texts, load 2). Each batch goes the cheaper way at its last
 measure (``index_batch.Route``): 10,240 texts of unique words cost 374 us each routed vs 329 us through the Rust call
-alone; the benchmark's texts 52 vs 260 us (load 3). The 3.2M figures above predate the routing (it adds a Rust
-batch every 64th to the benchmark's work).
+alone; the benchmark's texts 52 vs 260 us (load 3). The first three rows predate the routing (which sends every
+64th batch through the Rust call to measure it); the last two are the code as it is.
 Restart, whole 1-step run (``--train_step --train_step_modes restart``, process start to exit): 37.9 s wall /
 25.9 s CPU at 3.2M records (load 5.3), 32.2 s / 17.6 s at 400 records (load 6.9); peak RSS 2024.8 vs 1257.6 MiB.
 With ``--group_by_modality_length``: 35.5 s / 19.6 s, peak 1518.1 MiB at 3.2M; 29.1 s / 23.4 s, peak 1942.3 MiB at

@@ -55,7 +55,8 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
     s = settings
     images = _ImageChecker(s.image_folder)
     outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", length, image)
-    pending: list[tuple] = []  # (k, raw, record, head ids, text, segments after the head, placeholders, (n_tokens, headers))
+    pending: list[tuple] = []  # (k, raw, record, head ids, text, segments after the head, placeholders,
+    #                            (n_tokens, headers))
     heads: dict[tuple[str, ...], list[int]] = {}
     dirs: set[str] = set()
     for k, raw in enumerate(raws):
@@ -158,8 +159,8 @@ def _plain_length(ids: list[int], p: tuple, tails: dict[str, int], s) -> int | N
     """The length of a sample that ends in a supervised special token (``</s>``, ``<|eot_id|>``) and is not
     truncated, from its ids alone (no offsets): the special token is split out of the raw text before anything
     else, so when the text ends with it and the last id is its id, that token covers the text's last character,
-    which is supervised (``_ends_supervised``): the sample has a supervised token, and no truncation can remove it. None when
-    that is not proven (then ``_sample_length`` decides with offsets)."""
+    which is supervised (``_ends_supervised``): the sample has a supervised token, and no truncation can remove it.
+    None when that is not proven (then ``_sample_length`` decides with offsets)."""
     _, _, _, head, text, body, placeholders, (n_tokens, _) = p
     if not ids or not _ends_supervised(body):
         return None
@@ -215,10 +216,11 @@ def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]] | None:
 
 
 class Route:
-    """Which way a batch of texts is tokenized (one ``Route`` for ids alone, one for ids and offsets): through the word cache or the Rust call, whichever cost less CPU per
-    character at its last measure (each measure averaged with the one before); the other way is measured again
-    every ``PROBE``-th batch. The word cache pays while most words are found in it (the benchmark mix: ~6x less
-    CPU); with every word new (a source of unique strings) it costs ~2x the Rust call. Both give the same ids."""
+    """Which way a batch of texts is tokenized (one ``Route`` for ids alone, one for ids and offsets): through the
+    word cache or the Rust call, whichever cost less CPU per character at its last measure (each measure averaged
+    with the one before); the other way is measured again every ``PROBE``-th batch. The word cache pays while most
+    words are found in it (the benchmark mix: ~5x less CPU); with every word new (a source of unique strings) it
+    costs ~2x the Rust call. Both give the same ids."""
 
     PROBE = 64
 

@@ -35,14 +35,15 @@ from collections.abc import Iterator
 # \x1c-\x1f, so the classes are spelled out). The contractions are factored (they differ in their second
 # character) and so is the optional space (a match without it starts on a non-space, where those with it fail).
 _WS = r"\t\n\x0b\x0c\r "
-GPT2_ASCII = re.compile(rf"'(?:[stmd]|re|ve|ll)| ?(?:[A-Za-z]+|[0-9]+|[^{_WS}A-Za-z0-9]+)|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
+GPT2_ASCII = re.compile(rf"'(?:[stmd]|re|ve|ll)| ?(?:[A-Za-z]+|[0-9]+|[^{_WS}A-Za-z0-9]+)"
+                        rf"|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
 WS_TO_SPACE = bytes.maketrans(b"\t\n\x0b\x0c\r", b"     ")  # "  " after this: a space next to white space
 MAX_WORDS = 100_000  # cached words and chunks per process before the cache starts over (~350 bytes each)
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> byte-level character table (the ``ByteLevel`` pre-tokenizer's alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -205,7 +206,7 @@ class WordCacheEncoder:
             return None
         self._clear_if_full()
         ids: list[int] = []
-        spans: list[tuple[int, ...] | int] = []  # per word the characters of each of its tokens; an added token: its length
+        spans: list[tuple[int, ...] | int] = []  # per word its tokens' character counts; an added token: its length
         get = self.ids_of.get
         for k, part in enumerate(self._pieces(text)):
             if k % 2:

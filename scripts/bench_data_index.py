@@ -24,6 +24,38 @@ to ``before`` (or ``per_start``).
 ``--sources K`` splits the ``--n`` records into K JSONL files (fresh ids per file) and trains on a dataset-mixture
 YAML listing them (``sampling_strategy: all``); mode ``edit_one`` appends one record to the last source, then starts
 like ``restart`` (only that source is indexed again: ``sources_from_cache`` says which were read from the cache).
+
+Measured (2026-12-07, ``--size issue --sources 4 --modes first_start,restart``, 2 index workers on this 2-core
+machine while other jobs ran on it: load 2-7, so CPU seconds are the figure to read; the index with the word cache
+of ``llava/data/word_cache.py`` and the sources' Arrow conversions side by side):
+
+| records | first start: wall / CPU (per record) | load before/after | restart dataset build | RSS growth (first start) |
+|---|---|---|---|---|
+| 200,000 | 36.2 s / 33.1 s (166 us); again 46.1 s / 32.2 s | 3.3/3.5; 3.2/4.0 | 0.04 s | 12.0 MiB |
+| 800,000 | 158.9 s / 125.6 s (157 us) | 4.1/3.6 | 0.05 s | 30.8 MiB |
+| 3,200,000 | 457.5 s / 463.3 s (145 us) | 2.1/5.3 | 0.51 s / 0.36 s CPU | 134.4 MiB (anonymous 113.8) |
+| 200,000 (with ``Route``) | 32.5 s / 32.4 s (162 us) | 3.0/3.6 | 0.04 s | 13.5 MiB |
+| 800,000 (with ``Route``) | 125.5 s / 126.5 s (158 us) | 3.5/3.9 | 0.06 s | 31.2 MiB |
+| 3,200,000 (with ``Route``) | 470.6 s / 509.4 s (159 us) | 2.7/3.7 | 0.58 s / 0.40 s CPU | 135.3 MiB (anonymous 114.5) |
+
+``edit_one`` after that run (one record appended to the 4th source): 159.7 s / 138.2 s CPU, only that source
+indexed again (``cccb``), 3,200,001 samples.
+
+Before (same fixture, previous session): 122.7 CPU s per 200,000 records (~600 us each). In the 3.2M run the 4
+conversions took 25 s (2 at a time) and the first 800,000-record source was indexed in 64 s while the load was
+about 2; the next three took 120 s each as other jobs started. 463 CPU s is under the 600 CPU s that 5 minutes of 2
+cores give, and 64 s x 4 + 25 s ~ 280 s, but the 5-minute wall bar was not measured on free cores.
+The fixture repeats 400 records, so after the first few hundred records every word and space-delimited chunk is
+found in the word cache; the cost with every word a miss (nothing cached) is 498 CPU us per text against 235 us for
+``encode_batch_fast`` and 39 us warm (2,000 rendered texts, load 2). Each batch goes the cheaper way at its last
+measure (``index_batch.Route``): 10,240 texts of unique words cost 374 us each routed vs 329 us through the Rust call
+alone; the benchmark's texts 52 vs 260 us (load 3). The first three rows predate the routing (which sends every
+64th batch through the Rust call to measure it); the last three are the code as it is.
+Restart, whole 1-step run (``--train_step --train_step_modes restart``, process start to exit): 37.9 s wall /
+25.9 s CPU at 3.2M records (load 5.3), 32.2 s / 17.6 s at 400 records (load 6.9); peak RSS 2024.8 vs 1257.6 MiB.
+With ``--group_by_modality_length``: 35.5 s / 19.6 s, peak 1518.1 MiB at 3.2M; 29.1 s / 23.4 s, peak 1942.3 MiB at
+400. The step's memory depends on the batch drawn, so these peaks do not measure the data's share; the restart's
+dataset build grows RSS by 113.9-117.0 MiB at 3.2M records (anonymous 92.5-97.8), 3.7 MiB at 400.
 """
 
 from __future__ import annotations

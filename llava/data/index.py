@@ -17,7 +17,8 @@ without the data changing: the index keeps the modification times of the directo
 and is rebuilt when one changed (a file added or removed there). Images that break after indexing are still caught
 at load time (the sample is replaced and counted).
 
-Raw records: JSON and JSONL files are converted once (in a child process, so the parent never holds the parsed list)
+Raw records: JSON and JSONL files are converted once (in a child process, so the parent never holds the parsed list;
+a mixture's sources in ``--index_workers`` children side by side, ``convert_sources``)
 into an Arrow file of one JSON string per record (a JSONL line as written),
 ``<cache_dir>/records-<content hash>.arrow``, opened memory-mapped through ``datasets`` (every rank of a node maps the
 same pages); a ``save_to_disk`` directory is already Arrow and is opened as is. Invalid JSONL lines are counted as
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 2
 _CODE_MODULES = ("records", "templates", "chat_templates", "tokenize", "images", "validate", "anyres", "index",
-                 "index_batch", "video")
+                 "index_batch", "video", "word_cache")
 CHUNK = 2048  # records per worker task
 
 
@@ -191,19 +192,66 @@ def open_records(data_path: str | os.PathLike, cache_dir: str | os.PathLike, dig
     if not path.is_file():
         raise FileNotFoundError(f"--data_path {data_path} does not exist")
     digest = digest or file_digest(path)
-    arrow = Path(cache_dir) / f"records-{digest}.arrow"
-    meta = arrow.with_suffix(".json")
-    if not (arrow.is_file() and meta.is_file()):
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        queue = ctx.Queue()
-        child = ctx.Process(target=_convert_in_child, args=(str(path), str(arrow), queue))
-        child.start()
-        error = queue.get()
-        child.join()
-        if error is not None:
-            raise DataError(error)
-    bad_lines = [tuple(x) for x in json.loads(meta.read_text())["bad_lines"]]
+    arrow = _arrow_path(cache_dir, digest)
+    if not _converted(arrow):
+        _finish_conversion(*_start_conversion(path, arrow))
+    bad_lines = [tuple(x) for x in json.loads(arrow.with_suffix(".json").read_text())["bad_lines"]]
     return ArrowRecords(arrow, bad_lines)
+
+
+def convert_sources(paths_digests: list[tuple[str | os.PathLike, str]], cache_dir: str | os.PathLike,
+                    workers: int = 0) -> None:
+    """Convert the JSON/JSONL files among ``(path, digest)`` whose Arrow file is not in ``cache_dir`` yet, up to
+    ``workers`` at a time (0: one per CPU, at most 8), each in its own child process, as :func:`open_records` would
+    one after the other (the same files; the first error is raised once every started conversion has ended).
+    Paths that are not files, or are Parquet / ``datasets`` stores, are left to :func:`open_records`."""
+    todo: dict[Path, Path] = {}
+    for path, digest in paths_digests:
+        path = Path(path)
+        arrow = _arrow_path(cache_dir, digest)
+        if path.is_file() and not is_table_store(path) and not _converted(arrow):
+            todo.setdefault(arrow, path)
+    workers = max(1, workers or min(8, os.cpu_count() or 1))
+    running: list[tuple] = []
+    errors: list[BaseException] = []
+    for arrow, path in todo.items():
+        if len(running) >= workers:
+            _finish_into(running.pop(0), errors)
+        running.append(_start_conversion(path, arrow))
+    while running:
+        _finish_into(running.pop(0), errors)
+    if errors:
+        raise errors[0]
+
+
+def _arrow_path(cache_dir: str | os.PathLike, digest: str) -> Path:
+    return Path(cache_dir) / f"records-{digest}.arrow"
+
+
+def _converted(arrow: Path) -> bool:
+    return arrow.is_file() and arrow.with_suffix(".json").is_file()
+
+
+def _start_conversion(source: Path, arrow: Path) -> tuple:
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_convert_in_child, args=(str(source), str(arrow), queue))
+    child.start()
+    return child, queue
+
+
+def _finish_conversion(child, queue) -> None:
+    error = queue.get()
+    child.join()
+    if error is not None:
+        raise DataError(error)
+
+
+def _finish_into(started: tuple, errors: list[BaseException]) -> None:
+    try:
+        _finish_conversion(*started)
+    except DataError as err:
+        errors.append(err)
 
 
 def _convert_in_child(source: str, arrow: str, queue) -> None:

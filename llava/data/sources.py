@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from llava.data.index import InMemoryRecords, cached_digest, load_or_build_index, open_records
+from llava.data.index import InMemoryRecords, cached_digest, convert_sources, load_or_build_index, open_records
 from llava.data.validate import ProblemLog, load_raw_records
 from llava.errors import UsagePathError, UsageValueError
 
@@ -309,8 +309,10 @@ def open_sources(specs: list[SourceSpec], settings, tokenizer, template, *, cach
     """Each source's raw-record store and index (``index.load_or_build_index`` with the source's own image and video
     folders: cached per source); a file listed twice with the same folders is opened and indexed once."""
     sources, indexes, memo = [], [], {}
-    for spec in specs:
-        digest = cached_digest(spec.path, cache_dir)
+    digests = [cached_digest(spec.path, cache_dir) for spec in specs]
+    if cache_dir:  # the JSON sources' Arrow files made side by side (one process each), then indexed in turn
+        convert_sources([(spec.path, digest) for spec, digest in zip(specs, digests)], cache_dir, workers)
+    for spec, digest in zip(specs, digests):
         own = replace(settings, image_folder=spec.image_folder, video_folder=spec.video_folder)
         key = (digest, json.dumps(own.__dict__, sort_keys=True, default=str))
         if key not in memo:

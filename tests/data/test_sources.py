@@ -303,3 +303,32 @@ def test_data_check_reports_each_entry_on_the_rows_it_takes(tiny_models, tmp_pat
     text = capsys.readouterr().out
     assert "== entry 3 (a.json), sampling end:50%\n[error] empty_text: 1 record(s), first: broken" in text
     assert text.count("OK: nothing would stop training") == 2
+
+
+def test_sources_converted_side_by_side_equal_one_by_one(tmp_path):
+    """``convert_sources`` (two children at a time) writes the Arrow files and bad lines ``open_records`` writes for
+    each source alone; a source that cannot be read is raised after the others are done."""
+    paths = []
+    for k in range(3):
+        lines = [json.dumps(r) for r in _records(f"s{k}", 30 + k)]
+        lines.insert(5 + k, "{not json")
+        (tmp_path / f"s{k}.jsonl").write_text("\n".join(lines) + "\n")
+        paths.append(tmp_path / f"s{k}.jsonl")
+    (tmp_path / "list.json").write_text(json.dumps(_records("j", 12)))
+    paths.append(tmp_path / "list.json")
+    digests = [index_module.file_digest(p) for p in paths]
+    side = tmp_path / "side"
+    index_module.convert_sources(list(zip(paths, digests)), side, workers=2)
+    arrows = sorted(p.name for p in side.glob("records-*"))
+    assert len(arrows) == 2 * len(paths)  # an .arrow and its .json per source, before anything opened them
+    alone = tmp_path / "alone"
+    for path, digest in zip(paths, digests):
+        got, ref = index_module.open_records(path, side, digest), index_module.open_records(path, alone, digest)
+        assert list(got) == list(ref) and got.bad_lines == ref.bad_lines
+        assert Path(got.path).read_bytes() == Path(ref.path).read_bytes()
+    assert [len(index_module.open_records(p, side, d).bad_lines) for p, d in zip(paths, digests)] == [1, 1, 1, 0]
+    (tmp_path / "broken.json").write_text("[{")
+    broken = [(tmp_path / "broken.json", "b" * 64), (paths[0], "c" * 64)]
+    with pytest.raises(DataError, match="broken.json"):
+        index_module.convert_sources(broken, tmp_path / "third", workers=1)
+    assert (tmp_path / "third" / f"records-{'c' * 64}.arrow").is_file()  # the source after it was converted

@@ -104,9 +104,8 @@ def finish_distributed_process() -> None:
     ``pt_tcpstore_uv``, with DeepSpeed's module-level groups still holding a group). Interpreter teardown then
     destroys them in no set order; rarely (one two-process test in one of four full suite runs) a finished run aborted
     with ``terminate called without an active exception`` (exit -6, which ``deepspeed`` reports as 250) after every
-    file was written. So the Python
-    exit handlers run (logging, wandb, multiprocessing), the streams are flushed, and ``os._exit(0)`` skips the
-    native teardown.
+    file was written. So the Python exit handlers run (logging, wandb, multiprocessing), the streams are flushed, and
+    ``os._exit(0)`` skips the native teardown.
     """
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -15,8 +15,9 @@ process, every start), ``first_start`` (an empty cache directory: converted to A
 CPU seconds (its worker processes included) to build the training dataset (``LazySupervisedDataset.from_args``, as
 ``llava train`` does) and the process's resident memory growth across it: total, anonymous (private to the rank)
 and file-backed (the memory-mapped Arrow pages, shared by the ranks of a node). ``--train_step`` also times a whole
-1-step ``python -m llava.train.train`` run per mode (process start to exit, wall and CPU seconds, the training
-process's peak RSS; the first start's
+1-step ``python -m llava.train.train`` run per mode (process start to exit, wall and CPU seconds; process start to
+the end of the first step; the training process's peak RSS over the run and over everything before its first step --
+the step's own memory depends on the batch drawn, the rest does not; the first start's
 run starts from an empty cache too, the restart's from the warm one). ``--rounds N`` repeats the modes interleaved
 (the machine's noise hits each alike) and reports medians. Prints one JSON line per mode and round, then the ratios
 to ``before`` (or ``per_start``).
@@ -102,10 +103,24 @@ print(json.dumps({"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds
                   **{f"{k}_growth_mib": round(after[k] - before[k], 1) for k in after}}))
 """
 
-# `python -m llava.train.train ARGS` whose peak resident memory (the training process's own, KiB) is written at exit
+# `python -m llava.train.train ARGS`; written at exit to $PEAK_RSS_FILE (JSON): the training process's own peak
+# resident memory (KiB) over the run and over what came before its first training step (model, dataset, sampler,
+# DataLoader: everything but the step, whose memory depends on the batch drawn), and the wall-clock time (epoch
+# seconds) at which the first step returned
 TRAIN_CHILD = r"""
-import atexit, os, resource, runpy, sys
-atexit.register(lambda: open(os.environ["PEAK_RSS_FILE"], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+import atexit, json, os, resource, runpy, sys, time
+import transformers
+seen = {}
+step = transformers.Trainer.training_step
+def first_step(self, *args, **kwargs):
+    if not seen:
+        seen["pre_step_peak_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = step(self, *args, **kwargs)
+    seen.setdefault("first_step_done", time.time())
+    return out
+transformers.Trainer.training_step = first_step
+atexit.register(lambda: open(os.environ["PEAK_RSS_FILE"], "w").write(json.dumps(
+    {**seen, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss})))
 sys.argv = ["llava.train.train", *sys.argv[1:]]
 runpy.run_module("llava.train.train", run_name="__main__", alter_sys=True)
 """
@@ -179,8 +194,8 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
         if mode == "first_start":
             shutil.rmtree(cache, ignore_errors=True)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        peak = cache.parent / f"peak-rss-{mode}.txt"
+        t0, started = time.perf_counter(), time.time()
+        peak = cache.parent / f"peak-rss-{mode}.json"
         done = subprocess.run([sys.executable, "-c", TRAIN_CHILD, *argv_mode], capture_output=True, text=True,
                               env={**env, "PEAK_RSS_FILE": str(peak)}, cwd=where)
         if done.returncode != 0:
@@ -188,7 +203,11 @@ def run_mode(mode: str, argv_mode: list[str], env: dict, train_step: bool, cache
         result["one_step_run_s"] = round(time.perf_counter() - t0, 1)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         result["one_step_run_cpu_s"] = round(after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime, 1)
-        result["one_step_run_peak_rss_mib"] = round(int(peak.read_text()) / 1024, 1)
+        seen = json.loads(peak.read_text())
+        result["one_step_run_peak_rss_mib"] = round(seen["peak_kib"] / 1024, 1)
+        # process start (interpreter and imports included) to the end of the first training step
+        result["start_to_first_step_s"] = round(seen["first_step_done"] - started, 1)
+        result["pre_step_peak_rss_mib"] = round(seen["pre_step_peak_kib"] / 1024, 1)
     return result
 
 

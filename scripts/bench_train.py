@@ -62,6 +62,7 @@ VARIANTS = {  # name: extra training flags
     "padded_stock_head": ["--supervised_head", "False"],  # the stock LM head + loss over every position
     "packed_stock_head": ["--packing", "True", "--supervised_head", "False"],
     "padded_masked": ["--skip_padding_mask", "False"],  # stock SDPA: padding mask, key/value heads repeated
+    "packed_stock_rope": ["--packing", "True", "--fused_rope", "False"],  # transformers' apply_rotary_pos_emb
     "padded_fused_adamw": ["--optim", "adamw_torch_fused"],  # AdamW as one fused kernel (the default is LLaVA's loop)
     "trl": [],  # TRL's SFTTrainer on the same model, data and settings (scripts/bench_trl.py; the `bench` extra)
 }

@@ -121,6 +121,9 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "training forwards of right-padded batches under sdpa drop the padding mask: causal attention alone "
                 "keeps real tokens from the pads after them (same loss and gradients), and SDPA runs unmasked with "
                 "grouped-query heads (no [B,1,T,T] mask, no copied key/value heads); False: the stock masked attention"})
+    fused_rope: bool = field(default=True, metadata={
+        "help": "training forwards of Llama / Qwen2 / Mistral attention apply rotary embeddings in one pass over q "
+                "and k (bitwise the stock forward; no rotate_half copies); False: transformers' apply_rotary_pos_emb"})
     tiled_mlp_shards: int = field(default=0, metadata={
         "help": "long samples: each decoder MLP runs N slices of the sequence at a time, activations recomputed per "
                 "slice in the backward pass (peak MLP memory / N, one more MLP forward; same loss). 0: off"})

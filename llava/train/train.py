@@ -34,6 +34,7 @@ from llava.data.templates import ConversationTemplate, get_template
 from llava.errors import report_usage_errors
 from llava.model.builder import BuiltModel, apply_freezing, build_llava_model, set_use_cache
 from llava.model.causal_padding import use_causal_padding
+from llava.model.fused_layers import use_fused_rope
 from llava.model.packed_attention import use_packed_sdpa
 from llava.model.preference_forward import use_preference_forward
 from llava.model.quantization import quantization_config
@@ -88,6 +89,7 @@ def train(argv: list[str] | None = None) -> LLaVATrainer | list[dict]:
         use_packed_sdpa(built.model, False)
     use_supervised_head(built.model, False)
     use_tiled_mlp(built.model, 0)
+    use_fused_rope(built.model, False)
     use_preference_forward(built.model, False)
     use_causal_padding(built.model, False)
     use_sequence_parallel(built.model, 1)
@@ -221,6 +223,8 @@ def build_model(model_args, data_args, training_args) -> tuple[torch.nn.Module, 
         use_supervised_head(built.model, chunk_rows=training_args.supervised_head_chunk_rows or None)
     if training_args.tiled_mlp_shards > 1:  # long samples: decoder MLPs a slice of the sequence at a time
         use_tiled_mlp(built.model, training_args.tiled_mlp_shards)
+    if training_args.fused_rope:  # rotary embeddings written once per half (bitwise the stock forward)
+        use_fused_rope(built.model)
     if training_args.skip_padding_mask and not training_args.packing:  # right-padded rows: causal attention suffices
         use_causal_padding(built.model)
     if training_args.sequence_parallel_size > 1:  # long samples: each rank of a group runs a slice of the sequence

@@ -126,7 +126,12 @@ class WordCacheEncoder:
             out.extend([part] if k % 2 else self.split_norm.split(part))
         return out
 
-    def _word(self, word: str) -> tuple[int, ...] | None:
+    def _word_ids(self, word: str) -> tuple[int, ...] | None:
+        """A word's ids, from the cache, else through the model (then cached with its tokens' lengths); None when
+        the model cannot cover the word (an unknown token)."""
+        ids = self.ids_of.get(word)
+        if ids is not None:
+            return ids
         mapped = word.translate(BYTE_LEVEL)
         tokens = self.model.tokenize(mapped)
         if "".join(t.value for t in tokens) != mapped:  # an unknown token: not handled
@@ -141,11 +146,9 @@ class WordCacheEncoder:
         """The ids of a space-delimited chunk (its words', in order), cached under ``key``."""
         out: list[int] = []
         for word in GPT2_ASCII.findall(chunk):
-            ids = self.ids_of.get(word)
+            ids = self._word_ids(word)
             if ids is None:
-                ids = self._word(word)
-                if ids is None:
-                    return None
+                return None
             out += ids
         cache[key] = ids = tuple(out)
         return ids
@@ -189,13 +192,11 @@ class WordCacheEncoder:
                             return None
                     out += ids
                 continue
-            get = self.ids_of.get
+            word_ids = self._word_ids
             for word in GPT2_ASCII.findall(part):
-                ids = get(word)
+                ids = word_ids(word)
                 if ids is None:
-                    ids = self._word(word)
-                    if ids is None:
-                        return None
+                    return None
                 out += ids
         return out
 
@@ -207,20 +208,18 @@ class WordCacheEncoder:
         self._clear_if_full()
         ids: list[int] = []
         spans: list[tuple[int, ...] | int] = []  # per word its tokens' character counts; an added token: its length
-        get = self.ids_of.get
+        word_ids, lens_of = self._word_ids, self.lens_of
         for k, part in enumerate(self._pieces(text)):
             if k % 2:
                 ids.append(self.added[part])
                 spans.append(len(part))
                 continue
             for word in GPT2_ASCII.findall(part):
-                word_ids = get(word)
-                if word_ids is None:
-                    word_ids = self._word(word)
-                    if word_ids is None:
-                        return None
-                ids += word_ids
-                spans.append(self.lens_of[word])
+                these = word_ids(word)
+                if these is None:
+                    return None
+                ids += these
+                spans.append(lens_of[word])
         return ids, _offsets(spans)
 
 

@@ -188,8 +188,9 @@ class WordCacheEncoder:
     def _chunk(self, chunk: str, cache: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...] | None:
         """The ids of a space-delimited chunk (its words', in order), cached under ``key``."""
         out: list[int] = []
+        get, word_ids = self.ids_of.get, self._word_ids
         for word in self.words(chunk):
-            ids = self._word_ids(word)
+            ids = get(word) or word_ids(word)  # a hit without a call (a word has at least one token)
             if ids is None:
                 return None
             out += ids
@@ -238,9 +239,9 @@ class WordCacheEncoder:
                             return None
                     out += ids
                 continue
-            word_ids = self._word_ids
+            get, word_ids = self.ids_of.get, self._word_ids
             for word in self.words(part):
-                ids = word_ids(word)
+                ids = get(word) or word_ids(word)
                 if ids is None:
                     return None
                 out += ids
@@ -254,14 +255,14 @@ class WordCacheEncoder:
         self._clear_if_full()
         ids: list[int] = []
         spans: list[tuple[int, ...] | int] = []  # per word its tokens' character counts; an added token: its length
-        word_ids, lens_of, words = self._word_ids, self.lens_of, self.words
+        get, word_ids, lens_of, words = self.ids_of.get, self._word_ids, self.lens_of, self.words
         for k, part in enumerate(self._pieces(text)):
             if k % 2:
                 ids.append(self.added[part])
                 spans.append(len(part))
                 continue
             for word in words(part):
-                these = word_ids(word)
+                these = get(word) or word_ids(word)
                 if these is None:
                     return None
                 ids += these

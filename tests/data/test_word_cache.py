@@ -20,7 +20,7 @@ import random
 
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from llava.data import index_batch
 from llava.data.index import IndexSettings, InMemoryRecords, build_index
@@ -28,7 +28,7 @@ from llava.data.records import parse_record
 from llava.data.templates import get_template
 from llava.data.tokenize import prepare_messages, supervised_text
 from llava.data.word_cache import SPLITS_ASCII, WordCacheEncoder
-from llava.demo.tiny_models import BOS, CHAT_MARKER_TOKENS, EOS, PAD, SPECIAL_TOKENS, UNK, llava_json_texts
+from llava.demo.tiny_models import llava_json_texts, train_tiny_tokenizer
 from llava.model.builder import add_multimodal_tokens
 
 # The Split regexes of Llama-3's (meta-llama/Meta-Llama-3-8B) and Qwen2's (Qwen/Qwen2-7B-Instruct; Qwen3 has the same)
@@ -230,34 +230,6 @@ def test_unique_words_go_to_the_rust_call_and_give_the_same_ids(mix):
     assert route.cost["cache"] is not None and route.cost["rust"] is not None  # both ways were measured
 
 
-def split_tokenizer(family: str, texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on ``texts`` with ``family``'s pipeline as its tokenizer.json has it. Llama-3: no
-    normaliser; ``Split`` + ``ByteLevel(trim_offsets=True, use_regex=False)``; post-processor ``ByteLevel`` +
-    ``TemplateProcessing`` (BOS). Qwen2: ``NFC``; the same pre-tokenizer with ``trim_offsets=False``; post-processor
-    ``ByteLevel``. Wrapped as the tiny models' tokenizer is, ``<image>`` added."""
-    backend = Tokenizer(models.BPE())
-    if family == "qwen2":
-        backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(REAL_SPLITS[family]), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=family == "llama3", use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer=trainer)
-    if family == "llama3":
-        backend.post_processor = processors.Sequence([
-            processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
-            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)])])
-    else:
-        backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-                                  pad_token=PAD, additional_special_tokens=list(CHAT_MARKER_TOKENS),
-                                  model_max_length=1024, clean_up_tokenization_spaces=False)
-    add_multimodal_tokens(tok, False)
-    return tok
-
-
 def _spaces(n, seed):
     rng = random.Random(seed)
     return ["".join(rng.choice(" \t\n\x0b\x0c\rab.1") for _ in range(rng.randint(1, 30))) for _ in range(n)]
@@ -265,12 +237,14 @@ def _spaces(n, seed):
 
 @pytest.fixture(scope="module", params=["llama3", "qwen2"])
 def split_tok(request, mix):
-    """Trained on the mix's texts (alone and after a space, as the tiny models' tokenizer is), random texts and runs
-    of white space: it merges white space, punctuation-led letter words and digit groups, so a wrong cut changes
-    ids."""
-    texts = llava_json_texts([mix["data_path"]])
-    tok = split_tokenizer(request.param, texts + [" " + t for t in texts] + _random_texts(4000, seed=7)
-                          + _spaces(4000, 8))
+    """``train_tiny_tokenizer(family=...)``: the real files' pipeline (its split regex checked against the text copied
+    above), trained on the mix's texts, random texts and runs of white space: it merges white space,
+    punctuation-led letter words and digit groups, so a wrong cut changes ids."""
+    tok = train_tiny_tokenizer(llava_json_texts([mix["data_path"]]) + _random_texts(4000, seed=7) + _spaces(4000, 8),
+                               family=request.param)
+    add_multimodal_tokens(tok, False)
+    spec = json.loads(tok._tokenizer.to_str())
+    assert spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] == {"Regex": REAL_SPLITS[request.param]}
     vocab = tok._tokenizer.get_vocab()
     assert {"ĠĠ", "ĊĊ", "ĠĊ", "čĊ"} <= set(vocab), "the trained merges join white space"
     assert any(len(t) > 1 and t[0] in "ĉ.(_$" and t[1:].isalpha() for t in vocab), "and punctuation-led words"

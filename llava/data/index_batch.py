@@ -8,9 +8,9 @@ The outcome of every record is the one ``tokenize_conversation`` + ``record_imag
 
 - the rendered texts of the whole chunk go through the fast tokenizer in ONE call (``add_special_tokens=False``,
   offsets), as ``label_segments`` tokenizes each alone; the leading BOS enters as its id (``special_head``, once
-  per chunk), the supervised characters are the same mask (``supervised_text``). With a GPT-2-style byte-level
-  tokenizer, ASCII texts get the same ids and offsets from ``word_cache`` (each word through the model once, then
-  looked up: ~5x less CPU than the Rust call on the benchmark mix, its words cached);
+  per chunk), the supervised characters are the same mask (``supervised_text``). With a byte-level BPE of
+  GPT-2's, Llama-3's or Qwen2's split, ASCII texts get the same ids and offsets from ``word_cache`` (each word
+  through the model once, then looked up: ~5x less CPU than the Rust call on the benchmark mix, its words cached);
 - no label list is built: a sample's length is its ids plus the image tokens' expansion, truncated to
   ``model_max_length``; the position of the last image token and of the first supervised token decide the two
   rejections. A rejected sample is tokenized again by ``tokenize_conversation``, which raises the reference's own

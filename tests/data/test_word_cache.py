@@ -4,10 +4,11 @@
 
 Reference: ``backend.encode(text, add_special_tokens=False)`` of byte-level BPE tokenizers, with ``<image>`` added as
 the index adds it: the tiny models' (GPT-2 pre-tokenizer), and BPEs trained here with Llama-3's and Qwen2's pipelines
-as their tokenizer.json files have them (``Split`` pattern + ``ByteLevel``, Qwen2's NFC, Llama-3's BOS template).
+as their tokenizer.json files have them (``Split`` pattern + ``ByteLevel``, Qwen2's NFC, Llama-3's BOS template),
+and transformers' own ``Qwen2Tokenizer`` over such a vocabulary.
 Texts: every conversation of the benchmark's synthetic mix rendered by three templates, and random texts drawn from
 the pieces the split patterns treat differently (contractions in either case, runs of 1-7 digits, punctuation, every
-ASCII control character, runs of spaces/tabs/newlines and ``\r\n``, the added tokens and fragments of them,
+ASCII control character, runs of spaces/tabs/newlines and ``\\r\\n``, the added tokens and fragments of them,
 non-ASCII characters that must be handed back). The index over the benchmark mix is the same with the word cache and
 without it. Pipelines the cache does not know (another split pattern, a normaliser that changes ASCII, ...) are
 refused.
@@ -319,3 +320,20 @@ def test_unknown_split_pipelines_are_refused(mix):
         backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
         got.append(WordCacheEncoder.for_tokenizer(backend) is None)
     assert got == [False] + [True] * len(variants)  # the known pipeline is taken, its variants refused
+
+
+def test_transformers_qwen2_tokenizer_is_taken(mix):
+    """transformers' own ``Qwen2Tokenizer``, whose class builds the pipeline (NFC, the Qwen2 split, its
+    post-processor), over a vocabulary trained here: taken, and equal to its backend on the rendered mix and random
+    texts."""
+    from transformers import Qwen2Tokenizer
+
+    trained = train_tiny_tokenizer(llava_json_texts([mix["data_path"]]) + _random_texts(2000, seed=9), family="qwen2")
+    model = json.loads(trained._tokenizer.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    add_multimodal_tokens(tok, False)
+    encoder = WordCacheEncoder.for_tokenizer(tok)
+    assert encoder is not None
+    texts = _rendered(mix["raws"], tok, get_template("chatml"))
+    assert _check(encoder, tok._tokenizer, texts) == len(texts)
+    assert _check(encoder, tok._tokenizer, _random_texts(3000, seed=10)) > 500

@@ -206,9 +206,9 @@ def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]] | None:
 
 
 def _routed(backend, kind: str, texts: list[str], rust) -> list:
-    """Each text's result through the word cache (``ids`` or ``ids_offsets``, as ``kind`` says) when its ``Route``
-    picks the cache, else, and for the texts the cache does not handle, ``rust(those texts)``'s; the batch's CPU time
-    is then recorded against the way taken."""
+    """The results of ``texts``: the word cache's (its method ``kind``, ``ids`` or ``ids_offsets``) when that kind's
+    ``Route`` picks the cache, and ``rust(rest)``'s for the rest (every text when it picks the Rust call, else those
+    the cache hands back); the batch's CPU time is then recorded against the way taken."""
     encoder = word_encoder(backend)
     way = encoder.routes[kind].pick() if encoder is not None else "rust"
     start = time.process_time()

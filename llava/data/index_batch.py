@@ -8,9 +8,9 @@ The outcome of every record is the one ``tokenize_conversation`` + ``record_imag
 
 - the rendered texts of the whole chunk go through the fast tokenizer in ONE call (``add_special_tokens=False``,
   offsets), as ``label_segments`` tokenizes each alone; the leading BOS enters as its id (``special_head``, once
-  per chunk), the supervised characters are the same mask (``supervised_text``). With a GPT-2-style byte-level
-  tokenizer, ASCII texts get the same ids and offsets from ``word_cache`` (each word through the model once, then
-  looked up: ~5x less CPU than the Rust call on the benchmark mix, its words cached);
+  per chunk), the supervised characters are the same mask (``supervised_text``). With a byte-level BPE of
+  GPT-2's, Llama-3's or Qwen2's split, ASCII texts get the same ids and offsets from ``word_cache`` (each word
+  through the model once, then looked up: ~5x less CPU than the Rust call on the benchmark mix, its words cached);
 - no label list is built: a sample's length is its ids plus the image tokens' expansion, truncated to
   ``model_max_length``; the position of the last image token and of the first supervised token decide the two
   rejections. A rejected sample is tokenized again by ``tokenize_conversation``, which raises the reference's own
@@ -201,17 +201,24 @@ def _encode_ids(tokenizer, texts: list[str]) -> list[list[int]] | None:
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return None
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return _routed(backend, "ids", texts, lambda rest: [e.ids for e in encode(rest, add_special_tokens=False)])
+
+
+def _routed(backend, kind: str, texts: list[str], rust) -> list:
+    """The results of ``texts``: the word cache's (its method ``kind``, ``ids`` or ``ids_offsets``) when that kind's
+    ``Route`` picks the cache, and ``rust(rest)``'s for the rest (every text when it picks the Rust call, else those
+    the cache hands back); the batch's CPU time is then recorded against the way taken."""
     encoder = word_encoder(backend)
-    way = encoder.routes["ids"].pick() if encoder is not None else "rust"
+    way = encoder.routes[kind].pick() if encoder is not None else "rust"
     start = time.process_time()
-    out = [encoder.ids(t) for t in texts] if way == "cache" else [None] * len(texts)
-    rest = [k for k, ids in enumerate(out) if ids is None]
+    out = list(map(getattr(encoder, kind), texts)) if way == "cache" else [None] * len(texts)
+    rest = [k for k, got in enumerate(out) if got is None]
     if rest:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        for k, e in zip(rest, encode([texts[k] for k in rest], add_special_tokens=False)):
-            out[k] = e.ids
+        for k, got in zip(rest, rust([texts[k] for k in rest])):
+            out[k] = got
     if encoder is not None:
-        encoder.routes["ids"].measured(way, time.process_time() - start, sum(map(len, texts)))
+        encoder.routes[kind].measured(way, time.process_time() - start, sum(map(len, texts)))
     return out
 
 
@@ -258,7 +265,7 @@ def word_encoder(backend) -> WordCacheEncoder | None:
     if _ENCODER[0] is not backend or _ENCODER[1] != stamp:
         encoder = WordCacheEncoder.for_tokenizer(backend)
         if encoder is not None:
-            encoder.routes = {"ids": Route(), "offsets": Route()}  # each call's own costs
+            encoder.routes = {"ids": Route(), "ids_offsets": Route()}  # each method's own costs
         _ENCODER[:] = [backend, stamp, encoder]
     return _ENCODER[2]
 
@@ -314,16 +321,8 @@ def _encode_batch(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[li
     transformers' per-encoding conversion, ~10% of the index's CPU); else through ``tokenizer(...)`` itself."""
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
-        encoder = word_encoder(backend)
-        way = encoder.routes["offsets"].pick() if encoder is not None else "rust"
-        start = time.process_time()
-        done = [encoder.ids_offsets(t) for t in texts] if way == "cache" else [None] * len(texts)
-        rest = [k for k, d in enumerate(done) if d is None]
-        if rest:
-            for k, e in zip(rest, backend.encode_batch([texts[k] for k in rest], add_special_tokens=False)):
-                done[k] = (e.ids, e.offsets)
-        if encoder is not None:
-            encoder.routes["offsets"].measured(way, time.process_time() - start, sum(map(len, texts)))
+        done = _routed(backend, "ids_offsets", texts, lambda rest: [
+            (e.ids, e.offsets) for e in backend.encode_batch(rest, add_special_tokens=False)])
         return [d[0] for d in done], [d[1] for d in done]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
                         return_token_type_ids=False)

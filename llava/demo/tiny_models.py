@@ -4,7 +4,9 @@
   processor (the PIL-backed ``CLIPImageProcessorPil`` / ``SiglipImageProcessorPil``: no torchvision needed).
 - :func:`train_tiny_tokenizer`: a byte-level BPE tokenizer trained on the demo corpus, with the chat-template
   markers of the common templates as single special tokens and a ChatML ``chat_template``. It never adds special
-  tokens by itself (the training code adds bos per template) and returns exact character offsets.
+  tokens by itself (the training code adds bos per template) and returns exact character offsets. GPT-2's split by
+  default; ``family="llama3"`` / ``"qwen2"`` gives Llama-3's / Qwen2's pipeline instead (the Llama-3 one, as the
+  real one, puts BOS first when asked to add special tokens).
 - :func:`write_tiny_llm`: that tokenizer plus a random-init ``LlamaForCausalLM`` (GQA, untied embeddings).
 - :func:`write_demo_models`: both, under ``workdir/models/``.
 
@@ -21,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -33,6 +35,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from llava.data.word_cache import LLAMA3_SPLIT, QWEN2_SPLIT
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 CHAT_MARKER_TOKENS: tuple[str, ...] = (
@@ -129,15 +133,32 @@ def llava_json_texts(paths: Iterable[str | Path]) -> list[str]:
 
 
 def train_tiny_tokenizer(
-    texts: Iterable[str], *, vocab_size: int = 2048, model_max_length: int = 1024
+    texts: Iterable[str], *, vocab_size: int = 2048, model_max_length: int = 1024, family: str = "gpt2"
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` (plus :data:`TEMPLATE_TEXTS`) and wrap it for transformers.
 
     Special tokens, single ids in this order from 0: ``<s> </s> <unk> <pad>`` and :data:`CHAT_MARKER_TOKENS`.
-    No post-processor: calling the tokenizer adds nothing. ``chat_template`` is ChatML.
+    ``chat_template`` is ChatML. ``family`` is the pipeline:
+
+    - ``"gpt2"``: the ``ByteLevel`` pre-tokenizer (GPT-2's split); no post-processor: calling the tokenizer adds
+      nothing.
+    - ``"llama3"`` / ``"qwen2"``: as those models' tokenizer.json files have it, ``Split(their pattern, isolated)``
+      then ``ByteLevel(use_regex=False)`` (``trim_offsets`` true for Llama-3, false for Qwen2). Qwen2: the NFC
+      normaliser, a ``ByteLevel`` post-processor (adds nothing). Llama-3: a ``ByteLevel`` + ``TemplateProcessing``
+      post-processor, which puts ``<s>`` first when special tokens are added.
     """
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if family == "gpt2":
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif family in ("llama3", "qwen2"):
+        split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT if family == "llama3" else QWEN2_SPLIT), behavior="isolated",
+                                     invert=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(
+            add_prefix_space=False, trim_offsets=family == "llama3", use_regex=False)])
+    else:
+        raise ValueError(f"family {family!r}: one of gpt2, llama3, qwen2")
+    if family == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -150,6 +171,12 @@ def train_tiny_tokenizer(
     texts = [*texts, *(list(TEMPLATE_TEXTS) * 100)]
     corpus = [*texts, *(" " + t for t in texts)]
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    if family == "llama3":
+        tokenizer.post_processor = processors.Sequence([
+            processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)])])
+    elif family == "qwen2":
+        tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,

@@ -7,7 +7,7 @@
 #   OUT_ROOT        where runs are written                           default runs
 #   NUM_GPUS        processes per node                                default 2 (on CPU: processes, gloo)
 #   HOSTFILE        DeepSpeed hostfile for several nodes (optional; see docs/training.md, "Distributed")
-#   ZERO            zero2 | zero3 | zero3_offload (zero_configs/*.json)
+#   ZERO            zero1 | zero2 | zero3 | zero3_offload (zero_configs/*.json)
 #   BF16            True on GPUs that support it; False on CPU        default False
 #   MAX_STEPS       -1 = full epochs                                  default -1
 #   MASTER_PORT     rendezvous port                                   default 29500

@@ -45,9 +45,10 @@ def launch(cmd: list[str], *, env: dict | None = None, timeout: int = 300) -> st
     return out
 
 
-def deepspeed(entry: list[str], flags: list[str], **kw) -> str:
+def deepspeed(entry: list[str], flags: list[str], *, processes: int = 2, **kw) -> str:
     port = free_port()
-    out = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *entry, *flags], **kw)
+    out = launch([str(BIN / "deepspeed"), "--num_gpus", str(processes), "--master_port", str(port), *entry, *flags],
+                 **kw)
     # DeepSpeed's CPU all-reduce makes one /dev/shm segment per rank, named by the port; the run released them
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shm segments left behind"
     return out
@@ -70,8 +71,8 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
-def probes(run_dir: Path) -> list[dict]:
-    return [json.loads((run_dir / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+def probes(run_dir: Path, processes: int = 2) -> list[dict]:
+    return [json.loads((run_dir / f"probe_rank{r}.json").read_text()) for r in range(processes)]
 
 
 def assert_resumes_exactly(run_dir: Path, rerun, steps: int = 4) -> None:

@@ -1,12 +1,14 @@
-"""--sequence_parallel_size 2 end to end: 2 processes (DeepSpeed on CPU, gloo) vs 1 process without it.
+"""--sequence_parallel_size 2 end to end: DeepSpeed on CPU (gloo) with it vs 1 process without it.
 
-Long samples (each > 2,048 tokens: an image and a long multi-turn conversation) train 4 steps in one sequence-parallel
-group of 2 ranks and in 1 process with the same per-device batch; the per-step losses and the saved weights agree
-(fp32, Adam eps 1e-3: <= 1e-5), both ranks saw the same samples, the saved model is the native checkpoint, and a
-resumed run repeats the losses. Llava padded (ZeRO-3, resume) and packed (ZeRO-2), LlavaNext anyres (ZeRO-2), OneVision packed (ZeRO-3),
-LoRA (ZeRO-2).
+Long samples (each > 2,048 tokens: an image and a long multi-turn conversation) train 4 steps in sequence-parallel
+groups of 2 ranks and in 1 process with the per-device batch times the number of groups; the per-step losses and the
+saved weights agree (fp32, Adam eps 1e-3: <= 1e-5), the ranks of a group saw the same samples and together the
+groups saw the 1-process run's, the saved model is the native checkpoint, and a resumed run repeats the losses.
+One group (2 processes): Llava padded (ZeRO-3, resume) and packed (ZeRO-2), LlavaNext anyres with LoRA (ZeRO-2,
+padded) and full (ZeRO-3, packed), OneVision packed (ZeRO-3) and padded (ZeRO-1). Two data-parallel groups
+(4 processes, Llava padded, ZeRO-2) vs 1 process at twice the batch.
 
-    .venv/bin/pytest tests/train/test_sequence_parallel_train.py        # ~1 min per test on 2 idle cores
+    .venv/bin/pytest tests/train/test_sequence_parallel_train.py        # ~1 min per test on 2 idle cores, 4 processes ~2
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import PROBE, REPO, assert_resumes_exactly, deepspeed, probes, step_losses
 
+from llava.data.dataset import LazySupervisedDataset
 from llava.train.train import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -60,15 +63,31 @@ def zero(stage: int) -> list[str]:
     return ["--deepspeed", str(REPO / "zero_configs" / f"zero{stage}.json")]
 
 
-def run_both(tiny_models, anyres_data, data, tmp_path, stage: int, *extra: str):
-    """The 2-rank sequence-parallel run (probed) and the 1-process reference; returns (sp dir, reference trainer)."""
+def run_both(tiny_models, anyres_data, data, tmp_path, stage: int, *extra: str, groups: int = 1, **launch):
+    """The sequence-parallel run (``groups`` data-parallel groups of 2 ranks, probed) and the 1-process reference with
+    ``groups`` x its per-device batch; per-step losses within ATOL, and the samples: the ranks of a group saw the same
+    ones, and step k of the reference took group 0's step-k samples, then group 1's. Returns (sp dir, reference)."""
     out = tmp_path / "sp"
     argv = flags(tiny_models, anyres_data, data, out, "--sequence_parallel_size", "2", *extra)
-    deepspeed([PROBE], [*zero(stage), *argv])
-    reference = train([*flags(tiny_models, anyres_data, data, tmp_path / "single", *extra), "--use_cpu", "True"])
+    deepspeed([PROBE], [*zero(stage), *argv], processes=2 * groups, **launch)
+    batch = ["--per_device_train_batch_size", str(2 * groups)]  # the last of a repeated flag wins
+    seen: list[int] = []
+    getitem = LazySupervisedDataset.__getitem__
+    LazySupervisedDataset.__getitem__ = lambda self, i: (seen.append(int(i)), getitem(self, i))[1]
+    try:
+        reference = train([*flags(tiny_models, anyres_data, data, tmp_path / "single", *extra), *batch,
+                           "--use_cpu", "True"])
+    finally:
+        LazySupervisedDataset.__getitem__ = getitem
     assert min(reference.train_dataset.lengths) >= MIN_TOKENS, reference.train_dataset.lengths
-    p0, p1 = probes(out)
-    assert p0["seen"] == p1["seen"] and len(p0["seen"]) == 8  # one group: both ranks hold the same 4 x 2 samples
+    ranks = probes(out, 2 * groups)
+    assert [(p["rank"], p["world_size"]) for p in ranks] == [(r, 2 * groups) for r in range(2 * groups)]
+    for first, second in zip(ranks[::2], ranks[1::2]):
+        assert first["seen"] == second["seen"] and len(first["seen"]) == 4 * 2  # 4 steps x 2 samples
+    assert len(seen) == 4 * 2 * groups
+    for k in range(4):  # step k: the reference's 2 x groups samples (all different) are the groups' step-k samples
+        step = seen[k * 2 * groups:(k + 1) * 2 * groups]
+        assert len(set(step)) == len(step) and step == [i for p in ranks[::2] for i in p["seen"][2 * k:2 * k + 2]]
     losses = step_losses(out)
     expected = {e["step"]: e["loss"] for e in reference.state.log_history if "loss" in e}
     assert sorted(losses) == [1, 2, 3, 4]
@@ -108,6 +127,12 @@ def test_zero2_packed_llava_matches_one_process(tiny_models, anyres_data, long_d
 
 
 ANYRES = ("--image_grid_pinpoints", "(1x1),...,(3x3)", "--mm_patch_merge_type", "spatial_unpad")
+# anyres samples are 2,299-2,406 tokens here (anyres_max_2: 2,283-2,310): with rows of 4,864 any two share one row
+PACKED = ("--packing", "True", "--model_max_length", "4864")
+
+
+def assert_one_row_per_step(reference) -> None:
+    assert 2 * max(reference.train_dataset.lengths) <= reference.args.model_max_length, reference.train_dataset.lengths
 
 
 def test_zero2_anyres_lora_matches_one_process(tiny_models, anyres_data, long_data, tmp_path):
@@ -124,7 +149,39 @@ def test_zero2_anyres_lora_matches_one_process(tiny_models, anyres_data, long_da
 def test_zero3_packed_onevision_matches_one_process(tiny_models, anyres_data, long_data, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    out, _ = run_both(tiny_models, anyres_data, long_data, tmp_path, 3, "--image_aspect_ratio", "anyres_max_2",
-                      *ANYRES, "--packing", "True")
+    out, reference = run_both(tiny_models, anyres_data, long_data, tmp_path, 3, "--image_aspect_ratio", "anyres_max_2",
+                              *ANYRES, *PACKED)
+    assert_one_row_per_step(reference)
     assert_same_weights(out, tmp_path / "single")
     LlavaOnevisionForConditionalGeneration.from_pretrained(out)
+
+
+def test_zero3_packed_anyres_matches_one_process(tiny_models, anyres_data, long_data, tmp_path):
+    """LlavaNext anyres, full model: each step's two samples (their crops and newline tokens) in one packed row."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    out, reference = run_both(tiny_models, anyres_data, long_data, tmp_path, 3, "--image_aspect_ratio", "anyres",
+                              *ANYRES, *PACKED)
+    assert_one_row_per_step(reference)
+    assert_same_weights(out, tmp_path / "single")
+    LlavaNextForConditionalGeneration.from_pretrained(out)
+
+
+def test_zero1_padded_onevision_matches_one_process(tiny_models, anyres_data, long_data, tmp_path):
+    """LlavaOnevision (anyres_max_2) padded under ZeRO-1: the checkpoint's optimizer state is stage 1's, each rank's
+    half of it."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    out, _ = run_both(tiny_models, anyres_data, long_data, tmp_path, 1, "--image_aspect_ratio", "anyres_max_2", *ANYRES)
+    assert_same_weights(out, tmp_path / "single")
+    shards = [torch.load(out / "checkpoint-2" / "global_step2" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                         map_location="cpu", weights_only=False)["optimizer_state_dict"] for r in (0, 1)]
+    assert [int(s["zero_stage"]) for s in shards] == [1, 1] and set(shards[0]["partition_count"]) == {2}
+    LlavaOnevisionForConditionalGeneration.from_pretrained(out)
+
+
+def test_two_data_parallel_groups_match_one_process_with_their_batch(tiny_models, anyres_data, long_data, tmp_path):
+    """4 processes at --sequence_parallel_size 2: 2 data-parallel groups, each its own 2 samples a step; 1 process
+    with a per-device batch of 4 takes both groups' samples (checked sample by sample in run_both)."""
+    out, _ = run_both(tiny_models, anyres_data, long_data, tmp_path, 2, groups=2, timeout=600)
+    assert_same_weights(out, tmp_path / "single")

@@ -13,7 +13,8 @@ import pytest
 ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
 
 
-@pytest.mark.parametrize("name,stage,offload", [("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)])
+@pytest.mark.parametrize("name,stage,offload", [("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False),
+                                                ("zero3_offload", 3, True)])
 def test_zero_config_as_deepspeed_reads_it(name, stage, offload, tmp_path):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 

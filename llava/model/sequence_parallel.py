@@ -112,13 +112,9 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        n, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        if dist.get_backend(ctx.group) == dist.Backend.GLOO:  # gloo has no reduce-scatter: sum all, keep own chunk
-            summed = grad.contiguous().clone()
-            dist.all_reduce(summed, group=ctx.group)
-            return summed.chunk(n)[rank].contiguous(), None
-        out = torch.empty_like(grad.chunk(n)[0])
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        chunks = [c.contiguous() for c in grad.chunk(dist.get_world_size(ctx.group))]
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, group=ctx.group)  # sums by default
         return out, None
 
 

@@ -4,18 +4,18 @@
     use_sequence_parallel(model, 2)   # training forwards: each rank of a group of 2 runs half of the sequence
     use_sequence_parallel(model, 1)   # off: the stock sdpa path again (done before saving)
 
-The ranks of one sequence-parallel group hold the same batch. The vision tower and projector run on each rank's
-own share of the batch's tower inputs (images, anyres crops, video frames: the rows the tower gets stacked along
-dim 0), and the projected features are all-gathered over the group (``_gather_rows``, below), so every rank merges
-the whole batch's features into the embeddings as without sequence parallelism; a pre-hook on the language model
-then keeps rank r's slice ``r`` of the N equal slices of the merged sequence (and of its position ids, which stay
-those of the whole sequence, so RoPE is unchanged). In every attention layer ``q/k/v [b, heads, T/N, d]`` go through an all-to-all
-to ``[b, heads/N, T, d]`` (each rank: all positions, a slice of the heads), attention runs over the whole sequence
-with the same boundaries as without sequence parallelism (causal; packed rows cut into their samples, the sizes read
-from the whole row's position ids), and a second all-to-all brings ``[b, heads, T/N, d]`` back. This is DeepSpeed's
-Ulysses algorithm (``deepspeed.runtime.sequence_parallel.ulysses_sp``, Arctic long-sequence training) written here:
-its ``register_with_transformers`` replaces the global attention entry and drops the masks, so packed-sample
-boundaries would be lost, and the model package imports no DeepSpeed.
+The ranks of one sequence-parallel group hold the same batch. The vision tower and projector run on each rank's own
+share of the batch's tower inputs (images, anyres crops, video frames: the rows the tower gets stacked along dim 0),
+and the projected features are all-gathered over the group (``_GatherRows``, below), so every rank merges the whole
+batch's features into the embeddings as without sequence parallelism; a pre-hook on the language model then keeps
+rank r's slice ``r`` of the N equal slices of the merged sequence (and of its position ids, which stay those of the
+whole sequence, so RoPE is unchanged). In every attention layer ``q/k/v [b, heads, T/N, d]`` go through an
+all-to-all to ``[b, heads/N, T, d]`` (each rank: all positions, a slice of the heads), attention runs over the whole
+sequence with the same boundaries as without sequence parallelism (causal; packed rows cut into their samples, the
+sizes read from the whole row's position ids), and a second all-to-all brings ``[b, heads, T/N, d]`` back. This is
+DeepSpeed's Ulysses algorithm (``deepspeed.runtime.sequence_parallel.ulysses_sp``, Arctic long-sequence training)
+written here: its ``register_with_transformers`` replaces the global attention entry and drops the masks, so
+packed-sample boundaries would be lost, and the model package imports no DeepSpeed.
 
 Labels are shifted on the whole sequence before the split (``shift_labels``, transformers' own convention, read
 by the stock loss and by ``supervised_head.py``), so the last position of a slice is trained on the first token of
@@ -24,24 +24,24 @@ count, times N: ranks average their gradients over the world (DeepSpeed / DDP), 
 one sample's gradient must sum, not average. The Trainer's ``num_items_in_batch`` (summed over ranks that share a
 batch) is divided by N for the same reason; without it the count is all-reduced over the group.
 
-The tower's rows ``R`` are padded to ``N * c`` (``c = ceil(R / N)``; copies of the last row, so every rank runs the
-tower on ``c`` rows, as ZeRO-3's parameter gathers need) and rank r runs the tower and projector on rows
-``[r * c, (r + 1) * c)``. A pre-hook on the tower takes the share; a hook on the projector all-gathers its output
-and keeps the first R rows, in order, so what follows the projector (anyres unpadding and newlines, OneVision's
-per-frame bilinear pooling and per-video newline; LlavaNextVideo's pooling runs before the projector, per frame, on
-the share) sees every whole image / frame as before. A frozen tower runs its share as it ran the whole batch (its
-weights take no gradient), and the gathered features are gathered all the same. The all-gather's backward is a reduce-scatter (the sum
-over the group's ranks of their gradients for the gathered rows, each rank keeping its own chunk), so the tower and
-projector gradients average to one process's. Why: let ``L_r`` be rank r's loss (its slice, times N, as above), so
-``sum_r L_r = N * L`` with ``L`` one process's loss, and DeepSpeed steps with the mean ``(1/N) sum_r g_r`` of the
-ranks' gradients. Each rank r holds its own copy ``F^r`` of the gathered features, built from the chunks ``F_j``
-(chunk j computed on rank j); its backward (the attention all-to-alls carry the other ranks' terms) leaves on that
-copy ``G_r = d(sum_s L_s)/dF^r``. Since every copy is made of the same chunks, ``d(sum_s L_s)/dF_j = sum_r G_r[j]``:
-the reduce-scatter, which hands rank j exactly that. Its tower and projector backward then give
-``g_j = d(sum_s L_s)/dF_j * dF_j/dtheta``; the chunks partition the features, so ``sum_j g_j = d(sum_s L_s)/dtheta =
-N * dL/dtheta`` and the mean over the ranks is ``dL/dtheta``, one process's gradient -- the same argument that holds
-the language model's weights. Keeping only ``G_j[j]`` (a plain slice, no sum) would drop the terms of the other
-ranks' copies.
+The tower's rows ``R`` are padded to ``N * c`` (``c = ceil(R / N)``; copies of the last row, so every rank runs
+the tower on ``c`` rows, as ZeRO-3's parameter gathers need) and rank r runs the tower and projector on rows
+``[r * c, (r + 1) * c)``. A pre-hook on the tower takes the share; a hook on the projector all-gathers its
+output and keeps the first R rows, in order, so what follows the projector (anyres unpadding and newlines,
+OneVision's per-frame bilinear pooling and per-video newline; LlavaNextVideo's pooling runs before the
+projector, per frame, on the share) sees every whole image / frame as before. A frozen tower runs its share as
+it ran the whole batch (its weights take no gradient); its features are gathered all the same. The all-gather's
+backward is a reduce-scatter (the sum over the group's ranks of their gradients for the gathered rows, each rank
+keeping its own chunk), so the tower and projector gradients average to one process's. Why: let ``L_r`` be rank
+r's loss (its slice, times N, as above), so ``sum_r L_r = N * L`` with ``L`` one process's loss, and DeepSpeed
+steps with the mean ``(1/N) sum_r g_r`` of the ranks' gradients. Each rank r holds its own copy ``F^r`` of the
+gathered features, built from the chunks ``F_j`` (chunk j computed on rank j); its backward (the attention
+all-to-alls carry the other ranks' terms) leaves on that copy ``G_r = d(sum_s L_s)/dF^r``. Since every copy is
+made of the same chunks, ``d(sum_s L_s)/dF_j = sum_r G_r[j]``: the reduce-scatter, which hands rank j exactly
+that. Its tower and projector backward then give ``g_j = d(sum_s L_s)/dF_j * dF_j/dtheta``; the chunks partition
+the features, so ``sum_j g_j = d(sum_s L_s)/dtheta = N * dL/dtheta`` and the mean over the ranks is
+``dL/dtheta``, one process's gradient -- the same argument that holds the language model's weights. Keeping only
+``G_j[j]`` (a plain slice, no sum) would drop the terms of the other ranks' copies.
 
 Right padding only (``DataCollatorForSupervisedDataset`` pads right): the padding mask is dropped and attention is
 causal over the whole row, exact for every real token (``causal_padding.py`` says why). The sequence is padded to a

@@ -27,6 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
 
 VOCAB, IMAGE_TOKEN, VIDEO_TOKEN = 256, 255, 254
 
@@ -94,8 +95,6 @@ def _rank(rank: int, port: int, args, results) -> None:
 
     out = {}
     for name in ("all", "share"):  # FLOPs by module, one step each (not timed)
-        from torch.utils.flop_counter import FlopCounterMode
-
         mode["share"] = name == "share"
         counter = FlopCounterMode(display=False)
         with counter:

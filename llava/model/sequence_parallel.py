@@ -4,16 +4,18 @@
     use_sequence_parallel(model, 2)   # training forwards: each rank of a group of 2 runs half of the sequence
     use_sequence_parallel(model, 1)   # off: the stock sdpa path again (done before saving)
 
-The ranks of one sequence-parallel group hold the same batch. Each runs the vision tower and projector on the
-batch's images and merges them into the embeddings as usual; a pre-hook on the language model then keeps rank r's
-slice ``r`` of the N equal slices of the merged sequence (and of its position ids, which stay those of the whole
-sequence, so RoPE is unchanged). In every attention layer ``q/k/v [b, heads, T/N, d]`` go through an all-to-all
-to ``[b, heads/N, T, d]`` (each rank: all positions, a slice of the heads), attention runs over the whole sequence
-with the same boundaries as without sequence parallelism (causal; packed rows cut into their samples, the sizes read
-from the whole row's position ids), and a second all-to-all brings ``[b, heads, T/N, d]`` back. This is DeepSpeed's
-Ulysses algorithm (``deepspeed.runtime.sequence_parallel.ulysses_sp``, Arctic long-sequence training) written here:
-its ``register_with_transformers`` replaces the global attention entry and drops the masks, so packed-sample
-boundaries would be lost, and the model package imports no DeepSpeed.
+The ranks of one sequence-parallel group hold the same batch. The vision tower and projector run on each rank's own
+share of the batch's tower inputs (images, anyres crops, video frames: the rows the tower gets stacked along dim 0),
+and the projected features are all-gathered over the group (``_GatherRows``, below), so every rank merges the whole
+batch's features into the embeddings as without sequence parallelism; a pre-hook on the language model then keeps
+rank r's slice ``r`` of the N equal slices of the merged sequence (and of its position ids, which stay those of the
+whole sequence, so RoPE is unchanged). In every attention layer ``q/k/v [b, heads, T/N, d]`` go through an
+all-to-all to ``[b, heads/N, T, d]`` (each rank: all positions, a slice of the heads), attention runs over the whole
+sequence with the same boundaries as without sequence parallelism (causal; packed rows cut into their samples, the
+sizes read from the whole row's position ids), and a second all-to-all brings ``[b, heads, T/N, d]`` back. This is
+DeepSpeed's Ulysses algorithm (``deepspeed.runtime.sequence_parallel.ulysses_sp``, Arctic long-sequence training)
+written here: its ``register_with_transformers`` replaces the global attention entry and drops the masks, so
+packed-sample boundaries would be lost, and the model package imports no DeepSpeed.
 
 Labels are shifted on the whole sequence before the split (``shift_labels``, transformers' own convention, read
 by the stock loss and by ``supervised_head.py``), so the last position of a slice is trained on the first token of
@@ -22,11 +24,32 @@ count, times N: ranks average their gradients over the world (DeepSpeed / DDP), 
 one sample's gradient must sum, not average. The Trainer's ``num_items_in_batch`` (summed over ranks that share a
 batch) is divided by N for the same reason; without it the count is all-reduced over the group.
 
+The tower's rows ``R`` are padded to ``N * c`` (``c = ceil(R / N)``; copies of the last row, so every rank runs
+the tower on ``c`` rows, as ZeRO-3's parameter gathers need) and rank r runs the tower and projector on rows
+``[r * c, (r + 1) * c)``. A pre-hook on the tower takes the share; a hook on the projector all-gathers its
+output and keeps the first R rows, in order, so what follows the projector (anyres unpadding and newlines,
+OneVision's per-frame bilinear pooling and per-video newline; LlavaNextVideo's pooling runs before the
+projector, per frame, on the share) sees every whole image / frame as before. A frozen tower runs its share as
+it ran the whole batch (its weights take no gradient); its features are gathered all the same. The all-gather's
+backward is a reduce-scatter (the sum over the group's ranks of their gradients for the gathered rows, each rank
+keeping its own chunk), so the tower and projector gradients average to one process's. Why: let ``L_r`` be rank
+r's loss (its slice, times N, as above), so ``sum_r L_r = N * L`` with ``L`` one process's loss, and DeepSpeed
+steps with the mean ``(1/N) sum_r g_r`` of the ranks' gradients. Each rank r holds its own copy ``F^r`` of the
+gathered features, built from the chunks ``F_j`` (chunk j computed on rank j); its backward (the attention
+all-to-alls carry the other ranks' terms) leaves on that copy ``G_r = d(sum_s L_s)/dF^r``. Since every copy is
+made of the same chunks, ``d(sum_s L_s)/dF_j = sum_r G_r[j]``: the reduce-scatter, which hands rank j exactly
+that. Its tower and projector backward then give ``g_j = d(sum_s L_s)/dF_j * dF_j/dtheta``; the chunks partition
+the features, so ``sum_j g_j = d(sum_s L_s)/dtheta = N * dL/dtheta`` and the mean over the ranks is
+``dL/dtheta``, one process's gradient -- the same argument that holds the language model's weights. Keeping only
+``G_j[j]`` (a plain slice, no sum) would drop the terms of the other ranks' copies.
+
 Right padding only (``DataCollatorForSupervisedDataset`` pads right): the padding mask is dropped and attention is
 causal over the whole row, exact for every real token (``causal_padding.py`` says why). The sequence is padded to a
 multiple of N (ids that are no image token, labels ``-100``, positions continuing the row). Eval, predict and
-generation are not split. Held by ``tests/model/test_sequence_parallel.py`` and
-``tests/train/test_sequence_parallel_train.py`` (2 processes vs 1, losses and weights).
+generation are not split. Held by ``tests/model/test_sequence_parallel.py`` (2 ranks vs 1 process: loss and
+gradients, images / anyres crops / video frames, each rank's tower rows counted),
+``tests/train/test_sequence_parallel_train.py`` and ``tests/train/test_sequence_parallel_video.py`` (2 processes
+vs 1, losses and weights).
 """
 
 from __future__ import annotations
@@ -75,6 +98,26 @@ def _all_to_all(x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
     return recv.permute(1, 0, 2, 3, 4).reshape(b, n * h, s // n, d)
 
 
+class _GatherRows(torch.autograd.Function):
+    """Each rank's ``[c, ...]`` rows -> every rank's, stacked in rank order ``[N * c, ...]`` (an all-gather over
+    ``group``); the backward is a reduce-scatter: the sum over the ranks of the stacked rows' gradients, each rank
+    keeping its own chunk (the module docstring says why)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        chunks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(chunks, x.contiguous(), group=group)
+        return torch.cat(chunks)
+
+    @staticmethod
+    def backward(ctx, grad):
+        chunks = [c.contiguous() for c in grad.chunk(dist.get_world_size(ctx.group))]
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, group=ctx.group)  # sums by default
+        return out, None
+
+
 class SequenceParallelContext:
     """What one training forward's attention calls need: the group and the whole row's sample sizes."""
 
@@ -111,6 +154,8 @@ class _SequenceParallelState:
     def __init__(self, group, size: int, rank: int, filler_ids: tuple[int, ...]):
         self.group, self.size, self.rank, self.filler_ids = group, size, rank, filler_ids
         self.context: SequenceParallelContext | None = None  # set by the model's pre-hook for one forward
+        self.share_media = False  # in a split forward, before the language model: the tower runs on a share
+        self.media_rows: list[int] = []  # the whole tower batch's rows of each tower call the projector gathers
         self.handles: list = []
 
 
@@ -126,7 +171,7 @@ def _filler_id(input_ids: torch.Tensor, media_ids: tuple[int, ...]) -> int:
 def _split_batch(state: _SequenceParallelState, module, args, kwargs):
     """Pre-hook of the Llava model: pad to a multiple of N, shift the labels on the whole row and keep this rank's
     slice of them, scale the token count, drop the (right-)padding mask; the language model's pre-hook splits."""
-    state.context = None
+    state.context, state.share_media, state.media_rows = None, False, []
     labels, input_ids = kwargs.get("labels"), kwargs.get("input_ids")
     if not module.training or labels is None or kwargs.get("past_key_values") is not None:
         return None
@@ -153,20 +198,53 @@ def _split_batch(state: _SequenceParallelState, module, args, kwargs):
         dist.all_reduce(num_items, group=state.group)
     num_items = num_items / n  # gradients are averaged over ranks; a group's N slices must add up (see docstring)
     state.context = SequenceParallelContext(state.group, sample_sizes(position_ids, b))
+    state.share_media = True
     return args, {**kwargs, "input_ids": input_ids, "labels": labels, "attention_mask": None,
                   "position_ids": position_ids, "shift_labels": shard, "num_items_in_batch": num_items}
 
 
 def _split_sequence(state: _SequenceParallelState, module, args, kwargs):
     """Pre-hook of the language model: this rank's slice of the merged embeddings and of the position ids."""
-    ctx, state.context = state.context, None
+    ctx, state.context, state.share_media = state.context, None, False
     if ctx is None:
         return None
+    if state.media_rows:
+        raise RuntimeError("sequence parallelism: the vision tower ran on this rank's share of the images, but no "
+                           "projector call gathered the features")
     embeds, position_ids = kwargs["inputs_embeds"], kwargs["position_ids"]
     rank, n = state.rank, state.size
     # a copy, not a view: the whole row's embeddings are freed once the slice is taken
     return args, {**kwargs, "inputs_embeds": embeds.chunk(n, dim=1)[rank].clone(),
                   "position_ids": position_ids.chunk(n, dim=1)[rank], SP_KWARG: ctx}
+
+
+def _tower_share(state: _SequenceParallelState, module, args, kwargs):
+    """Pre-hook of the vision tower in a split forward: its input rows (images / crops / frames, dim 0), padded to
+    ``N * c`` with copies of the last row, and this rank's ``c`` of them."""
+    if not state.share_media:
+        return None
+    pixels = args[0] if args else kwargs["pixel_values"]
+    rows, n = pixels.shape[0], state.size
+    per_rank = -(-rows // n)
+    if per_rank * n > rows:
+        pixels = torch.cat([pixels, pixels[-1:].expand(per_rank * n - rows, *pixels.shape[1:])])
+    share = pixels[state.rank * per_rank : (state.rank + 1) * per_rank]
+    state.media_rows.append(rows)
+    if args:
+        return (share, *args[1:]), kwargs
+    return args, {**kwargs, "pixel_values": share}
+
+
+def _gather_features(state: _SequenceParallelState, module, args, output):
+    """Hook of the projector after a tower call on a share: every rank's projected rows, in order, the padding
+    dropped."""
+    if not state.media_rows:
+        return None
+    rows = state.media_rows.pop(0)
+    if output.shape[0] != -(-rows // state.size):
+        raise RuntimeError(f"sequence parallelism: the projector got {output.shape[0]} rows of the tower's share of "
+                           f"{rows}, not the share")
+    return _GatherRows.apply(output, state.group)[:rows]
 
 
 def check_sequence_parallel(text_config, size: int, world_size: int) -> None:
@@ -217,6 +295,9 @@ def use_sequence_parallel(model, size: int) -> bool:
     state.handles = [
         llava.register_forward_pre_hook(lambda m, a, k: _split_batch(state, m, a, k), with_kwargs=True, prepend=True),
         language_model.register_forward_pre_hook(lambda m, a, k: _split_sequence(state, m, a, k), with_kwargs=True),
+        llava.model.vision_tower.register_forward_pre_hook(lambda m, a, k: _tower_share(state, m, a, k),
+                                                           with_kwargs=True, prepend=True),
+        llava.model.multi_modal_projector.register_forward_hook(lambda m, a, o: _gather_features(state, m, a, o)),
     ]
     language_model.set_attn_implementation(SP_SDPA)
     llava.config.text_config._attn_implementation = SP_SDPA

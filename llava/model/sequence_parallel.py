@@ -48,8 +48,8 @@ causal over the whole row, exact for every real token (``causal_padding.py`` say
 multiple of N (ids that are no image token, labels ``-100``, positions continuing the row). Eval, predict and
 generation are not split. Held by ``tests/model/test_sequence_parallel.py`` (2 ranks vs 1 process: loss and
 gradients, images / anyres crops / video frames, each rank's tower rows counted),
-``tests/train/test_sequence_parallel_train.py`` and ``tests/train/test_sequence_parallel_video.py`` (2 processes
-vs 1, losses and weights).
+``tests/train/test_sequence_parallel_train.py`` and ``tests/train/test_sequence_parallel_video.py`` (one group of 2
+processes, or 2 groups of 2, vs 1 process: losses and weights, under ZeRO-1/2/3).
 """
 
 from __future__ import annotations

@@ -96,20 +96,21 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
         raise RecordError("bad_type", rid, "conversations", f"expected a non-empty list, got {_describe(convs)}")
 
     messages: list[Message] = []
-    for turn_index, turn in enumerate(convs):
-        where = f"conversations[{turn_index}]"
+    for turn_index, turn in enumerate(convs):  # the field's name (conversations[k]) is formatted only on an error
         if not isinstance(turn, dict):
-            raise RecordError("bad_type", rid, where, f"expected an object with 'from' and 'value', got {_describe(turn)}")
+            raise RecordError("bad_type", rid, f"conversations[{turn_index}]",
+                              f"expected an object with 'from' and 'value', got {_describe(turn)}")
         role_raw, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
-        if not isinstance(role_raw, str) or role_raw.lower() not in ROLE_ALIASES:
-            raise RecordError(
-                "bad_role", rid, f"{where}.from", f"role {role_raw!r} is not one of human/gpt (or user/assistant/system)"
-            )
+        role = ROLE_ALIASES.get(role_raw.lower()) if isinstance(role_raw, str) else None
+        if role is None:
+            raise RecordError("bad_role", rid, f"conversations[{turn_index}].from",
+                              f"role {role_raw!r} is not one of human/gpt (or user/assistant/system)")
         if not isinstance(value, str):
-            raise RecordError("bad_type", rid, f"{where}.value", f"expected a string, got {_describe(value)}")
+            raise RecordError("bad_type", rid, f"conversations[{turn_index}].value",
+                              f"expected a string, got {_describe(value)}")
         if not value.strip():
-            raise RecordError("empty_text", rid, f"{where}.value", "the text is empty")
-        messages.append(Message(ROLE_ALIASES[role_raw.lower()], value))
+            raise RecordError("empty_text", rid, f"conversations[{turn_index}].value", "the text is empty")
+        messages.append(Message(role, value))
 
     _check_roles(messages, rid)
     record = Record(

@@ -60,6 +60,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
     bos_ids: dict[tuple[str, ...], list[int]] = {}
     dirs: set[str] = set()
     heads: set[str] = set()  # each image path's part up to its last "/": its directory's, joined once per chunk
+    render = template.renderer_for(tokenizer)  # template.render_with_tokenizer(messages, tokenizer)
     for k, raw in enumerate(raws):
         i = start + k
         try:
@@ -81,8 +82,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             except ImageLoadError as err:
                 outcomes[k] = ("problem", (image_problem_kind(err), f"record {record.id!r}: {err}", record.id))
                 continue
-        segments = template.render_with_tokenizer(prepare_messages(record.messages, template, s.mm_use_im_start_end),
-                                                  tokenizer)
+        segments = render(prepare_messages(record.messages, template, s.mm_use_im_start_end))
         n_head = 0
         while n_head < len(segments) and segments[n_head].special:
             n_head += 1
@@ -91,7 +91,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             bos_ids[key] = special_head(segments, tokenizer)[0]  # raises on a special segment after the head
         body = segments[n_head:]
         text = "".join([seg.text for seg in body])  # the mask (``supervised_text``) only where offsets are needed
-        placeholders = sum(seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments)
+        placeholders = sum([seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments])
         pending.append((k, raw, record, bos_ids[key], text, body, placeholders, (n_tokens, headers_read)))
     # dirname(join(folder, rel)) depends on rel only up to its last "/" (where dirname cuts; with no "/" in rel, at
     # the separator join adds): the directories of a chunk's images from their distinct heads

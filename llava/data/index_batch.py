@@ -229,13 +229,13 @@ class Route:
     """Which way a batch of texts is tokenized (one ``Route`` for ids alone, one for ids and offsets): through the
     word cache or the Rust call, whichever cost less CPU per character at its last measure (each measure averaged
     with the one before); the other way is measured again every ``PROBE``-th batch. The word cache pays while most
-    words are found in it (the benchmark mix: ~6x less CPU); with every word new (a source of unique strings) it
+    words are found in it (the benchmark mix: ~5x less CPU); with every word new (a source of unique strings) it
     costs ~2x the Rust call. Both give the same ids.
 
-    The first batch goes through the cache, which it fills: every word is new then, so that batch costs the cache
-    ~2x the Rust call even on a source whose later batches cost it a sixth. So the third batch (after the Rust call's
-    first) measures the cache again, and that measure replaces the first instead of being averaged with it; averaged,
-    the cold batch kept the cache behind the Rust call until the second probe (128 batches, 32,768 texts)."""
+    The first batch goes through the cache, which it fills. When its words are all new (a process whose first
+    chunk is a small source), that measure is ~2x the Rust call's, and a warm measure averaged with it stays above
+    the Rust call's until the second probe (128 batches). So the cache is measured again at the third batch, and
+    that measure replaces its first."""
 
     PROBE = 64
 

@@ -57,8 +57,10 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
     outcomes: list[tuple] = [()] * len(raws)  # per record: ("problem" | "dropped", entry) or ("keep", length, image)
     pending: list[tuple] = []  # (k, raw, record, head ids, text, segments after the head, placeholders,
     #                            (n_tokens, headers))
-    heads: dict[tuple[str, ...], list[int]] = {}
+    bos_ids: dict[tuple[str, ...], list[int]] = {}
     dirs: set[str] = set()
+    heads: set[str] = set()  # each image path's part up to its last "/": its directory's, joined once per chunk
+    render = template.renderer_for(tokenizer)  # template.render_with_tokenizer(messages, tokenizer)
     for k, raw in enumerate(raws):
         i = start + k
         try:
@@ -70,8 +72,7 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             outcomes[k] = index_video_record(record, tokenizer, template, s, dirs)
             continue
         if record.images and s.image_folder:
-            dirs.update(os.path.dirname(os.path.join(s.image_folder, rel)) for rel in record.images
-                        if isinstance(rel, str))
+            heads.update(rel[: rel.rfind("/") + 1] for rel in record.images if isinstance(rel, str))
         n_tokens: int | list[int] = s.num_image_tokens
         headers_read = False
         if s.anyres is not None and record.images and (s.image_folder or _all_embedded(record.images)):
@@ -81,18 +82,20 @@ def index_records(raws: list[Any], start: int, tokenizer, template, settings) ->
             except ImageLoadError as err:
                 outcomes[k] = ("problem", (image_problem_kind(err), f"record {record.id!r}: {err}", record.id))
                 continue
-        segments = template.render_with_tokenizer(prepare_messages(record.messages, template, s.mm_use_im_start_end),
-                                                  tokenizer)
+        segments = render(prepare_messages(record.messages, template, s.mm_use_im_start_end))
         n_head = 0
         while n_head < len(segments) and segments[n_head].special:
             n_head += 1
         key = tuple(seg.text for seg in segments[:n_head])
-        if key not in heads or any(seg.special for seg in segments[n_head:]):
-            heads[key] = special_head(segments, tokenizer)[0]  # raises on a special segment after the head
+        if key not in bos_ids or any(seg.special for seg in segments[n_head:]):
+            bos_ids[key] = special_head(segments, tokenizer)[0]  # raises on a special segment after the head
         body = segments[n_head:]
         text = "".join([seg.text for seg in body])  # the mask (``supervised_text``) only where offsets are needed
-        placeholders = sum(seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments)
-        pending.append((k, raw, record, heads[key], text, body, placeholders, (n_tokens, headers_read)))
+        placeholders = sum([seg.text.count(DEFAULT_IMAGE_TOKEN) for seg in segments])
+        pending.append((k, raw, record, bos_ids[key], text, body, placeholders, (n_tokens, headers_read)))
+    # dirname(join(folder, rel)) depends on rel only up to its last "/" (where dirname cuts; with no "/" in rel, at
+    # the separator join adds): the directories of a chunk's images from their distinct heads
+    dirs.update(os.path.dirname(os.path.join(s.image_folder, head + "x")) for head in heads)
     tails = special_tails(tokenizer, s.image_token_id)
 
     def finish(p: tuple, length: int) -> None:
@@ -227,12 +230,18 @@ class Route:
     word cache or the Rust call, whichever cost less CPU per character at its last measure (each measure averaged
     with the one before); the other way is measured again every ``PROBE``-th batch. The word cache pays while most
     words are found in it (the benchmark mix: ~5x less CPU); with every word new (a source of unique strings) it
-    costs ~2x the Rust call. Both give the same ids."""
+    costs ~2x the Rust call. Both give the same ids.
+
+    The first batch goes through the cache, which it fills. When its words are all new (a process whose first
+    chunk is a small source), that measure is ~2x the Rust call's, and a warm measure averaged with it stays above
+    the Rust call's until the second probe (128 batches). So the cache is measured again at the third batch, and
+    that measure replaces its first."""
 
     PROBE = 64
 
     def __init__(self):
         self.cost: dict[str, float | None] = {"cache": None, "rust": None}  # CPU seconds per character
+        self.measures = {"cache": 0, "rust": 0}
         self.batches = 0
 
     def pick(self) -> str:
@@ -240,6 +249,8 @@ class Route:
         cache, rust = self.cost["cache"], self.cost["rust"]
         if cache is None or rust is None:
             return "cache" if cache is None else "rust"
+        if self.measures["cache"] == 1:  # measured only cold: measure it warm
+            return "cache"
         best = "cache" if cache <= rust else "rust"
         if self.batches % self.PROBE == 0:
             return "rust" if best == "cache" else "cache"
@@ -248,7 +259,9 @@ class Route:
     def measured(self, way: str, seconds: float, chars: int) -> None:
         if chars:
             old = self.cost[way]
-            self.cost[way] = seconds / chars if old is None else (old + seconds / chars) / 2
+            self.measures[way] += 1
+            replace = old is None or (way == "cache" and self.measures[way] == 2)
+            self.cost[way] = seconds / chars if replace else (old + seconds / chars) / 2
 
 
 _ENCODER: list = [None, None, None]  # backend, what the encoder was built from, the encoder

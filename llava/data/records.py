@@ -96,20 +96,25 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
         raise RecordError("bad_type", rid, "conversations", f"expected a non-empty list, got {_describe(convs)}")
 
     messages: list[Message] = []
-    for turn_index, turn in enumerate(convs):
-        where = f"conversations[{turn_index}]"
+    n_images = 0  # the texts' <image> placeholders, and whether one holds a <video>: counted as each is read
+    has_video_token = False
+    for turn_index, turn in enumerate(convs):  # the field's name (conversations[k]) is formatted only on an error
         if not isinstance(turn, dict):
-            raise RecordError("bad_type", rid, where, f"expected an object with 'from' and 'value', got {_describe(turn)}")
+            raise RecordError("bad_type", rid, f"conversations[{turn_index}]",
+                              f"expected an object with 'from' and 'value', got {_describe(turn)}")
         role_raw, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
-        if not isinstance(role_raw, str) or role_raw.lower() not in ROLE_ALIASES:
-            raise RecordError(
-                "bad_role", rid, f"{where}.from", f"role {role_raw!r} is not one of human/gpt (or user/assistant/system)"
-            )
+        role = ROLE_ALIASES.get(role_raw.lower()) if isinstance(role_raw, str) else None
+        if role is None:
+            raise RecordError("bad_role", rid, f"conversations[{turn_index}].from",
+                              f"role {role_raw!r} is not one of human/gpt (or user/assistant/system)")
         if not isinstance(value, str):
-            raise RecordError("bad_type", rid, f"{where}.value", f"expected a string, got {_describe(value)}")
+            raise RecordError("bad_type", rid, f"conversations[{turn_index}].value",
+                              f"expected a string, got {_describe(value)}")
         if not value.strip():
-            raise RecordError("empty_text", rid, f"{where}.value", "the text is empty")
-        messages.append(Message(ROLE_ALIASES[role_raw.lower()], value))
+            raise RecordError("empty_text", rid, f"conversations[{turn_index}].value", "the text is empty")
+        n_images += value.count(DEFAULT_IMAGE_TOKEN)
+        has_video_token = has_video_token or DEFAULT_VIDEO_TOKEN in value
+        messages.append(Message(role, value))
 
     _check_roles(messages, rid)
     record = Record(
@@ -122,10 +127,10 @@ def parse_record(raw: Any, index: int | None = None) -> Record:
     )
     if video is not None:
         record.messages = _video_placeholder(record.messages, len(images), rid)
-    elif any(DEFAULT_VIDEO_TOKEN in m.content for m in messages):
+    elif has_video_token:
         raise RecordError("video_token_mismatch", rid, "conversations",
                           f"the text has a {DEFAULT_VIDEO_TOKEN} placeholder but the record has no 'video'")
-    n_placeholders = record.num_image_placeholders
+    n_placeholders = record.num_image_placeholders if video is not None else n_images  # the video's may differ
     if n_placeholders != len(images):
         raise RecordError(
             "image_token_mismatch",

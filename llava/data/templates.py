@@ -200,11 +200,17 @@ class ConversationTemplate:
 
     def render_with_tokenizer(self, messages: list[Message], tokenizer, system: str | None = None) -> list[Segment]:
         """Render with the tokenizer's special tokens (or its own chat template for ``auto``); BOS first, special."""
+        return self.renderer_for(tokenizer, system)(messages)
+
+    def renderer_for(self, tokenizer, system: str | None = None) -> Callable[[list[Message]], list[Segment]]:
+        """``messages -> render_with_tokenizer(messages, tokenizer, system)``, with what does not depend on the
+        messages (the tokenizer's BOS and EOS, the leading BOS segment) looked up once: the index renders a chunk's
+        records with one."""
         if self.renderer is None:
-            return _render_auto(messages, tokenizer, system)
-        bos = tokenizer.bos_token or ""
-        segs = self.render(messages, bos=bos, eos=tokenizer.eos_token or "", system=system)
-        return ([Segment(bos, False, special=True)] if self.uses_bos and bos else []) + segs
+            return lambda messages: _render_auto(messages, tokenizer, system)
+        bos, eos, renderer = tokenizer.bos_token or "", tokenizer.eos_token or "", self.renderer
+        lead = [Segment(bos, False, special=True)] if self.uses_bos and bos else []  # Segment is frozen: shared
+        return lambda messages: lead + renderer(messages, system, bos, eos)
 
 
 def place_images(messages: list[Message], image_front: bool = True) -> list[Message]:
@@ -213,8 +219,8 @@ def place_images(messages: list[Message], image_front: bool = True) -> list[Mess
 
     Multi-image conversations (and ``image_front=False``) keep the record's own placement. A video record's one
     ``<video>`` (and nothing else visual) is placed the same way, as LLaVA-NeXT places its video's ``<image>``."""
-    n_images = sum(m.content.count(DEFAULT_IMAGE_TOKEN) for m in messages)
-    n_videos = sum(m.content.count(DEFAULT_VIDEO_TOKEN) for m in messages)
+    n_images = sum([m.content.count(DEFAULT_IMAGE_TOKEN) for m in messages])
+    n_videos = sum([m.content.count(DEFAULT_VIDEO_TOKEN) for m in messages])
     if not image_front or n_images + n_videos != 1:
         return messages
     token = DEFAULT_IMAGE_TOKEN if n_images else DEFAULT_VIDEO_TOKEN

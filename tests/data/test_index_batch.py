@@ -247,3 +247,26 @@ def test_ids_only_path_equals_per_record_path(mixed, sp_tokenizer, byte_level_to
         assert len(offsets_texts) < len(got.keep) / 2, len(offsets_texts)
     else:  # chatml ends in an unsupervised "\n", plain in the caption's "\n": every record needs offsets
         assert len(offsets_texts) >= len(got.keep)
+
+
+def test_image_dirs_are_each_image_paths_directory(mixed, sp_tokenizer, tmp_path):
+    """``image_dirs`` (whose mtimes the cached index checks) is ``dirname(join(folder, path))`` of every image path of
+    the records that parse, computed here per path; the mixed file's paths include absolute, ``..``, ``./``, ``//``,
+    a trailing ``/`` and a backslash, and a folder given with a trailing ``/``."""
+    from llava.data.index_batch import index_records
+
+    raws = _raws(mixed) + [{"id": "abs_root", "image": "/a.png", "conversations": _conv("<image>\nx", "y")},
+                           {"id": "deep", "image": "x//y/./z/", "conversations": _conv("<image>\nx", "y")}]
+    for folder in (str(mixed["image_folder"]), str(mixed["image_folder"]) + "/"):
+        s = _settings(sp_tokenizer, folder, 4096)
+        expected = set()
+        for i, raw in enumerate(raws):
+            try:
+                record = parse_record(raw, i)
+            except RecordError:
+                continue
+            expected |= {os.path.dirname(os.path.join(folder, rel)) for rel in record.images if isinstance(rel, str)}
+        got = index_records(raws, 0, sp_tokenizer, get_template("vicuna_v1"), s)["image_dirs"]
+        assert got == expected
+        assert len(expected) >= 6  # the folder, sub, nodir, the absolute paths' directories, x//y/./z
+

@@ -210,11 +210,33 @@ def test_route_measures_both_ways_then_takes_the_cheaper_and_probes_the_other():
     route.measured("cache", 2.0, 1000)  # 2 ms a character: a source of unique words
     assert route.pick() == "rust"
     route.measured("rust", 1.0, 1000)
-    picks = [route.pick() for _ in range(3, 3 + 2 * route.PROBE)]
+    assert route.pick() == "cache"  # measured again warm (its first batch filled it)
+    route.measured("cache", 2.0, 1000)
+    picks = [route.pick() for _ in range(4, 4 + 2 * route.PROBE)]
     assert picks.count("cache") == 2 and set(picks) == {"cache", "rust"}  # the cheaper way, the other every PROBE-th
     for _ in range(3):  # the cache warms up: its measures fall under the Rust call's, and it is taken again
         route.measured("cache", 0.1, 1000)
     assert route.cost["cache"] < route.cost["rust"] and route.pick() == "cache"
+
+
+def test_route_measures_the_cache_again_after_its_cold_first_batch():
+    """The word cache's first batch fills it (its cost then is a cold one); the third batch measures it again and
+    that measure replaces the first, so a cache that is cheaper once warm is picked from the fourth batch. A cache
+    that stays dearer (unique words) is measured once more, then only at the probes."""
+    def run(cache_costs, rust_cost, batches):
+        route, ways = index_batch.Route(), []
+        cache_costs = iter(cache_costs)
+        for _ in range(batches):
+            way = route.pick()
+            ways.append(way)
+            route.measured(way, next(cache_costs) if way == "cache" else rust_cost, 1)
+        return ways
+
+    warming = run([500e-9] + [40e-9] * 100, 260e-9, 70)  # the benchmark mix: cold 2x the Rust call, warm 1/6
+    assert warming[:4] == ["cache", "rust", "cache", "cache"]
+    assert warming.count("rust") == 2  # its first measure, and the probe of batch 64
+    unique = run([500e-9] * 100, 260e-9, 70)  # every word new: the cache stays ~2x the Rust call
+    assert unique[:3] == ["cache", "rust", "cache"] and unique.count("cache") == 3  # batches 1, 3 and the probe 64
 
 
 def test_unique_words_go_to_the_rust_call_and_give_the_same_ids(mix):

@@ -87,7 +87,9 @@ def length_grouped_indices(
         )
     n = len(lengths)
     megabatch_size = batch_size * world_size
-    order = torch.randperm(n, generator=generator).numpy().astype(_index_dtype(n))
+    # drawn in the index type itself (the same permutation and generator state as int64's: torch's CPU randperm is
+    # one algorithm for every dtype), so no int64 copy of the whole permutation is made
+    order = torch.randperm(n, generator=generator, dtype=torch.int32 if n < 2**31 else torch.int64).numpy()
     n_full = n // megabatch_size
     full = order[: n_full * megabatch_size].reshape(n_full, megabatch_size)  # a view: sorted and split in place
     step = max(1, (1 << 16) // megabatch_size)  # megabatches per block: the temporaries stay a few MiB
@@ -161,14 +163,19 @@ def modality_length_grouped_indices(
     else:
         keys = np.asarray(modalities).reshape(-1)
         key_order = np.unique(keys)[::-1].tolist()
+    positions = np.arange(n, dtype=_index_dtype(n))  # boolean selection of it: no int64 array of positions
     for key in key_order:
-        members = np.flatnonzero(keys == key).astype(_index_dtype(n))
+        members = positions[keys == key]
         if not members.size:
             continue
-        members = members[length_grouped_indices(np.abs(lengths[members]), batch_size, world_size, generator)]
+        member_lengths = lengths[members]
+        np.abs(member_lengths, out=member_lengths)
+        members = members[length_grouped_indices(member_lengths, batch_size, world_size, generator)]
+        del member_lengths
         n_full = len(members) // megabatch_size
         full.append(members[: n_full * megabatch_size].reshape(n_full, megabatch_size))
         tail.append(members[n_full * megabatch_size :])
+    del positions
     n_blocks = sum(len(f) for f in full)
     picks = torch.randperm(n_blocks, generator=generator).numpy()
     order = np.empty(n, _index_dtype(n))

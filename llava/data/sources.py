@@ -234,7 +234,8 @@ class MixtureRows:
 def take_rows(sources: list[Source], indexes: list, seed: int) -> MixtureRows:
     """Each source's sampled rows joined with its index (``index.DatasetIndex``): the samples that train, in source
     order, and the problems of the rows taken (a mixture's messages name the entry). The per-sample arrays are
-    written once into arrays of the mixture's size (no per-source copies concatenated: millions of samples)."""
+    written once into arrays of the mixture's size (no per-source copies concatenated: millions of samples), in the
+    narrowest integer types, and each index's arrays are released once copied: the indexes are spent."""
     picks, problems, dropped = [], [], []
     for src, index in zip(sources, indexes):
         spec = src.spec
@@ -267,8 +268,12 @@ def take_rows(sources: list[Source], indexes: list, seed: int) -> MixtureRows:
         picks.append((rows, pos))
     total = sum(len(rows) for rows, _ in picks)
     any_video = any(index.has_video is not None for index in indexes)
-    mix = MixtureRows(np.empty(total, np.int32), np.empty(total, np.int64), np.empty(total, np.int32),
+    # the narrowest integer types that hold every source number and every raw row (int8 / int32 in practice)
+    source_type = np.int8 if len(sources) < 2**7 else np.int16 if len(sources) < 2**15 else np.int32
+    row_type = np.int32 if max((len(src.store) for src in sources), default=0) < 2**31 else np.int64
+    mix = MixtureRows(np.empty(total, source_type), np.empty(total, row_type), np.empty(total, np.int32),
                       np.empty(total, bool), problems, dropped, np.empty(total, bool) if any_video else None)
+    last_use = {id(index): number for number, index in enumerate(indexes)}  # a file listed twice shares one index
     at = 0
     for number, (src, index, (rows, pos)) in enumerate(zip(sources, indexes, picks)):
         part = slice(at, at + len(rows))
@@ -283,6 +288,13 @@ def take_rows(sources: list[Source], indexes: list, seed: int) -> MixtureRows:
         s.trainable, s.image, s.video = len(rows), int(has_image.sum()), int(has_video.sum())
         s.text, s.tokens = s.trainable - int((has_image | has_video).sum()), int(lengths.sum(dtype=np.int64))
         at += len(rows)
+        # this source's index arrays are copied: let them go now (unless a later entry shares the index), so the
+        # peak holds one source's index beside the mixture's arrays rather than all of them (the caller reads no
+        # index array after this)
+        picks[number] = None
+        del rows, pos, lengths, has_image, has_video
+        if last_use[id(index)] == number:
+            index.keep = index.lengths = index.has_image = index.has_video = None
     return mix
 
 

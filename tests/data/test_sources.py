@@ -97,6 +97,24 @@ def test_each_strategy_takes_what_llava_next_takes(parts, tmp_path, strategy):
     assert _ids(ds) == _expected(strategy, [f"a{i}" for i in range(N)], 7, "a.json")
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_file_listed_twice_shares_its_index_and_gives_both_entries(parts, tmp_path, cache):
+    """Both entries read one index (opened once); each gets its own rows and lengths, whichever entry comes first
+    (the index arrays are released after their last entry only), in the narrow per-sample integer types."""
+    data = tmp_path / "a.json"
+    data.write_text(json.dumps(_records("a")))
+    alone = _dataset(parts, data)
+    by_id = dict(zip(_ids(alone), alone.lengths))
+    for first, second in (("all", "end:5"), ("end:5", "all")):
+        mix = _mixture(tmp_path / "mix.yaml", [{"json_path": "a.json", "sampling_strategy": first},
+                                               {"json_path": "a.json", "sampling_strategy": second}])
+        ds = _dataset(parts, mix, cache=tmp_path / "cache" if cache else None)
+        ids = [f"a{i}" for i in range(N)]
+        assert _ids(ds) == _expected(first, ids, 0, "a.json") + _expected(second, ids, 0, "a.json")
+        assert list(ds.lengths) == [by_id[i] for i in _ids(ds)]
+        assert (ds._source.dtype, ds._keep.dtype) == (np.int8, np.int32)
+
+
 def test_end_zero_takes_nothing_and_percentages_round_up(tmp_path):
     data = tmp_path / "a.json"
     data.write_text("[]")

@@ -57,6 +57,11 @@ Restart, whole 1-step run (``--train_step --train_step_modes restart``, process 
 With ``--group_by_modality_length``: 35.5 s / 19.6 s, peak 1518.1 MiB at 3.2M; 29.1 s / 23.4 s, peak 1942.3 MiB at
 400. The step's memory depends on the batch drawn, so these peaks do not measure the data's share; the restart's
 dataset build grows RSS by 113.9-117.0 MiB at 3.2M records (anonymous 92.5-97.8), 3.7 MiB at 400.
+
+With the machine quiet (load 0.6-1.9, nothing else running; ``--size issue --sources 4 --group_by_modality_length``,
+the code as it is): first start of 3.2M records 211.1 s wall / 414.5 CPU s; restart, process start to the end of
+the first step 9.9 / 11.6 s at 3.2M and 11.9 / 11.4 s at 400; the training process's peak RSS before its first step
+733.3 / 743.7 MiB at 3.2M and 600.4 / 601.6 MiB at 400 (growth 132-143 MiB). ``docs/performance.md`` has the table.
 """
 
 from __future__ import annotations

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from test_causal_padding import _trainer  # the tiny Llava trainer of the shapes data, batch 4
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from llava.model import fused_layers
 from llava.model.fused_layers import RotaryFunction, use_fused_rope
-from llava.train.args import parse_args
-from llava.train.train import build_trainer
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 3, 8), (1, 33, 4, 64)])
@@ -83,20 +81,6 @@ def test_language_model_training_forward_equals_stock(kind, monkeypatch):
         model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
     assert not calls
     assert use_fused_rope(model, False) == 0 and "forward" not in model.model.layers[0].self_attn.__dict__
-
-
-def _trainer(tiny_models, shapes_data, out, *flags):
-    argv = ["--model_name_or_path", str(tiny_models["llm"]), "--vision_tower", str(tiny_models["vision_tower"]),
-            "--version", "vicuna_v1", "--data_path", str(shapes_data["stage2_qa"]),
-            "--image_folder", str(shapes_data["image_folder"]), "--output_dir", str(out), "--report_to", "none",
-            "--model_max_length", "256", "--use_cpu", "True", "--seed", "0", "--max_steps", "1",
-            "--per_device_train_batch_size", "4", "--save_strategy", "no", "--dataloader_num_workers", "0",
-            "--lora_dropout", "0", *flags]
-    model_args, data_args, training_args = parse_args(argv)
-    transformers.set_seed(0)
-    trainer, _ = build_trainer(model_args, data_args, training_args)
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
 
 
 @pytest.mark.parametrize("flags", [[], ["--packing", "True"], ["--lora_enable", "True", "--lora_r", "4"]],

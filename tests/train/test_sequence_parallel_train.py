@@ -88,12 +88,17 @@ def run_both(tiny_models, anyres_data, data, tmp_path, stage: int, *extra: str, 
     for k in range(4):  # step k: the reference's 2 x groups samples (all different) are the groups' step-k samples
         step = seen[k * 2 * groups:(k + 1) * 2 * groups]
         assert len(set(step)) == len(step) and step == [i for p in ranks[::2] for i in p["seen"][2 * k:2 * k + 2]]
+    assert_same_step_losses(out, reference)
+    return out, reference
+
+
+def assert_same_step_losses(out: Path, reference) -> None:
+    """The sequence-parallel run's logged losses of steps 1-4 equal the 1-process trainer's within ATOL."""
     losses = step_losses(out)
     expected = {e["step"]: e["loss"] for e in reference.state.log_history if "loss" in e}
     assert sorted(losses) == [1, 2, 3, 4]
     for step, loss in losses.items():
         assert abs(loss - expected[step]) <= ATOL, (step, loss, expected[step])
-    return out, reference
 
 
 def assert_same_weights(sp_dir: Path, single_dir: Path, name: str = "model.safetensors") -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import REPO, deepspeed, probes, step_losses
+from test_distributed import REPO, deepspeed, probes
+from test_sequence_parallel_train import assert_same_step_losses
 from tower_rows_probe import record_tower_rows
 
 from llava.train.train import train
@@ -68,11 +69,7 @@ def run_both(tiny_models, corpus, tmp_path, stage: int, *extra: str) -> tuple[Pa
     assert any(n % 2 for n in rows) and len(rows) >= 4, rows  # calls with an odd number of frames / crops
     for rank in (0, 1):  # each rank's tower: its half of every call's rows (rounded up)
         assert json.loads((out / f"tower_rows_rank{rank}.json").read_text()) == [-(-n // 2) for n in rows], rank
-    losses = step_losses(out)
-    expected = {e["step"]: e["loss"] for e in reference.state.log_history if "loss" in e}
-    assert sorted(losses) == [1, 2, 3, 4]
-    for step, loss in losses.items():
-        assert abs(loss - expected[step]) <= ATOL, (step, loss, expected[step])
+    assert_same_step_losses(out, reference)
     return out, single
 
 

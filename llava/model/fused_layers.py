@@ -73,8 +73,10 @@ def _fused_attention_forward(self, hidden_states, position_embeddings=None, atte
                              past_key_values=None, **kwargs):
     """The stock attention forward with :class:`RotaryFunction` on the projections' own layout (training only)."""
     cos_sin = position_embeddings
-    if (not self.training or past_key_values is not None or cos_sin is None or cos_sin[0].dim() != 3
-            or cos_sin[0].shape[-1] != self.head_dim):
+    # eager attention (no registered function) and every forward but training's: the class's own path
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+    if (attention is None or not self.training or past_key_values is not None or cos_sin is None
+            or cos_sin[0].dim() != 3 or cos_sin[0].shape[-1] != self.head_dim):
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     cos, sin = cos_sin
@@ -83,10 +85,6 @@ def _fused_attention_forward(self, hidden_states, position_embeddings=None, atte
     query = RotaryFunction.apply(self.q_proj(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
     key = RotaryFunction.apply(self.k_proj(hidden_states).view(hidden_shape), cos, sin).transpose(1, 2)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
-    if attention is None:  # eager: the class's own path
-        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
     out, weights = attention(self, query, key, value, attention_mask, dropout=self.attention_dropout,
                              scaling=self.scaling, **_EXTRA_KWARGS[type(self).__name__](self), **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights

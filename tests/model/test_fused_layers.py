@@ -83,6 +83,21 @@ def test_language_model_training_forward_equals_stock(kind, monkeypatch):
     assert use_fused_rope(model, False) == 0 and "forward" not in model.model.layers[0].self_attn.__dict__
 
 
+def test_eager_attention_keeps_the_stock_forward(monkeypatch):
+    """No attention function is registered for eager: the class's own forward runs (RoPE included), nothing fused."""
+    model = _lm("llama")
+    model.config._attn_implementation = "eager"
+    model.train()
+    ids = torch.randint(0, 97, (1, 20))
+    stock, _ = _loss_grads(model, ids, torch.arange(20)[None])
+    calls = []
+    real = RotaryFunction.apply
+    monkeypatch.setattr(RotaryFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    use_fused_rope(model)
+    logits, _ = _loss_grads(model, ids, torch.arange(20)[None])
+    assert not calls and torch.equal(logits, stock)
+
+
 @pytest.mark.parametrize("flags", [[], ["--packing", "True"], ["--lora_enable", "True", "--lora_r", "4"]],
                          ids=["padded", "packed", "lora"])
 def test_llava_training_step_equals_stock_rope(tiny_models, shapes_data, tmp_path, flags):

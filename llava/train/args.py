@@ -97,8 +97,9 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_vision_tower_lr_decay: float | None = field(default=None, metadata={
         "help": "layer-wise decay in (0, 1]: tower layer k of L trains at lr * decay^(L-k), embeddings at decay^L"})
     group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality, like lengths"})
-    packing: bool = field(default=False, metadata={"help": "padding-free: concatenate each batch's samples into rows of "
-                                                           "at most --model_max_length, attention kept per sample"})
+    packing: bool = field(default=False, metadata={
+        "help": "padding-free: concatenate each batch's samples, attention kept per sample: one row under the "
+                "per-sample attention, else rows of at most --model_max_length"})
     training_stage: str = field(default="sft", metadata={
         "help": "sft: supervised (stage 1 / stage 2); dpo: preference tuning on {prompt, chosen, rejected} records "
                 "(what `llava dpo` and `python -m llava.train.train_dpo` set)"})

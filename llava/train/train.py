@@ -128,8 +128,11 @@ def build_trainer(model_args, data_args, training_args) -> tuple[LLaVATrainer, B
     pad_id = built.tokenizer.pad_token_id
     per_sample = bool(built.layout and built.layout.max_num_patches)  # OneVision: images per sample
     join = bool(built.video and not built.video.newline)  # LlavaNextVideo: all frames as one video (no newline)
-    collator = (DataCollatorWithPacking(pad_id, max_length=training_args.model_max_length, batch_num_images=per_sample,
-                                        join_videos=join)
+    # --packing: with the per-sample attention each micro-batch is one row (no padding at all: attention never
+    # crosses a sample boundary and its cost is per sample); with a masked row (--packing_attention mask, eager,
+    # sequence parallelism) rows of at most --model_max_length, since the mask grows with the square of the row
+    row_tokens = None if uses_packed_sdpa(model_args, training_args) else training_args.model_max_length
+    collator = (DataCollatorWithPacking(pad_id, max_length=row_tokens, batch_num_images=per_sample, join_videos=join)
                 if training_args.packing
                 else DataCollatorForSupervisedDataset(pad_id, batch_num_images=per_sample, join_videos=join))
     trainer = LLaVATrainer(

@@ -234,6 +234,23 @@ def test_packed_accumulated_step_equals_padded_full_batch(tiny_models, shapes_da
     assert max(float((c[n] - b[n]).detach().abs().max()) for n in before) > 1e-4
 
 
+def test_per_sample_packing_makes_one_row_per_batch_and_the_masked_row_keeps_max_length(tiny_models, shapes_data,
+                                                                                         tmp_path):
+    """With the per-sample attention a micro-batch is one row (no tail padding); the masked row keeps rows of at most
+    --model_max_length (its mask grows with the square of the row)."""
+    one = _trainer(tiny_models, shapes_data, tmp_path / "a", "--packing", "True", "--per_device_train_batch_size", "8",
+                   "--model_max_length", "128")
+    assert one.data_collator.max_length is None
+    batch = next(iter(one.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] > 128  # 8 samples past max length
+    assert (batch["labels"] != -100).any() and int((batch["position_ids"] == 0).sum()) == 8  # 8 samples, no pad run
+    masked = _trainer(tiny_models, shapes_data, tmp_path / "b", "--packing", "True", "--packing_attention", "mask",
+                      "--per_device_train_batch_size", "8", "--model_max_length", "128")
+    assert masked.data_collator.max_length == 128
+    batch = next(iter(masked.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] > 1 and batch["input_ids"].shape[1] <= 128
+
+
 def test_packing_flag_checks_attention_implementation(tiny_models, shapes_data, tmp_path):
     with pytest.raises(ValueError, match="--packing .* --attn_implementation sdpa, eager"):
         parse_args(["--model_name_or_path", "x", "--data_path", "d.json", "--output_dir", str(tmp_path),
